@@ -1,0 +1,96 @@
+"""tools/inspect_rec.py and tools/im2rec.py as users run them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from facecompat.data.faces import FaceRecords
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / ".." / "shared" / "fixtures" / "recordio"
+MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_inspect_dump_matches_manifest():
+    out = run("tools/inspect_rec.py", str(FIXTURES / "misc.rec"), "--dump")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    expected = MANIFEST["misc"]["records"]
+    assert [r["key"] for r in rows] == [e["key"] for e in expected]
+    for row, e in zip(rows, expected):
+        assert set(row) == {"key", "flag", "label", "id", "id2", "payload_len", "payload_sha1"}
+        assert (row["flag"], row["label"], row["id"], row["id2"]) == (e["flag"], e["label"], e["id"], e["id2"])
+        if "payload_hex" in e:
+            payload = bytes.fromhex(e["payload_hex"])
+            assert row["payload_len"] == len(payload)
+            assert row["payload_sha1"] == hashlib.sha1(payload).hexdigest()
+
+
+def test_inspect_summary_and_bad_file(tmp_path):
+    out = run("tools/inspect_rec.py", str(FIXTURES / "train.rec"), "--json", "--decode")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["layout"], summary["images"], summary["classes"]) == ("insightface", 9, 3)
+    broken = tmp_path / "train.rec"
+    broken.write_bytes((FIXTURES / "train.rec").read_bytes()[:5000])
+    (tmp_path / "train.idx").write_bytes((FIXTURES / "train.idx").read_bytes())
+    out = run("tools/inspect_rec.py", str(broken))
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(broken) in last and "key 6" in last and "truncated" in last
+
+
+def _write_folder(root: Path, sizes: dict[str, int], shape=(112, 112)) -> None:
+    rng = np.random.default_rng(0)
+    for name, n in sizes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            img = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
+            cv2.imwrite(str(root / name / f"{i:03d}.jpg"), img)
+
+
+def test_im2rec_packs_aligned_folder(tmp_path):
+    _write_folder(tmp_path / "faces", {"bob": 2, "alice": 3})
+    out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["images"] == 5
+    ds = FaceRecords(tmp_path / "rec")
+    assert ds.num_classes == 2 and ds.labels.tolist() == [0, 0, 0, 1, 1]  # alice before bob
+    assert (tmp_path / "rec" / "identities.txt").read_text() == "0\talice\n1\tbob\n"
+    # aligned JPEGs are stored byte for byte
+    assert ds.reader.read(1).payload == (tmp_path / "faces" / "alice" / "000.jpg").read_bytes()
+
+
+def test_im2rec_align_with_landmarks(tmp_path):
+    from facecompat.eval.align import ARCFACE_TEMPLATE
+
+    _write_folder(tmp_path / "faces", {"a": 1, "b": 1}, shape=(200, 160))
+    lines = [f"{n}/000.jpg " + " ".join(f"{v:.2f}" for v in (ARCFACE_TEMPLATE * 1.3 + 10).ravel()) + " 0.9"
+             for n in "ab"]
+    (tmp_path / "marks.txt").write_text("\n".join(lines) + "\n")
+    out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align",
+              str(tmp_path / "marks.txt"))
+    assert out.returncode == 0, out.stderr
+    assert FaceRecords(tmp_path / "rec").read_image(1).shape == (112, 112, 3)
+
+
+def test_im2rec_rejects_unaligned_and_leaves_nothing(tmp_path):
+    _write_folder(tmp_path / "faces", {"a": 1, "b": 1}, shape=(120, 100))
+    out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"))
+    assert out.returncode == 2
+    assert "a/000.jpg: image is 100x120, expected 112x112" in out.stderr
+    assert not (tmp_path / "rec" / "train.rec").exists()
+    assert not any((tmp_path / "rec").glob("*.tmp"))
+    out = run("tools/im2rec.py", str(tmp_path / "missing"), str(tmp_path / "rec"))
+    assert out.returncode == 2 and "not a directory" in out.stderr
