@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Split a face rec into the old and new training sets of a compatibility protocol."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """\
+protocols (DESIGN §6):
+  opclass  old = first RATIO of the identities; new = the others, relabelled 0..k-1
+  opdata   old = ~RATIO of each identity's images; new = the rest, same labels
+  exclass  old = as opclass; new = the full set
+  exdata   old = as opdata; new = the full set
+
+outputs in OUT:
+  --format lists  old.lst, new.lst (header line + one record id per line of REC), split.json;
+                  load a part with facecompat.data.splits.load_view(REC, OUT/old.lst)
+  --format rec    old/ and new/, each train.rec/.idx/property + record_map.npy (new id,
+                  source id) + label_map.npy (source class per label), split.json
+
+example:
+  python tools/split_dataset.py data/ms1mv3 --protocol opclass --ratio 0.3 --out work_dirs/opclass
+"""
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line on stderr, exit 2 (argparse adds the usage)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from facecompat.data.splits import list_protocols
+
+    parser = _Parser(
+        prog="split_dataset.py", description=__doc__, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rec", help="source .rec, or a folder holding train.rec/train.idx/property")
+    parser.add_argument("--protocol", required=True, type=str.lower, choices=list_protocols(),
+                        help="split protocol")
+    parser.add_argument("--ratio", type=_ratio, default=0.3, help="old share, in (0, 1) (default 0.3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-identity image choice "
+                        "(opdata/exdata; default 0)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--format", choices=("lists", "rec"), default="lists",
+                        help="record-id lists over REC (default) or new rec sets")
+    parser.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
+    return parser
+
+
+def format_table(summary: dict) -> str:
+    rows = [("part", "images", "classes", "relabelled")]
+    rows += [(part, str(info["images"]), str(info["classes"]), "yes" if info["relabel"] else "no")
+             for part, info in summary["parts"].items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append(f"source {summary['source']}: {summary['source_num_images']} images, "
+                 f"{summary['source_num_classes']} classes; shared images {summary['shared_images']}, "
+                 f"shared classes {summary['shared_classes']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from facecompat.data.faces import FaceRecords
+    from facecompat.data.splits import make_split, write_split_lists, write_split_recs
+
+    try:
+        if args.out.exists() and (not args.out.is_dir() or (any(args.out.iterdir()) and not args.force)):
+            raise ValueError(f"{args.out}: exists and is not an empty folder (use --force to write into it)")
+        dataset = FaceRecords(args.rec, flip=False)
+        split = make_split(dataset, args.protocol, args.ratio, args.seed)
+        write = write_split_lists if args.format == "lists" else write_split_recs
+        summary = write(dataset, split, args.out)
+    except (ValueError, OSError) as exc:  # RecordIOError is a ValueError
+        print(f"split_dataset: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{split.protocol} ratio={split.ratio} seed={split.seed} -> {args.out} ({args.format})")
+    print(format_table(summary))
+    print(f"summary: {args.out / 'split.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
