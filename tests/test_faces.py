@@ -37,7 +37,8 @@ def make_rec(out: Path, class_sizes: list[int]) -> Path:
 def test_fixture_layout_is_derived():
     ds = FaceRecords(FIXTURES / "train.rec")
     assert ds.layout == "insightface"
-    assert (ds.num_classes, ds.num_images) == (MANIFEST["train"]["num_classes"], MANIFEST["train"]["num_images"])
+    meta = MANIFEST["train"]
+    assert (ds.num_classes, ds.num_images) == (meta["num_classes"], meta["num_images"])
     identity = [r for r in MANIFEST["train"]["records"] if r["kind"] == "identity"]
     assert ds.class_ranges.tolist() == [r["label"] for r in identity]
     images = [r for r in MANIFEST["train"]["records"] if r["kind"] == "image"]

@@ -30,7 +30,8 @@ def test_inspect_dump_matches_manifest():
     assert [r["key"] for r in rows] == [e["key"] for e in expected]
     for row, e in zip(rows, expected):
         assert set(row) == {"key", "flag", "label", "id", "id2", "payload_len", "payload_sha1"}
-        assert (row["flag"], row["label"], row["id"], row["id2"]) == (e["flag"], e["label"], e["id"], e["id2"])
+        fields = ("flag", "label", "id", "id2")
+        assert [row[f] for f in fields] == [e[f] for f in fields]
         if "payload_hex" in e:
             payload = bytes.fromhex(e["payload_hex"])
             assert row["payload_len"] == len(payload)

@@ -341,6 +341,12 @@ def build_index(rec_path: str | os.PathLike, idx_path: str | os.PathLike, key: s
     return len(lines)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class atomic_write:
     """Open ``path.tmp-XXXX`` for writing and rename it onto ``path`` only on success."""
 
@@ -351,6 +357,7 @@ class atomic_write:
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         self.file = os.fdopen(fd, self.mode)
         return self.file
 

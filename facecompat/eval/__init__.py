@@ -1,0 +1,1 @@
+"""Evaluation: face alignment, feature extraction, IJB and verification benchmarks."""
