@@ -52,7 +52,7 @@ def test_sample_contract_is_rgb_chw_in_unit_range():
     for i, entry in enumerate(images):
         img, label, record_id, flipped = ds[i]
         assert img.dtype == torch.float32 and img.shape == (3, 112, 112)
-        assert -1.0 <= img.min() and img.max() <= 1.0
+        assert img.min() >= -1.0 and img.max() <= 1.0
         assert (label, record_id, flipped) == (int(entry["label"]), entry["key"], False)
         left = img[:, :, 4:50].mean(dim=(1, 2)).numpy() * 127.5 + 127.5
         # channel 0 is red: the manifest's BGR means reversed

@@ -1,0 +1,329 @@
+"""Training batches from a :class:`~facecompat.data.faces.FaceRecords` view: one contract, two engines.
+
+Every engine yields :class:`Batch` on the target device and follows the same plan:
+
+- **Equal steps.** ``steps_per_epoch = (num_images // world_size) // batch_size`` on every rank;
+  the remainder of a shuffled epoch is dropped (insightface's ``drop_last=True``), so no rank
+  waits for another at the last step.
+- **A fresh global shuffle each epoch.** A permutation of the view drawn from ``(seed, epoch)``
+  is cut into ``world_size`` contiguous slices of ``steps * batch_size`` positions; rank ``r``
+  reads slice ``r`` in order (:func:`epoch_order`). Within an epoch no image is read twice and
+  the union over ranks is the view minus the dropped remainder.
+- **Flips** come from :func:`~facecompat.data.faces.flip_flags` of ``(record id, records.seed,
+  epoch)``, so every engine, worker and rank flips a given image identically in an epoch.
+- **Resuming** mid-epoch: ``set_epoch(epoch, start_step=k)`` skips the first ``k`` batches in
+  the sampler, without reading or decoding them.
+
+Engines: :class:`TorchLoader` (DataLoader workers, OpenCV decode) and
+:class:`facecompat.data.dali.DaliLoader` (DALI decode, GPU "mixed" or CPU). :func:`build_loader`
+picks one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from facecompat import dist
+from facecompat.data.faces import FaceRecords, decode_image, flip_flags
+from facecompat.data.recordio import RecordIOError
+
+
+class Batch(NamedTuple):
+    """One training batch, every field on the target device.
+
+    Attributes:
+        images: float32 ``[B, 3, H, W]``, RGB, ``(x - 127.5) / 127.5``, flipped where ``flipped``.
+        labels: int64 ``[B]``: the view's labels (after ``subset(..., relabel=True)``).
+        record_ids: int64 ``[B]``: the images' keys in the rec.
+        flipped: bool ``[B]``: whether the image was mirrored horizontally.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    record_ids: torch.Tensor
+    flipped: torch.Tensor
+
+
+class BatchKey(NamedTuple):
+    """What a sampler hands to a worker: the epoch (for flips) and view positions ``[B]``."""
+
+    epoch: int
+    positions: np.ndarray
+
+
+def steps_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
+    """Batches every rank reads per epoch: ``(num_images // world_size) // batch_size``."""
+    if batch_size < 1 or world_size < 1:
+        raise ValueError(f"batch_size ({batch_size}) and world_size ({world_size}) must be >= 1")
+    return (num_images // world_size) // batch_size
+
+
+def epoch_order(num_images: int, *, batch_size: int, rank: int, world_size: int, seed: int,
+                epoch: int) -> np.ndarray:
+    """View positions rank ``rank`` reads in ``epoch``, in reading order.
+
+    Returns:
+        int64 ``[steps_per_epoch * batch_size]``: slice ``rank`` of the ``(seed, epoch)``
+        permutation of ``range(num_images)``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    per_rank = steps_per_epoch(num_images, world_size, batch_size) * batch_size
+    perm = np.random.default_rng([int(seed), int(epoch)]).permutation(num_images)
+    return perm[rank * per_rank:(rank + 1) * per_rank].astype(np.int64)
+
+
+class ShardBatchSampler(Sampler[BatchKey]):
+    """Batch sampler of :func:`epoch_order`: yields one :class:`BatchKey` per step.
+
+    ``len()`` is the number of batches the next iteration yields (``steps - start_step``).
+    """
+
+    def __init__(self, num_images: int, batch_size: int, *, rank: int, world_size: int, seed: int = 0):
+        self.num_images, self.batch_size = int(num_images), int(batch_size)
+        self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
+        self.steps = steps_per_epoch(self.num_images, self.world_size, self.batch_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step {start_step} outside [0, {self.steps}]")
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    def __len__(self) -> int:
+        return self.steps - self.start_step
+
+    def __iter__(self) -> Iterator[BatchKey]:
+        order = epoch_order(self.num_images, batch_size=self.batch_size, rank=self.rank,
+                            world_size=self.world_size, seed=self.seed, epoch=self.epoch)
+        for step in range(self.start_step, self.steps):
+            yield BatchKey(self.epoch, order[step * self.batch_size:(step + 1) * self.batch_size])
+
+
+class EncodedBatch(NamedTuple):
+    """A batch before decoding: encoded images and what is known of them (numpy, host)."""
+
+    payloads: list[bytes]
+    record_ids: np.ndarray  # int64 [B]
+    labels: np.ndarray  # int64 [B], the view's
+    flipped: np.ndarray  # bool [B]
+
+
+def read_batch(records: FaceRecords, key: BatchKey) -> EncodedBatch:
+    """Read the encoded images of ``key.positions``, check each stored label against the view,
+    and draw their flips for ``key.epoch`` (none when ``records.flip`` is off)."""
+    record_ids = records.record_ids[key.positions]
+    labels = records.labels[key.positions]
+    expected = labels if records.label_map is None else records.label_map[labels]
+    payloads = []
+    reader = records.reader
+    for rid, want in zip(record_ids.tolist(), expected.tolist()):
+        rec = reader.read(rid)
+        stored = int(rec.label) if rec.flag == 0 else int(rec.label[0])
+        if stored != want:
+            raise RecordIOError(records.path, f"image label {stored} disagrees with the identity "
+                                f"records (class {want})", rid, reader.offset(rid))
+        payloads.append(rec.payload)
+    flipped = (flip_flags(record_ids, records.seed, key.epoch) if records.flip
+               else np.zeros(len(record_ids), dtype=bool))
+    return EncodedBatch(payloads, record_ids, labels, flipped)
+
+
+class _HostBatch(NamedTuple):
+    images: torch.Tensor  # uint8 [B, 3, H, W] RGB, already flipped
+    labels: torch.Tensor
+    record_ids: torch.Tensor
+    flipped: torch.Tensor
+
+
+class _BatchReader(Dataset):
+    """Reads and decodes whole batches (``__getitems__``) in a DataLoader worker or in-process.
+
+    Images stay uint8 until they reach the target device: a quarter of the bytes of float32
+    to pass between processes and to copy to the GPU.
+    """
+
+    def __init__(self, records: FaceRecords):
+        self.records = records
+
+    def __len__(self) -> int:
+        return self.records.num_images
+
+    def __getitems__(self, key: BatchKey) -> _HostBatch:
+        path = self.records.path
+        enc = read_batch(self.records, key)
+        out: np.ndarray | None = None
+        for j, (payload, rid, flip) in enumerate(zip(enc.payloads, enc.record_ids.tolist(),
+                                                     enc.flipped.tolist())):
+            bgr = decode_image(payload, path, rid)
+            if out is None:
+                out = np.empty((len(enc.payloads), 3, *bgr.shape[:2]), dtype=np.uint8)
+                mirrored = np.empty_like(bgr)
+            if bgr.shape != mirrored.shape:
+                raise RecordIOError(path, f"image of shape {bgr.shape} in a batch of "
+                                    f"{mirrored.shape} images (all images must share one size)", rid)
+            if flip:
+                bgr = cv2.flip(bgr, 1, dst=mirrored)
+            cv2.split(bgr, [out[j, 2], out[j, 1], out[j, 0]])  # HWC BGR -> CHW RGB, in place
+        assert out is not None, "empty batch"
+        return _HostBatch(torch.from_numpy(out), torch.from_numpy(enc.labels),
+                          torch.from_numpy(enc.record_ids), torch.from_numpy(enc.flipped))
+
+
+# (v - 127.5) / 127.5 for every uint8 v, computed as cv2.dnn.blobFromImage does in
+# faces.to_tensor ((v - 127.5) * float32(1 / 127.5)), so both give the same bits.
+_NORMALIZE_LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(1.0 / 127.5)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, C, H, W]`` → float32 ``[B, C, H, W]`` in [-1, 1]: ``(x - 127.5) / 127.5``."""
+    if images.device.type != "cpu":
+        return images.to(torch.float32).sub_(127.5).mul_(1.0 / 127.5)
+    # One table look-up pass over the batch (cv2.LUT, one thread): half the time of a cast and
+    # two arithmetic passes, and torch's intra-op threads cost more than they save here.
+    src = images.numpy()
+    out = cv2.LUT(src.reshape(-1, src.shape[-1]), _NORMALIZE_LUT)
+    return torch.from_numpy(out.reshape(src.shape))
+
+
+def _identity(batch: _HostBatch) -> _HostBatch:
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+class ShardedLoader:
+    """What the engines share and trainers rely on: the plan of one rank (a
+    :class:`ShardBatchSampler`), ``len()`` = steps per epoch, ``set_epoch``, and iteration of
+    :class:`Batch` on ``device``.
+
+    Args:
+        records: the view to read (its ``flip`` and ``seed`` decide the flips).
+        batch_size: images per rank per step.
+        rank, world_size: this process's shard; default from :mod:`facecompat.dist`.
+        seed: shuffle seed (default ``records.seed``). Flips always follow ``records.seed``,
+            so that ``records[i]`` after ``records.set_epoch(e)`` is the image a batch holds.
+        device: where batches go (default CUDA when available, else CPU).
+    """
+
+    def __init__(self, records: FaceRecords, batch_size: int, *, rank: int | None = None,
+                 world_size: int | None = None, seed: int | None = None,
+                 device: torch.device | str | None = None):
+        self.records = records
+        self.batch_size = int(batch_size)
+        self.rank = dist.get_rank() if rank is None else int(rank)
+        self.world_size = dist.get_world_size() if world_size is None else int(world_size)
+        self.seed = records.seed if seed is None else int(seed)
+        self.device = resolve_device(device)
+        self.sampler = ShardBatchSampler(records.num_images, self.batch_size, rank=self.rank,
+                                         world_size=self.world_size, seed=self.seed)
+        if self.sampler.steps == 0:
+            raise ValueError(f"{records.path}: {records.num_images} images cannot fill one batch of "
+                             f"{batch_size} on each of {self.world_size} ranks")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def __len__(self) -> int:
+        """Steps per epoch (an iteration after ``set_epoch(e, start_step=k)`` yields ``len - k``)."""
+        return self.sampler.steps
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch's shuffle and flips; skip its first ``start_step`` batches (until the
+        next ``set_epoch``)."""
+        self.sampler.set_epoch(epoch, start_step)
+
+    def __iter__(self) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+class TorchLoader(ShardedLoader):
+    """Batches through a ``torch.utils.data.DataLoader``: workers read and decode whole
+    batches (OpenCV), the main process moves them to ``device`` and normalises there.
+
+    Args: as :class:`ShardedLoader`, plus
+        num_workers: DataLoader worker processes (0 = read in this process); persistent.
+        prefetch_factor: batches each worker keeps ready.
+    """
+
+    def __init__(self, records: FaceRecords, batch_size: int, *, rank: int | None = None,
+                 world_size: int | None = None, seed: int | None = None,
+                 device: torch.device | str | None = None, num_workers: int = 4,
+                 prefetch_factor: int = 2):
+        super().__init__(records, batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
+        workers = int(num_workers)
+        self._loader = DataLoader(
+            _BatchReader(records), batch_sampler=self.sampler, collate_fn=_identity,
+            num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers else None,
+            worker_init_fn=_worker_init if workers else None)
+
+    def __iter__(self) -> Iterator[Batch]:
+        non_blocking = self.device.type == "cuda"
+        for host in self._loader:
+            images = host.images.to(self.device, non_blocking=non_blocking)
+            yield Batch(normalize_images(images),
+                        host.labels.to(self.device, non_blocking=non_blocking),
+                        host.record_ids.to(self.device, non_blocking=non_blocking),
+                        host.flipped.to(self.device, non_blocking=non_blocking))
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``None`` → the current CUDA device when there is one, else CPU; ``"cuda"`` → ``cuda:<current>``."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto",
+                 rank: int | None = None, world_size: int | None = None, seed: int | None = None,
+                 device: torch.device | str | None = None, num_workers: int = 4,
+                 dali_threads: int = 4) -> ShardedLoader:
+    """The loader for a training view: DALI when asked, or with ``backend="auto"`` when a GPU
+    and DALI are both present; otherwise a torch DataLoader. Both yield :class:`Batch`.
+
+    Args:
+        records: the view to train on.
+        batch_size: images per rank per step.
+        backend: ``"auto"``, ``"dali"`` or ``"torch"``. ``"dali"`` without a GPU runs DALI's
+            CPU decoder.
+        rank, world_size: default from :mod:`facecompat.dist`.
+        seed: shuffle seed (default ``records.seed``).
+        device: target device (default CUDA when available, else CPU).
+        num_workers: torch DataLoader workers (ignored by DALI).
+        dali_threads: DALI CPU threads (ignored by torch).
+
+    Returns:
+        a :class:`ShardedLoader` (``TorchLoader`` or ``DaliLoader``).
+    """
+    if backend not in ("auto", "dali", "torch"):
+        raise ValueError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
+    from facecompat.data import dali as dali_mod  # imports this module; nvidia.dali stays unimported
+
+    device = resolve_device(device)
+    if backend == "auto":
+        backend = "dali" if device.type == "cuda" and dali_mod.dali_available() else "torch"
+    kw = dict(rank=rank, world_size=world_size, seed=seed, device=device)
+    if backend == "dali":
+        return dali_mod.DaliLoader(records, batch_size, num_threads=dali_threads, **kw)
+    return TorchLoader(records, batch_size, num_workers=num_workers, **kw)

@@ -1,0 +1,250 @@
+"""The torch loader and the batch plan shared with DALI (facecompat/data/loader.py)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import socket
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from facecompat.data.faces import FaceRecords, FaceRecWriter, flip_flags
+from facecompat.data.loader import (
+    Batch,
+    ShardBatchSampler,
+    TorchLoader,
+    build_loader,
+    epoch_order,
+    steps_per_epoch,
+)
+from facecompat.data.recordio import RecordIOError
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recordio"
+
+
+def make_rec(out_dir: Path, class_sizes: list[int], size: int = 112, seed: int = 0) -> Path:
+    """An insightface-layout rec of noise JPEGs (every image unique), ``class_sizes[c]`` per class."""
+    rng = np.random.default_rng(seed)
+    with FaceRecWriter(out_dir) as w:
+        for label, count in enumerate(class_sizes):
+            for _ in range(count):
+                img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                w.add(label, cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def rec_dir(tmp_path_factory) -> Path:
+    return make_rec(tmp_path_factory.mktemp("rec"), [7, 5, 9, 3, 6, 8])  # 38 images, 6 classes
+
+
+def collect(loader) -> list[Batch]:
+    return list(loader)
+
+
+def check_batches_against_dataset(batches: list[Batch], view: FaceRecords, epoch: int, atol: float) -> None:
+    """Every image is the dataset's own (decode, flip, normalise) of that record id, with the
+    view's label and the flip_flags of this epoch."""
+    view.set_epoch(epoch)
+    position = {int(r): i for i, r in enumerate(view.record_ids)}
+    for batch in batches:
+        expected_flips = flip_flags(batch.record_ids.numpy(), view.seed, epoch) if view.flip else None
+        if expected_flips is not None:
+            assert np.array_equal(batch.flipped.numpy(), expected_flips)
+        for j, rid in enumerate(batch.record_ids.tolist()):
+            img, label, record_id, flipped = view[position[rid]]
+            assert (record_id, label, flipped) == (rid, int(batch.labels[j]), bool(batch.flipped[j]))
+            assert torch.allclose(batch.images[j], img, atol=atol, rtol=0)
+
+
+def test_steps_per_epoch_drops_the_remainder():
+    assert steps_per_epoch(38, 1, 4) == 9
+    assert steps_per_epoch(38, 3, 4) == 3  # 12 per rank, 36 of 38 used
+    assert steps_per_epoch(7, 2, 4) == 0
+    with pytest.raises(ValueError):
+        steps_per_epoch(10, 0, 4)
+
+
+def test_epoch_order_partitions_a_fresh_global_shuffle():
+    n, b, world = 50, 4, 3
+    orders = [epoch_order(n, batch_size=b, rank=r, world_size=world, seed=7, epoch=0) for r in range(world)]
+    assert {len(o) for o in orders} == {steps_per_epoch(n, world, b) * b} == {16}
+    union = np.concatenate(orders)
+    assert len(np.unique(union)) == len(union) == 48 and union.min() >= 0 and union.max() < n
+    again = [epoch_order(n, batch_size=b, rank=r, world_size=world, seed=7, epoch=0) for r in range(world)]
+    assert all(np.array_equal(x, y) for x, y in zip(orders, again))
+    nxt = epoch_order(n, batch_size=b, rank=0, world_size=world, seed=7, epoch=1)
+    other_seed = epoch_order(n, batch_size=b, rank=0, world_size=world, seed=8, epoch=0)
+    assert not np.array_equal(nxt, orders[0]) and not np.array_equal(other_seed, orders[0])
+    with pytest.raises(ValueError):
+        epoch_order(n, batch_size=b, rank=3, world_size=world, seed=0, epoch=0)
+
+
+def test_sampler_skips_to_start_step():
+    s = ShardBatchSampler(40, 4, rank=1, world_size=2, seed=3)
+    s.set_epoch(2)
+    full = [k.positions for k in s]
+    s.set_epoch(2, start_step=3)
+    assert len(s) == 2 and all(k.epoch == 2 for k in s)
+    assert all(np.array_equal(a, k.positions) for a, k in zip(full[3:], s))
+    with pytest.raises(ValueError):
+        s.set_epoch(0, start_step=6)
+
+
+def test_torch_loader_ranks_cover_the_view_once_per_epoch(rec_dir):
+    view = FaceRecords(rec_dir, seed=5)
+    world, b = 2, 4
+    loaders = [TorchLoader(view, b, rank=r, world_size=world, num_workers=0, device="cpu")
+               for r in range(world)]
+    epochs = []
+    for epoch in (0, 1):
+        ids = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            batches = collect(loader)
+            assert len(batches) == len(loader) == steps_per_epoch(38, world, b) == 4
+            for batch in batches:
+                assert batch.images.shape == (b, 3, 112, 112) and batch.images.dtype == torch.float32
+                assert batch.labels.dtype == batch.record_ids.dtype == torch.int64
+                assert batch.flipped.dtype == torch.bool
+                assert float(batch.images.min()) >= -1.0 and float(batch.images.max()) <= 1.0
+            check_batches_against_dataset(batches, view, epoch, atol=1e-6)
+            ids.append(torch.cat([x.record_ids for x in batches]).numpy())
+        union = np.concatenate(ids)
+        assert len(np.unique(union)) == len(union) == 32 and np.isin(union, view.record_ids).all()
+        epochs.append(ids)
+    assert not np.array_equal(epochs[0][0], epochs[1][0])
+    again = TorchLoader(view, b, rank=0, world_size=world, num_workers=0, device="cpu")
+    assert np.array_equal(torch.cat([x.record_ids for x in again]).numpy(), epochs[0][0])
+
+
+def test_workers_and_persistent_workers_follow_the_epoch(rec_dir):
+    view = FaceRecords(rec_dir, seed=1)
+    in_process = TorchLoader(view, 5, rank=0, world_size=1, num_workers=0, device="cpu")
+    workers = TorchLoader(view, 5, rank=0, world_size=1, num_workers=2, device="cpu")
+    for epoch in (0, 1, 2):  # persistent workers must still flip by the current epoch
+        in_process.set_epoch(epoch)
+        workers.set_epoch(epoch)
+        for a, b in zip(collect(in_process), collect(workers), strict=True):
+            assert torch.equal(a.record_ids, b.record_ids) and torch.equal(a.flipped, b.flipped)
+            assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_resume_skips_batches_without_reading_them(rec_dir, monkeypatch):
+    view = FaceRecords(rec_dir)
+    loader = TorchLoader(view, 4, rank=0, world_size=1, num_workers=0, device="cpu")
+    loader.set_epoch(3)
+    full = collect(loader)
+    reads = []
+    original = view.reader.read
+    monkeypatch.setattr(view.reader, "read", lambda key: reads.append(key) or original(key))
+    loader.set_epoch(3, start_step=6)
+    tail = collect(loader)
+    assert len(loader) == 9 and len(tail) == 3 and len(reads) == 3 * 4
+    for a, b in zip(full[6:], tail, strict=True):
+        assert torch.equal(a.record_ids, b.record_ids) and torch.equal(a.images, b.images)
+    loader.set_epoch(3, start_step=9)
+    assert collect(loader) == []
+
+
+def test_relabelled_subset_yields_view_labels(rec_dir):
+    full = FaceRecords(rec_dir)
+    view = full.subset(classes=[1, 3, 4], relabel=True)  # 5 + 3 + 6 = 14 images
+    loader = TorchLoader(view, 3, rank=0, world_size=1, num_workers=0, device="cpu")
+    batches = collect(loader)
+    labels = torch.cat([b.labels for b in batches]).numpy()
+    ids = torch.cat([b.record_ids for b in batches]).numpy()
+    assert set(labels) <= {0, 1, 2} and len(ids) == 12
+    stored = np.array([int(full.reader.read(int(r)).label) for r in ids])
+    assert np.array_equal(view.label_map[labels], stored)
+    check_batches_against_dataset(batches, view, 0, atol=1e-6)
+
+
+def test_label_disagreeing_with_the_record_raises(rec_dir):
+    view = FaceRecords(rec_dir).subset(classes=[0])
+    view.labels = view.labels + 1  # the view now claims class 1 for class-0 images
+    with pytest.raises(RecordIOError, match="disagrees"):
+        collect(TorchLoader(view, 2, rank=0, world_size=1, num_workers=0, device="cpu"))
+
+
+def test_images_of_different_sizes_in_one_batch_raise(tmp_path):
+    with FaceRecWriter(tmp_path) as w:
+        for size in (112, 96):
+            w.add(0, cv2.imencode(".jpg", np.zeros((size, size, 3), np.uint8))[1].tobytes())
+    with pytest.raises(RecordIOError, match="share one size"):
+        collect(TorchLoader(FaceRecords(tmp_path), 2, rank=0, world_size=1, num_workers=0, device="cpu"))
+
+
+def test_too_few_images_and_bad_backend(rec_dir):
+    view = FaceRecords(rec_dir)
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        TorchLoader(view, 20, rank=0, world_size=2, num_workers=0, device="cpu")
+    with pytest.raises(ValueError, match="backend"):
+        build_loader(view, 4, backend="mxnet")
+
+
+def test_build_loader_picks_torch_without_a_gpu(rec_dir, monkeypatch):
+    loader = build_loader(FaceRecords(rec_dir), 4, rank=0, world_size=1, num_workers=0, device="cpu")
+    assert isinstance(loader, TorchLoader) and len(loader) == 9
+    from facecompat.data import dali
+
+    monkeypatch.setattr(dali, "dali_available", lambda: False)
+    with pytest.raises(ImportError, match="DALI is not installed"):
+        build_loader(FaceRecords(rec_dir), 4, backend="dali", rank=0, world_size=1, device="cpu")
+
+
+def test_mxnet_written_fixture():
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())["train"]["records"]
+    labels = {r["key"]: int(r["label"]) for r in manifest if r["kind"] == "image"}
+    view = FaceRecords(FIXTURES / "train.rec", flip=False)
+    loader = TorchLoader(view, 2, rank=1, world_size=2, num_workers=0, device="cpu")
+    batches = collect(loader)
+    assert len(batches) == 2 and not any(b.flipped.any() for b in batches)
+    for b in batches:
+        assert [labels[r] for r in b.record_ids.tolist()] == b.labels.tolist()
+    check_batches_against_dataset(batches, view, 0, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, rec: str, out: str) -> None:
+    import os
+
+    from facecompat import dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    dist.init_distributed(backend="gloo")
+    try:
+        loader = build_loader(FaceRecords(rec), 4, backend="torch", num_workers=0, device="cpu")
+        ids = torch.cat([b.record_ids for b in loader]).tolist()
+        Path(out).write_text(json.dumps({"rank": loader.rank, "steps": len(loader), "ids": ids}))
+    finally:
+        dist.destroy()
+
+
+def test_two_process_gloo_ranks_take_disjoint_equal_shards(rec_dir, tmp_path):
+    ctx, port = mp.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(rec_dir), str(tmp_path / f"{r}.json")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in results] == [0, 1] and {r["steps"] for r in results} == {4}
+    ids = results[0]["ids"] + results[1]["ids"]
+    assert len(ids) == len(set(ids)) == 32
+    expected = FaceRecords(rec_dir).record_ids
+    for r in range(2):
+        order = epoch_order(38, batch_size=4, rank=r, world_size=2, seed=0, epoch=0)
+        assert results[r]["ids"] == expected[order].tolist()
