@@ -248,3 +248,27 @@ def test_two_process_gloo_ranks_take_disjoint_equal_shards(rec_dir, tmp_path):
     for r in range(2):
         order = epoch_order(38, batch_size=4, rank=r, world_size=2, seed=0, epoch=0)
         assert results[r]["ids"] == expected[order].tolist()
+
+
+def test_build_from_config_protocol_and_subset(tmp_path):
+    from facecompat.config import ConfigError, load_config
+    from facecompat.data.loader import build_dataset, build_train_loader
+    from facecompat.data.splits import make_split, write_split_lists
+
+    rec = make_rec(tmp_path / "rec", [4, 3, 5, 2, 4, 6, 3, 5, 4, 4])
+    base = [f"data.rec={rec}", "data.batch_size=4", "data.num_workers=0", "data.loader=torch"]
+    cfg = load_config(None, base + ["data.protocol=opclass", "data.part=new"])
+    records, loader = build_train_loader(cfg.data, rank=0, world_size=1, device="cpu")
+    full = FaceRecords(rec)
+    split = make_split(full, "opclass", 0.3)
+    assert records.record_ids.tolist() == split.new_records.tolist()
+    assert records.num_classes == 7 and records.label_map.tolist() == list(range(3, 10))
+    labels = torch.cat([b.labels for b in loader])
+    assert labels.min() >= 0 and labels.max() < 7 and len(loader) == records.num_images // 4
+
+    write_split_lists(full, make_split(full, "opdata", 0.3), tmp_path / "lists")
+    cfg = load_config(None, base + [f"data.subset={tmp_path / 'lists' / 'old.lst'}"])
+    assert build_dataset(cfg.data).num_images == len(make_split(full, "opdata", 0.3).old_records)
+
+    with pytest.raises(ConfigError, match="data.rec: not set"):
+        build_dataset(load_config(None).data)

@@ -23,6 +23,7 @@ from facecompat.data.recordio import (
     build_index,
     encode_chunks,
     pack,
+    read_index,
     scan_records,
     unpack,
 )
@@ -302,3 +303,24 @@ def test_fuzz_mutated_fixture(tmp_path, data):
             reader.read(key)
         except RecordIOError as e:
             assert e.key == key and str(path) in str(e)
+
+
+def test_index_parsing_fast_and_slow_paths_agree(tmp_path):
+    idx = tmp_path / "a.idx"
+    idx.write_text("".join(f"{k}\t{k * 40}\n" for k in [5, 3, 9]))
+    keys, offsets = read_index(idx)
+    assert keys.tolist() == [5, 3, 9] and offsets.tolist() == [200, 120, 360]
+    idx.write_text("1\t2\t3\n4\n")  # right token count, wrong shape: must not parse as (1,2),(3,4)
+    with pytest.raises(RecordIOError, match="line 1"):
+        read_index(idx)
+    idx.write_text("0\t-8\n")
+    with pytest.raises(RecordIOError, match="negative offset"):
+        read_index(idx)
+
+
+def test_non_contiguous_keys_and_membership():
+    reader = RecordReader(FIXTURES / "misc.rec")
+    assert 205 in reader and 206 not in reader and 99 not in reader
+    assert reader.offset(203) == 328 and reader.read(204).payload == bytes.fromhex("ced7230a") * 4
+    with pytest.raises(RecordIOError, match="key 206: key not in the index"):
+        reader.read(206)

@@ -21,6 +21,7 @@ picks one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -30,8 +31,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from facecompat import dist
+from facecompat.config import ConfigError, DataConfig
 from facecompat.data.faces import FaceRecords, decode_image, flip_flags
 from facecompat.data.recordio import RecordIOError
+from facecompat.data.splits import load_view, make_split
 
 
 class Batch(NamedTuple):
@@ -138,21 +141,30 @@ def read_batch(records: FaceRecords, key: BatchKey) -> EncodedBatch:
 
 
 class _HostBatch(NamedTuple):
-    images: torch.Tensor  # uint8 [B, 3, H, W] RGB, already flipped
+    images: torch.Tensor  # uint8 [B, 3, H, W] RGB, or float32 normalised; already flipped
     labels: torch.Tensor
     record_ids: torch.Tensor
     flipped: torch.Tensor
 
 
+# (v - 127.5) / 127.5 for every uint8 v, computed as cv2.dnn.blobFromImage does in
+# faces.to_tensor ((v - 127.5) * float32(1 / 127.5)), so both give the same bits.
+_NORMALIZE_LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(1.0 / 127.5)
+# OpenCV >= 4.10 decodes straight to RGB (the same pixels as BGR, channels in our order).
+_RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
 class _BatchReader(Dataset):
     """Reads and decodes whole batches (``__getitems__``) in a DataLoader worker or in-process.
 
-    Images stay uint8 until they reach the target device: a quarter of the bytes of float32
-    to pass between processes and to copy to the GPU.
+    With ``normalize`` (batches bound for the CPU) each image is normalised to float32 right
+    after decoding, while it is still in cache; otherwise images stay uint8 until they reach
+    the target device: a quarter of the bytes to pass between processes and to copy to a GPU.
     """
 
-    def __init__(self, records: FaceRecords):
+    def __init__(self, records: FaceRecords, normalize: bool = False):
         self.records = records
+        self.normalize = normalize
 
     def __len__(self) -> int:
         return self.records.num_images
@@ -163,32 +175,43 @@ class _BatchReader(Dataset):
         out: np.ndarray | None = None
         for j, (payload, rid, flip) in enumerate(zip(enc.payloads, enc.record_ids.tolist(),
                                                      enc.flipped.tolist())):
-            bgr = decode_image(payload, path, rid)
+            img = _decode_rgb(payload, path, rid)
             if out is None:
-                out = np.empty((len(enc.payloads), 3, *bgr.shape[:2]), dtype=np.uint8)
-                mirrored = np.empty_like(bgr)
-            if bgr.shape != mirrored.shape:
-                raise RecordIOError(path, f"image of shape {bgr.shape} in a batch of "
+                shape = (len(enc.payloads), 3, *img.shape[:2])
+                out = np.empty(shape, dtype=np.float32 if self.normalize else np.uint8)
+                mirrored, planes = np.empty_like(img), np.empty(shape[1:], dtype=np.uint8)
+            if img.shape != mirrored.shape:
+                raise RecordIOError(path, f"image of shape {img.shape} in a batch of "
                                     f"{mirrored.shape} images (all images must share one size)", rid)
             if flip:
-                bgr = cv2.flip(bgr, 1, dst=mirrored)
-            cv2.split(bgr, [out[j, 2], out[j, 1], out[j, 0]])  # HWC BGR -> CHW RGB, in place
+                img = cv2.flip(img, 1, dst=mirrored)
+            if self.normalize:  # HWC -> CHW planes, then one table look-up into the float batch
+                cv2.split(img, [planes[0], planes[1], planes[2]])
+                cv2.LUT(planes.reshape(-1, planes.shape[-1]), _NORMALIZE_LUT,
+                        dst=out[j].reshape(-1, planes.shape[-1]))
+            else:
+                cv2.split(img, [out[j, 0], out[j, 1], out[j, 2]])  # HWC -> CHW, in place
         assert out is not None, "empty batch"
         return _HostBatch(torch.from_numpy(out), torch.from_numpy(enc.labels),
                           torch.from_numpy(enc.record_ids), torch.from_numpy(enc.flipped))
 
 
-# (v - 127.5) / 127.5 for every uint8 v, computed as cv2.dnn.blobFromImage does in
-# faces.to_tensor ((v - 127.5) * float32(1 / 127.5)), so both give the same bits.
-_NORMALIZE_LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(1.0 / 127.5)
+def _decode_rgb(payload: bytes, path: os.PathLike | str, record_id: int) -> np.ndarray:
+    if _RGB_FLAG is None:
+        return cv2.cvtColor(decode_image(payload, path, record_id), cv2.COLOR_BGR2RGB)
+    img = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), _RGB_FLAG)
+    if img is None:
+        raise RecordIOError(path, f"payload of {len(payload)} bytes is not a decodable image", record_id)
+    return img
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` → float32 ``[B, C, H, W]`` in [-1, 1]: ``(x - 127.5) / 127.5``."""
+    """uint8 ``[B, C, H, W]`` → float32 ``[B, C, H, W]`` in [-1, 1]: ``(x - 127.5) / 127.5``
+    (float input is returned as it is: already normalised by the reader)."""
+    if images.dtype == torch.float32:
+        return images
     if images.device.type != "cpu":
         return images.to(torch.float32).sub_(127.5).mul_(1.0 / 127.5)
-    # One table look-up pass over the batch (cv2.LUT, one thread): half the time of a cast and
-    # two arithmetic passes, and torch's intra-op threads cost more than they save here.
     src = images.numpy()
     out = cv2.LUT(src.reshape(-1, src.shape[-1]), _NORMALIZE_LUT)
     return torch.from_numpy(out.reshape(src.shape))
@@ -269,7 +292,8 @@ class TorchLoader(ShardedLoader):
         super().__init__(records, batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
         workers = int(num_workers)
         self._loader = DataLoader(
-            _BatchReader(records), batch_sampler=self.sampler, collate_fn=_identity,
+            _BatchReader(records, normalize=self.device.type == "cpu"), batch_sampler=self.sampler,
+            collate_fn=_identity,
             num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers else None,
             worker_init_fn=_worker_init if workers else None)
@@ -327,3 +351,29 @@ def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto"
     if backend == "dali":
         return dali_mod.DaliLoader(records, batch_size, num_threads=dali_threads, **kw)
     return TorchLoader(records, batch_size, num_workers=num_workers, **kw)
+
+
+def build_dataset(cfg: DataConfig) -> FaceRecords:
+    """The training view a data config names: ``data.rec``, narrowed by a record-id list
+    (``data.subset``) and/or one side of a protocol split (``data.protocol`` + ``data.part``)."""
+    if cfg.rec is None:
+        raise ConfigError("data.rec: not set (a .rec file or a folder holding train.rec)")
+    records = FaceRecords(cfg.rec, flip=cfg.flip, seed=cfg.seed)
+    if cfg.subset is not None:
+        records = load_view(records, cfg.subset)
+    if cfg.protocol != "none" and cfg.part != "full":
+        records = make_split(records, cfg.protocol, cfg.split_ratio, cfg.seed).view(records, cfg.part)
+    return records
+
+
+def build_train_loader(cfg: DataConfig, *, rank: int | None = None, world_size: int | None = None,
+                       device: torch.device | str | None = None) -> tuple[FaceRecords, ShardedLoader]:
+    """(view, loader) for a data config: :func:`build_dataset` then :func:`build_loader`."""
+    records = build_dataset(cfg)
+    device = resolve_device(device)
+    if cfg.loader == "dali" and cfg.dali_device == "cpu":
+        device = torch.device("cpu")
+    loader = build_loader(records, cfg.batch_size, backend=cfg.loader, rank=rank, world_size=world_size,
+                          seed=cfg.seed, device=device, num_workers=cfg.num_workers,
+                          dali_threads=max(cfg.num_workers, 1))
+    return records, loader
