@@ -73,6 +73,7 @@ class DataConfig:
     rec: str | None = None  # a .rec file, or a directory holding train.rec + train.idx
     loader: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI when installed and on GPU
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # where DALI decodes
+    dali_reader: Literal["external", "mxnet"] = "external"  # who reads for DALI: Python, or fn.readers.mxnet
     num_workers: int = 2  # per rank (DataLoader workers / DALI threads)
     batch_size: int = 128  # per rank
     seed: int = 0  # shuffling and protocol splits; train.seed seeds the weights

@@ -1,9 +1,11 @@
-"""DALI decoding (facecompat/data/dali.py): CPU mode always, mixed GPU decode when a GPU is present."""
+"""DALI decoding (facecompat/data/dali.py, both readers): CPU mode always, mixed GPU decode when a
+GPU is present. Two "ranks" are two loaders in one process (no process group needed)."""
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import cv2
@@ -13,14 +15,18 @@ import torch
 
 pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install nvidia-dali-cuda120)")
 
+from facecompat.data import dali as dali_mod  # noqa: E402
+from facecompat.data._dali_mxnet import ViewOffsets, parse_offsets, plan_epoch_index  # noqa: E402
 from facecompat.data.dali import DaliLoader, dali_available  # noqa: E402
 from facecompat.data.faces import FaceRecords, FaceRecWriter, flip_flags  # noqa: E402
 from facecompat.data.loader import TorchLoader, build_loader, epoch_order  # noqa: E402
+from facecompat.data.recordio import RecordIOError, RecordWriter, pack  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recordio"
 # JPEG decoders may round differently (DALI's libjpeg-turbo and OpenCV's agree exactly on
 # these files): allow 2 grey levels, in normalised units.
 PIXEL_TOL = 2 / 127.5 + 1e-6
+READERS = pytest.mark.parametrize("reader", ["external", "mxnet"])
 
 
 def make_rec(out_dir: Path, class_sizes: list[int], seed: int = 0) -> Path:
@@ -59,10 +65,12 @@ def check_against_dataset(batches, view: FaceRecords, epoch: int) -> None:
             assert float((b.images[j] - img).abs().max()) <= PIXEL_TOL
 
 
-def test_dali_cpu_gives_the_torch_loaders_batches(rec_dir):
+@READERS
+def test_dali_cpu_gives_the_torch_loaders_batches(rec_dir, reader):
     view = FaceRecords(rec_dir, seed=2)
     for epoch in (0, 1):
-        d, t = dali(view, 4, rank=1, world=2), TorchLoader(view, 4, rank=1, world_size=2, num_workers=0)
+        d = dali(view, 4, rank=1, world=2, reader=reader)
+        t = TorchLoader(view, 4, rank=1, world_size=2, num_workers=0)
         d.set_epoch(epoch)
         t.set_epoch(epoch)
         batches = list(d)
@@ -76,13 +84,14 @@ def test_dali_cpu_gives_the_torch_loaders_batches(rec_dir):
         check_against_dataset(batches, view, epoch)
 
 
-def test_dali_epochs_partition_the_view(rec_dir):
+@READERS
+def test_dali_epochs_partition_the_view(rec_dir, reader):
     view = FaceRecords(rec_dir, seed=4)
     per_epoch = []
     for epoch in (0, 1):
         ids = []
         for rank in range(3):
-            loader = dali(view, 3, rank=rank, world=3)
+            loader = dali(view, 3, rank=rank, world=3, reader=reader)
             loader.set_epoch(epoch)
             batches = list(loader)
             assert len(batches) == 4
@@ -93,12 +102,13 @@ def test_dali_epochs_partition_the_view(rec_dir):
         assert len(union) == len(np.unique(union)) == 36
         per_epoch.append(ids)
     assert not np.array_equal(per_epoch[0][0], per_epoch[1][0])
-    assert np.array_equal(ids_of(list(dali(view, 3, rank=0, world=3))), per_epoch[0][0])
+    assert np.array_equal(ids_of(list(dali(view, 3, rank=0, world=3, reader=reader))), per_epoch[0][0])
 
 
-def test_dali_resume_and_early_exit(rec_dir):
+@READERS
+def test_dali_resume_and_early_exit(rec_dir, reader):
     view = FaceRecords(rec_dir)
-    loader = dali(view, 5)
+    loader = dali(view, 5, reader=reader)
     for i, _ in enumerate(loader):  # abandon an epoch half way: the next one starts clean
         if i == 2:
             break
@@ -113,9 +123,10 @@ def test_dali_resume_and_early_exit(rec_dir):
     assert list(loader) == []
 
 
-@pytest.mark.parametrize("batch_size", [38, 19])  # one or two steps: fewer than DALI's prefetch
-def test_dali_epochs_shorter_than_the_prefetch_queue(rec_dir, batch_size):
-    loader = dali(FaceRecords(rec_dir), batch_size)
+@READERS
+@pytest.mark.parametrize("batch_size", [38, 37, 19])  # one or two steps: fewer than DALI's prefetch
+def test_dali_epochs_shorter_than_the_prefetch_queue(rec_dir, batch_size, reader):
+    loader = dali(FaceRecords(rec_dir), batch_size, reader=reader)  # mxnet: 0, 1 and 2 sentinels
     for epoch in (0, 1):
         loader.set_epoch(epoch)
         batches = list(loader)
@@ -123,22 +134,24 @@ def test_dali_epochs_shorter_than_the_prefetch_queue(rec_dir, batch_size):
         assert len(np.unique(ids_of(batches))) == 38 // batch_size * batch_size
 
 
-def test_dali_relabelled_subset(rec_dir):
+@READERS
+def test_dali_relabelled_subset(rec_dir, reader):
     full = FaceRecords(rec_dir)
     view = full.subset(classes=[0, 2, 5], relabel=True)  # 7 + 9 + 8 = 24 images
-    batches = list(dali(view, 6))
+    batches = list(dali(view, 6, reader=reader))
     labels, ids = torch.cat([b.labels for b in batches]).numpy(), ids_of(batches)
-    assert len(ids) == 24 and set(labels) == {0, 1, 2}
+    assert len(ids) == 24 and set(labels) == {0, 1, 2} and labels.dtype == np.int64
     stored = np.array([int(full.reader.read(int(r)).label) for r in ids])
     assert np.array_equal(view.label_map[labels], stored)
     check_against_dataset(batches, view, 0)
 
 
-def test_dali_on_the_mxnet_written_fixture():
+@READERS
+def test_dali_on_the_mxnet_written_fixture(reader):
     manifest = json.loads((FIXTURES / "manifest.json").read_text())["train"]["records"]
     labels = {r["key"]: int(r["label"]) for r in manifest if r["kind"] == "image"}
     view = FaceRecords(FIXTURES / "train.rec", seed=3)
-    batches = list(dali(view, 3))
+    batches = list(dali(view, 3, reader=reader))
     assert len(batches) == 3 and sorted(ids_of(batches)) == sorted(labels)
     for b in batches:
         assert [labels[r] for r in b.record_ids.tolist()] == b.labels.tolist()
@@ -180,11 +193,158 @@ def test_fn_readers_mxnet_ignores_the_order_of_its_index(rec_dir, tmp_path):
         int(view.labels[np.searchsorted(view.record_ids, k)]) for k in read_keys]
 
 
+def test_dali_rejects_an_unknown_reader(rec_dir):
+    with pytest.raises(ValueError, match="reader must be one of"):
+        dali(FaceRecords(rec_dir), 4, reader="lmdb")
+
+
+@READERS
+def test_dali_names_a_record_whose_stored_label_disagrees(rec_dir, reader):
+    view = FaceRecords(rec_dir)
+    view.labels = view.labels.copy()
+    view.labels[view.record_ids == 9] = 3  # record 9 is stored as class 1
+    with pytest.raises(RecordIOError, match="disagrees") as err:
+        list(dali(view, 38, reader=reader))
+    assert err.value.key == 9
+
+
+def test_mxnet_two_ranks_share_a_fresh_global_shuffle(rec_dir):
+    view = FaceRecords(rec_dir, seed=5).subset(records=np.arange(2, 39))  # 37 images: shards of 19 and 18
+    loaders = [dali(view, 4, rank=r, world=2, reader="mxnet") for r in range(2)]
+    where = []  # per epoch: record id -> (rank, position in the rank's epoch)
+    for epoch in (0, 1):
+        ranks = []
+        for rank, loader in enumerate(loaders):
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader) == 4  # (37 // 2) // 4 on both ranks
+            assert all(len(torch.unique(b.record_ids)) == 4 for b in batches)  # no padded duplicates
+            ranks.append(ids_of(batches))
+            order = epoch_order(37, batch_size=4, rank=rank, world_size=2, seed=5, epoch=epoch)
+            assert np.array_equal(ranks[-1], view.record_ids[order])  # the plan, no sentinel yielded
+            check_against_dataset(batches, view, epoch)
+        union = np.concatenate(ranks)
+        assert len(union) == len(np.unique(union)) == 32
+        where.append({int(r): (k, i) for k, ids in enumerate(ranks) for i, r in enumerate(ids)})
+    common = where[0].keys() & where[1].keys()
+    assert sum(where[0][r][0] != where[1][r][0] for r in common) >= 4  # records change rank
+    assert sum(where[0][r] != where[1][r] for r in common) >= len(common) - 2
+
+
+def test_mxnet_index_holds_view_images_only_and_leaves_the_rec_untouched(rec_dir, tmp_path, monkeypatch):
+    rec = rec_dir / "train.rec"
+    before = (rec.stat().st_size, rec.stat().st_mtime_ns, rec.read_bytes())
+    captured = []
+
+    def keep_a_copy(path, index, file_size):
+        write_index(path, index, file_size)
+        captured.append((Path(shutil.copy(path, tmp_path / f"{len(captured)}.idx")), file_size))
+
+    write_index = dali_mod.write_index
+    monkeypatch.setattr(dali_mod, "write_index", keep_a_copy)
+    full = FaceRecords(rec_dir)
+    view = full.subset(classes=[1, 3, 4], relabel=True)  # 5 + 3 + 6 = 14 images
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    loader = DaliLoader(view, 4, rank=0, world_size=1, device="cpu", num_threads=2, reader="mxnet",
+                        index_dir=index_dir)
+    batches = list(loader)
+    loader.set_epoch(1, start_step=2)
+    assert len(list(loader)) == 1
+    assert list(index_dir.iterdir()) == []  # each index is deleted once DALI has read it
+    first_id, end_id = (int(v) for v in full.reader.read_header(0).label)
+    for (path, file_size), steps in zip(captured, (3, 1), strict=True):
+        keys, virtual = np.loadtxt(path, dtype=np.int64, delimiter="\t", ndmin=2).T
+        assert set(keys.tolist()) <= set(view.record_ids.tolist())  # images of the view only
+        assert not set(keys.tolist()) & {0, *range(first_id, end_id)}  # no header, no identity record
+        copy, offset = np.divmod(virtual, file_size)
+        assert np.array_equal(offset, [full.reader.offset(int(k)) for k in keys])
+        assert np.array_equal(copy, np.repeat(np.arange(steps), 6))  # copy s: step s, 4 planned + 2 sentinels
+        assert (np.diff(virtual) > 0).all() and file_size == before[0]
+    keys = np.loadtxt(captured[0][0], dtype=np.int64, delimiter="\t")[:, 0].reshape(3, 6)
+    for row, batch in zip(keys, batches, strict=True):  # sentinels are read, never yielded
+        assert set(batch.record_ids.tolist()) < set(row.tolist())
+    assert (rec.stat().st_size, rec.stat().st_mtime_ns, rec.read_bytes()) == before
+
+
+def test_mxnet_headerless_rec_with_label_arrays(tmp_path):
+    rng = np.random.default_rng(1)
+    with RecordWriter(tmp_path / "plain.rec", tmp_path / "plain.idx") as w:  # im2rec: key 0 is an image
+        for key, label in enumerate([2, 0, 2, 1, 0, 1, 1, 2, 0, 0, 2]):
+            img = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+            jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+            w.write(key, pack([float(label), 7.0], jpeg, id=key))
+    view = FaceRecords(tmp_path / "plain.rec", seed=1)
+    assert view.layout == "im2rec"
+    batches = list(dali(view, 5, reader="mxnet"))
+    torch_batches = list(TorchLoader(view, 5, rank=0, world_size=1, num_workers=0))
+    for a, b in zip(batches, torch_batches, strict=True):
+        assert torch.equal(a.record_ids, b.record_ids) and torch.equal(a.labels, b.labels)
+    check_against_dataset(batches, view, 0)
+
+
+@pytest.mark.parametrize("batch_size", [3, 18, 36, 37, 38])
+def test_mxnet_plan_brackets_each_batch_with_the_outermost_other_records(rec_dir, batch_size):
+    view = FaceRecords(rec_dir)
+    offsets = ViewOffsets(view)
+    positions = epoch_order(38, batch_size=batch_size, rank=0, world_size=1, seed=3, epoch=2)
+    index = plan_epoch_index(view, offsets, positions.reshape(-1, batch_size))
+    others_sorted = np.sort(offsets.offsets)
+    for row, take, planned in zip(index.offsets, index.take, positions.reshape(-1, batch_size), strict=True):
+        assert (np.diff(row) > 0).all() and sorted(take) == list(range(len(row)))
+        assert np.array_equal(row[take[:batch_size]], offsets.offsets[planned])
+        sentinels = np.setdiff1d(row, offsets.offsets[planned])
+        others = np.setdiff1d(others_sorted, offsets.offsets[planned])
+        assert len(sentinels) == min(2, 38 - batch_size)
+        if len(sentinels):
+            assert sentinels[0] == others[0]
+        if len(sentinels) == 2:
+            assert sentinels[1] == others[-1]
+    assert np.array_equal(index.offsets, np.vectorize(view.reader.offset)(index.record_ids))
+
+
+def test_parse_offsets_of_source_info():
+    prefix = b"/d/train.rec at index "
+    rows = [prefix + b"7", prefix + b"1234567890123", prefix + b"40"]
+    info = np.zeros((3, max(map(len, rows))), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        info[i, :len(row)] = np.frombuffer(row, dtype=np.uint8)
+    assert parse_offsets(info, prefix).tolist() == [7, 1234567890123, 40]
+    with pytest.raises(RuntimeError, match="does not start with"):
+        parse_offsets(info, b"/other.rec at index ")
+
+
+def test_fn_readers_mxnet_shuffle_after_epoch_keeps_one_rec_in_order(rec_dir, tmp_path):
+    """Why the mxnet reader plans its own epochs (see dali.py): DALI 2.x's shuffle_after_epoch
+    shuffles the order of the rec *files*; over one rec every epoch reads the same samples in
+    the same order, and it pins each shard to its slice."""
+    from nvidia.dali import fn, pipeline_def
+
+    view = FaceRecords(rec_dir)
+    keys = view.record_ids.tolist()
+    (tmp_path / "images.idx").write_text("".join(f"{k}\t{view.reader.offset(k)}\n" for k in keys))
+    by_offset = {view.reader.offset(k): k for k in keys}
+
+    @pipeline_def(batch_size=19, num_threads=1, device_id=None, seed=1)
+    def read():
+        jpegs, _ = fn.readers.mxnet(path=[str(view.path)], index_path=[str(tmp_path / "images.idx")],
+                                    shard_id=1, num_shards=2, shuffle_after_epoch=True, name="reader")
+        return fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
+
+    pipe = read()
+    pipe.build()
+    prefix = f"{view.path} at index ".encode()
+    epochs = [[by_offset[o] for o in parse_offsets(np.asarray(pipe.run()[0].as_tensor()), prefix).tolist()]
+              for _ in range(3)]
+    assert epochs[0] == epochs[1] == epochs[2] == keys[19:]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_dali_mixed_decode_on_the_gpu(rec_dir):
+@READERS
+def test_dali_mixed_decode_on_the_gpu(rec_dir, reader):
     view = FaceRecords(rec_dir, seed=6)
-    gpu = DaliLoader(view, 4, rank=0, world_size=2, device="cuda", num_threads=2)
+    gpu = DaliLoader(view, 4, rank=0, world_size=2, device="cuda", num_threads=2, reader=reader)
     cpu = TorchLoader(view, 4, rank=0, world_size=2, num_workers=0, device="cpu")
     batches = list(gpu)
     assert len(batches) == len(cpu)

@@ -272,3 +272,18 @@ def test_build_from_config_protocol_and_subset(tmp_path):
 
     with pytest.raises(ConfigError, match="data.rec: not set"):
         build_dataset(load_config(None).data)
+
+
+@pytest.mark.parametrize("reader", ["external", "mxnet"])
+def test_config_selects_dali_reader(tmp_path, reader):
+    from facecompat.config import load_config
+    from facecompat.data.dali import DaliLoader
+    from facecompat.data.loader import build_train_loader
+
+    rec = make_rec(tmp_path / "rec", [4, 4, 4])
+    cfg = load_config(None, [f"data.rec={rec}", "data.batch_size=4", "data.loader=dali",
+                             "data.dali_device=cpu", f"data.dali_reader={reader}"])
+    records, loader = build_train_loader(cfg.data, rank=0, world_size=1)
+    assert isinstance(loader, DaliLoader) and loader.reader == reader
+    ids = torch.cat([b.record_ids for b in loader])
+    assert sorted(ids.tolist()) == records.record_ids.tolist()

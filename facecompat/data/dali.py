@@ -1,39 +1,58 @@
 """DALI decoding of training batches: GPU ("mixed") decode, or DALI's CPU decoder for tests.
 
-The plan is :mod:`facecompat.data.loader`'s (equal steps, global shuffle per epoch, flips from
-``flip_flags``, resumable at any step); this module only changes who decodes. The encoded
-images are read by :class:`~facecompat.data.recordio.RecordReader` in the order of
-:func:`~facecompat.data.loader.epoch_order` and fed through ``fn.external_source`` together
-with their flip flags; DALI decodes, mirrors and normalises. Record ids, labels and flips of
-a batch are therefore known by construction, not recovered from DALI.
+Both ways of feeding DALI follow :mod:`facecompat.data.loader`'s plan (equal steps on every
+rank, a fresh global shuffle each epoch from :func:`~facecompat.data.loader.epoch_order`, flips
+from ``flip_flags``, resumable at any step) and yield the same batches as the torch loader: the
+same record ids, labels and flips in the same order, pixels equal up to decoder rounding.
 
-Why not ``fn.readers.mxnet`` over an image-only index (the first and last points are checked
-in ``tests/test_dali.py``, the second is in DALI's ``mmaped_file.cc``):
+``reader="external"`` (default): Python reads each planned batch with
+:class:`~facecompat.data.recordio.RecordReader` (~20 us per image: two ``pread`` calls and a
+label check) and feeds the bytes and mirror flags through ``fn.external_source``; DALI
+decodes, mirrors and normalises. Nothing is written to disk and the code that reads is the
+torch loader's. Prefer it unless reading in Python is the bottleneck.
 
-- it sorts the offsets of its index and takes each record's size from the next offset
-  (DALI's ``recordio_loader.h``), so the order of the index file is ignored: it always reads
-  in file order, i.e. class by class in an insightface rec;
-- its only shuffle is a buffer of ``initial_fill`` samples. Past ``vm.max_map_count / 2``
-  buffered samples (32,765 by default) DALI stops sharing the memory map and copies every
-  sample, so shuffling a rank's share of MS1Mv3 (650k images on 8 GPUs) would not fit and a
-  smaller buffer leaves every batch drawn from a few thousand neighbouring identities;
-- it does report ``source_info`` (``"<rec> at index <offset>"``), which would give the record
-  ids back, but neither the order, nor our flips, nor a cheap mid-epoch resume.
+``reader="mxnet"``: DALI's C++ ``fn.readers.mxnet`` does the I/O (``mmap``, no Python per
+sample) from the rec as insightface ships it, never rewritten. Before each epoch Python writes
+an image-only index of this rank's share (~25 bytes per image, ~1 s for an MS1Mv3 epoch on 8
+GPUs, deleted once DALI has read it) that makes DALI read exactly the planned batches, and
+feeds per step the order to put them in and their mirror flags (how: ``_dali_mxnet``). Python
+then checks the offsets DALI reports in ``source_info`` and the labels stored in the rec.
+Costs: two extra decoded images per batch, and on insightface recs a ~4 MB page-cache copy
+per batch (MS1Mv3). Prefer it when Python reading cannot keep up (many GPUs sharing few
+cores) or to keep DALI's reader.
 
-Reading in Python costs ~20 us per image (two ``pread`` calls and a label check), far below
-what one GPU consumes.
+Resuming mid-epoch is exact and cheap in both: skipped batches are neither read nor decoded
+(the mxnet index simply starts at the resumed step).
+
+Why not DALI's own sharding and shuffling (``shard_id``/``num_shards``, ``random_shuffle``,
+``shuffle_after_epoch``) with one fixed image-only index: DALI sorts the offsets of its index
+and reads a contiguous range per shard, i.e. class by class in an insightface rec;
+``random_shuffle`` only mixes a buffer of ``initial_fill`` samples (past ``vm.max_map_count /
+2`` = 32,765 buffered samples DALI copies each sample instead of mapping it), and
+``shuffle_after_epoch`` (DALI 2.x) shuffles the order of the rec *files*: over one rec the
+order never changes, and it pins each rank to the same slice of classes every epoch. The
+first and last facts are checked in ``tests/test_dali.py``, the buffer limit is in DALI's
+``mmaped_file.cc``.
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from facecompat.data.faces import FaceRecords
+from facecompat.data._dali_mxnet import EpochIndex, ViewOffsets, parse_offsets, plan_epoch_index, write_index
+from facecompat.data.faces import FaceRecords, flip_flags
 from facecompat.data.loader import Batch, BatchKey, EncodedBatch, ShardedLoader, read_batch
+from facecompat.data.recordio import RecordIOError
+
+READERS = ("external", "mxnet")
 
 
 def dali_available() -> bool:
@@ -53,42 +72,77 @@ class DaliLoader(ShardedLoader):
     plus
         num_threads: DALI CPU threads.
         prefetch_queue_depth: batches DALI prepares ahead.
+        reader: ``"external"`` (Python reads, ``fn.external_source``) or ``"mxnet"``
+            (``fn.readers.mxnet`` reads); see the module docstring.
+        index_dir: where ``"mxnet"`` writes each epoch's index (default: the system temp dir).
     """
 
     def __init__(self, records: FaceRecords, batch_size: int, *, rank: int | None = None,
                  world_size: int | None = None, seed: int | None = None,
                  device: torch.device | str | None = None, num_threads: int = 4,
-                 prefetch_queue_depth: int = 2):
+                 prefetch_queue_depth: int = 2, reader: Literal["external", "mxnet"] = "external",
+                 index_dir: str | os.PathLike | None = None):
         if not dali_available():
             raise ImportError("DALI is not installed: pip install nvidia-dali-cuda120 "
                               "(or use the torch loader)")
+        if reader not in READERS:
+            raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
         super().__init__(records, batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
         self.num_threads = int(num_threads)
         self.prefetch_queue_depth = int(prefetch_queue_depth)
+        self.reader = reader
+        self.index_dir = Path(index_dir) if index_dir is not None else None
+        # Offsets of every image of the view, looked up once (a dict look-up per image).
+        self._offsets = ViewOffsets(records) if reader == "mxnet" else None
 
     def __iter__(self) -> Iterator[Batch]:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
         keys = list(self.sampler)
         if not keys:
             return
+        if self.reader == "mxnet":
+            yield from self._iter_mxnet(keys)
+        else:
+            yield from self._iter_external(keys)
+
+    def _put(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images if images.device == self.device else images.to(self.device, non_blocking=True)
+
+    def _pipeline(self, batch_size: int):
+        from nvidia.dali import Pipeline
+
+        gpu = self.device.type == "cuda"
+        return Pipeline(batch_size=batch_size, num_threads=self.num_threads,
+                        device_id=self.device.index if gpu else None,
+                        prefetch_queue_depth=self.prefetch_queue_depth, seed=self.seed)
+
+    def _decode(self, jpegs, mirror):
+        """Encoded images → RGB float CHW ``(x - 127.5) / 127.5``, mirrored where ``mirror``."""
+        from nvidia.dali import fn, types
+
+        gpu = self.device.type == "cuda"
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                        mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
+
+    # -- reader="external" -------------------------------------------------------------
+    def _iter_external(self, keys: list[BatchKey]) -> Iterator[Batch]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
         # The source runs ahead of the consumer by DALI's prefetch depth; batches come out in
         # the order they went in, so a FIFO pairs each decoded batch with its metadata.
         pending: collections.deque[EncodedBatch] = collections.deque()
-        pipe = self._build_pipeline(self._feed(keys, pending))
+        pipe = self._build_external_pipeline(self._feed(keys, pending))
         batches = DALIGenericIterator([pipe], ["images"], auto_reset=False)
         try:
             for out in batches:
                 enc = pending.popleft()
-                images = out[0]["images"]
-                if images.device != self.device:
-                    images = images.to(self.device, non_blocking=True)
-                yield Batch(images, self._put(enc.labels), self._put(enc.record_ids), self._put(enc.flipped))
+                yield Batch(self._to_device(out[0]["images"]), self._put(enc.labels),
+                            self._put(enc.record_ids), self._put(enc.flipped))
         finally:
             del batches, pipe
-
-    def _put(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     def _feed(self, keys: list[BatchKey], pending: collections.deque
               ) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
@@ -98,20 +152,82 @@ class DaliLoader(ShardedLoader):
             pending.append(enc)
             yield [np.frombuffer(p, dtype=np.uint8) for p in enc.payloads], enc.flipped.astype(np.int32)
 
-    def _build_pipeline(self, source: Iterator):
+    def _build_external_pipeline(self, source: Iterator):
         """external_source (bytes, mirror flags) → decode (mixed or cpu) → mirror + normalise, CHW."""
-        from nvidia.dali import Pipeline, fn, types
+        from nvidia.dali import fn, types
 
-        gpu = self.device.type == "cuda"
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
-                        device_id=self.device.index if gpu else None,
-                        prefetch_queue_depth=self.prefetch_queue_depth, seed=self.seed)
+        pipe = self._pipeline(self.batch_size)
         with pipe:
             jpegs, mirror = fn.external_source(source=source, num_outputs=2, batch=True,
                                                dtype=[types.UINT8, types.INT32])
-            images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                              mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
-            pipe.set_outputs(images)
+            pipe.set_outputs(self._decode(jpegs, mirror))
         pipe.build()
+        return pipe
+
+    # -- reader="mxnet" ----------------------------------------------------------------
+    def _iter_mxnet(self, keys: list[BatchKey]) -> Iterator[Batch]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        epoch, positions = keys[0].epoch, np.stack([k.positions for k in keys])
+        index = plan_epoch_index(self.records, self._offsets, positions)
+        record_ids = self.records.record_ids[positions]
+        flipped = (flip_flags(record_ids, self.records.seed, epoch) if self.records.flip
+                   else np.zeros(record_ids.shape, dtype=bool))
+        mirror = np.zeros(index.take.shape, dtype=np.int32)  # sentinels (last) are not mirrored
+        mirror[:, :record_ids.shape[1]] = flipped
+        feed = ((take, flags) for take, flags in zip(index.take.astype(np.int32), mirror))
+        pipe = self._build_mxnet_pipeline(index, epoch, feed)
+        batches = DALIGenericIterator([pipe], ["images", "stored", "info"], auto_reset=False)
+        prefix = f"{os.fspath(self.records.path)} at index ".encode()
+        try:
+            for step, out in enumerate(batches):  # the feed ends the epoch
+                yield self._mxnet_batch(out[0], index, step, positions[step], flipped[step], prefix)
+        finally:
+            del batches, pipe
+
+    def _mxnet_batch(self, out: dict, index: EpochIndex, step: int, positions: np.ndarray,
+                     flipped: np.ndarray, prefix: bytes) -> Batch:
+        """DALI's batch of ``step`` (planned records, then sentinels) → the planned :class:`Batch`,
+        after checking the offsets DALI read and the labels stored in the rec."""
+        records, batch = self.records, len(positions)
+        planned = index.offsets[step][index.take[step]]
+        offsets = parse_offsets(out["info"].numpy(), prefix)
+        if not np.array_equal(offsets, planned):
+            raise RuntimeError(f"{records.path}: DALI read offsets {offsets.tolist()} at step {step}, "
+                               f"planned {planned.tolist()}")
+        record_ids, labels = records.record_ids[positions], records.labels[positions]
+        expected = labels if records.label_map is None else records.label_map[labels]
+        stored = out["stored"].numpy().reshape(-1)[:batch].astype(np.float64)
+        bad = np.flatnonzero(stored != expected)
+        if bad.size:
+            j = int(bad[0])
+            raise RecordIOError(records.path, f"image label {stored[j]:g} disagrees with the identity "
+                                f"records (class {int(expected[j])})", int(record_ids[j]), int(offsets[j]))
+        return Batch(self._to_device(out["images"][:batch]), self._put(labels), self._put(record_ids),
+                     self._put(flipped))
+
+    def _build_mxnet_pipeline(self, index: EpochIndex, epoch: int, feed: Iterator):
+        """fn.readers.mxnet over ``[rec] * steps`` (copy ``s`` = step ``s``), put in planned order
+        by fn.permute_batch → decode → mirror + normalise; plus the stored class (first label
+        value) and ``source_info`` padded with zeros."""
+        from nvidia.dali import fn, types
+
+        rec = os.fspath(self.records.path)
+        fd, idx_path = tempfile.mkstemp(prefix=f".{self.records.path.stem}-e{epoch}-r{self.rank}-",
+                                        suffix=".idx", dir=self.index_dir)
+        os.close(fd)
+        try:
+            write_index(idx_path, index, os.stat(rec).st_size)
+            pipe = self._pipeline(index.take.shape[1])
+            with pipe:
+                jpegs, stored = fn.readers.mxnet(path=[rec] * index.num_copies, index_path=[idx_path],
+                                                 random_shuffle=False, name="reader")
+                take, mirror = fn.external_source(source=feed, num_outputs=2, batch=True,
+                                                  dtype=[types.INT32, types.INT32])
+                info = fn.get_property(jpegs, key="source_info")
+                jpegs, stored, info = (fn.permute_batch(x, indices=take) for x in (jpegs, stored[0], info))
+                pipe.set_outputs(self._decode(jpegs, mirror), stored, fn.pad(info, fill_value=0))
+            pipe.build()  # DALI reads the index here, not later
+        finally:
+            os.unlink(idx_path)
         return pipe

@@ -322,7 +322,7 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto",
                  rank: int | None = None, world_size: int | None = None, seed: int | None = None,
                  device: torch.device | str | None = None, num_workers: int = 4,
-                 dali_threads: int = 4) -> ShardedLoader:
+                 dali_threads: int = 4, dali_reader: str = "external") -> ShardedLoader:
     """The loader for a training view: DALI when asked, or with ``backend="auto"`` when a GPU
     and DALI are both present; otherwise a torch DataLoader. Both yield :class:`Batch`.
 
@@ -336,6 +336,8 @@ def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto"
         device: target device (default CUDA when available, else CPU).
         num_workers: torch DataLoader workers (ignored by DALI).
         dali_threads: DALI CPU threads (ignored by torch).
+        dali_reader: ``"external"`` (we read, DALI decodes) or ``"mxnet"`` (DALI's
+            ``fn.readers.mxnet`` reads the rec through a per-epoch image-only index).
 
     Returns:
         a :class:`ShardedLoader` (``TorchLoader`` or ``DaliLoader``).
@@ -349,7 +351,7 @@ def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto"
         backend = "dali" if device.type == "cuda" and dali_mod.dali_available() else "torch"
     kw = dict(rank=rank, world_size=world_size, seed=seed, device=device)
     if backend == "dali":
-        return dali_mod.DaliLoader(records, batch_size, num_threads=dali_threads, **kw)
+        return dali_mod.DaliLoader(records, batch_size, num_threads=dali_threads, reader=dali_reader, **kw)
     return TorchLoader(records, batch_size, num_workers=num_workers, **kw)
 
 
@@ -375,5 +377,5 @@ def build_train_loader(cfg: DataConfig, *, rank: int | None = None, world_size: 
         device = torch.device("cpu")
     loader = build_loader(records, cfg.batch_size, backend=cfg.loader, rank=rank, world_size=world_size,
                           seed=cfg.seed, device=device, num_workers=cfg.num_workers,
-                          dali_threads=max(cfg.num_workers, 1))
+                          dali_threads=max(cfg.num_workers, 1), dali_reader=cfg.dali_reader)
     return records, loader
