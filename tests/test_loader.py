@@ -140,8 +140,8 @@ def test_resume_skips_batches_without_reading_them(rec_dir, monkeypatch):
     loader.set_epoch(3)
     full = collect(loader)
     reads = []
-    original = view.reader.read
-    monkeypatch.setattr(view.reader, "read", lambda key: reads.append(key) or original(key))
+    original = view.reader.read_raw_many
+    monkeypatch.setattr(view.reader, "read_raw_many", lambda keys: reads.extend(keys) or original(keys))
     loader.set_epoch(3, start_step=6)
     tail = collect(loader)
     assert len(loader) == 9 and len(tail) == 3 and len(reads) == 3 * 4
@@ -287,3 +287,18 @@ def test_config_selects_dali_reader(tmp_path, reader):
     assert isinstance(loader, DaliLoader) and loader.reader == reader
     ids = torch.cat([b.record_ids for b in loader])
     assert sorted(ids.tolist()) == records.record_ids.tolist()
+
+
+def test_batch_buffers_are_reused_only_when_released(tmp_path):
+    from facecompat.data.loader import TorchLoader
+
+    records = FaceRecords(make_rec(tmp_path / "rec", [6] * 8))
+    loader = TorchLoader(records, 8, rank=0, world_size=1, num_workers=0, device="cpu")
+    kept = [b.images for b in loader]  # all held: each batch must own its memory
+    assert len({t.data_ptr() for t in kept}) == len(kept)
+    again = [b.images.clone() for b in loader]
+    for held, fresh in zip(kept, again):
+        assert torch.equal(held, fresh)  # nothing overwrote a batch still referenced
+    del kept
+    ptrs = [b.images.data_ptr() for b in loader]  # each batch dropped before the next
+    assert len(set(ptrs)) < len(ptrs)

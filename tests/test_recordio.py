@@ -324,3 +324,12 @@ def test_non_contiguous_keys_and_membership():
     assert reader.offset(203) == 328 and reader.read(204).payload == bytes.fromhex("ced7230a") * 4
     with pytest.raises(RecordIOError, match="key 206: key not in the index"):
         reader.read(206)
+
+
+def test_read_raw_many_equals_single_reads(tmp_path):
+    for name, keys in (("misc", [205, 100, 203, 205]), ("train", [12, 1, 0, 5])):
+        reader = RecordReader(FIXTURES / f"{name}.rec")
+        assert reader.read_raw_many(keys) == [reader.read_raw(k) for k in keys]
+        with pytest.raises(RecordIOError, match="key 7777: key not in the index"):
+            reader.read_raw_many([keys[0], 7777])
+    assert RecordReader(FIXTURES / "train.rec").read_raw_many([]) == []
