@@ -6,7 +6,7 @@ from ``flip_flags``, resumable at any step) and yield the same batches as the to
 same record ids, labels and flips in the same order, pixels equal up to decoder rounding.
 
 ``reader="external"`` (default): Python reads each planned batch with
-:class:`~facecompat.data.recordio.RecordReader` (~20 us per image: two ``pread`` calls and a
+:class:`~facecompat.data.recordio.RecordReader` (~15 us per image: one ``pread`` and a
 label check) and feeds the bytes and mirror flags through ``fn.external_source``; DALI
 decodes, mirrors and normalises. Nothing is written to disk and the code that reads is the
 torch loader's. Prefer it unless reading in Python is the bottleneck.
