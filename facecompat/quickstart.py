@@ -32,6 +32,7 @@ class QuickstartContext:
     spec: dict  # synthetic sizes
     workers: int | None
     progress: bool
+    force: bool = False  # regenerate data even when an identical generation exists
 
     @property
     def data_dir(self) -> Path:
@@ -49,7 +50,7 @@ def stage_data(ctx: QuickstartContext) -> dict:
     from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic
 
     manifest, _ = generate_synthetic(ctx.data_dir, SyntheticSpec(**ctx.spec), ctx.workers,
-                                     progress=ctx.progress)
+                                     force=ctx.force, progress=ctx.progress)
     return manifest["counts"]
 
 
@@ -94,7 +95,7 @@ def run_quickstart(work_dir: str | os.PathLike, *, size: str = "small", config: 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     ctx = QuickstartContext(work_dir, load_config(config, [f"data.rec={work_dir / 'data' / 'train'}"]),
-                            SIZES[size], workers, progress)
+                            SIZES[size], workers, progress, force)
     state_path = work_dir / "stages.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() and not force else {}
     if state.get("size") not in (None, size):

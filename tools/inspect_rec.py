@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from facecompat.data.faces import summarize_rec
+from facecompat.data.faces import resolve_rec, summarize_rec
 from facecompat.data.recordio import RecordIOError, dump_records
 
 
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python tools/inspect_rec.py data/ms1m-retinaface-t1/train.rec\n"
                "  python tools/inspect_rec.py train.rec --dump | head")
-    parser.add_argument("rec", help=".rec file (its .idx beside it is used when present)")
+    parser.add_argument("rec", help=".rec file (its .idx beside it is used when present), or a folder "
+                        "holding train.rec")
     parser.add_argument("--idx", help="index file (default: REC with .idx; none: scan sequentially)")
     parser.add_argument("--dump", action="store_true", help="print one JSON line per record")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.dump:
-            for row in dump_records(args.rec, args.idx):
+            rec, idx = resolve_rec(args.rec)
+            for row in dump_records(rec, args.idx or idx):
                 sys.stdout.write(json.dumps(row) + "\n")
             return 0
         summary = summarize_rec(args.rec, args.idx, decode=args.decode, progress=True)
