@@ -58,7 +58,7 @@ def test_bench_table_and_bad_input(tmp_path, capsys):
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
-    """The tool pins OpenCV and torch to one thread; give the rest of the session its own."""
+    """measure() pins OpenCV and torch to one thread and restores them; guard the rest of the session."""
     import cv2
     import torch
 
@@ -66,3 +66,52 @@ def _restore_threads():
     yield
     cv2.setNumThreads(cv_threads)
     torch.set_num_threads(torch_threads)
+
+
+def test_bench_stages_json(tmp_path, capsys):
+    tool = load_tool()
+    rec = tmp_path / "stages"
+    assert tool.main([str(rec), "--make", "120", "--n", "100", "--batch-size", "25", "--rounds", "2",
+                      "--stages", "--json", "--seed", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 100 and result["images_per_s"] > 0  # the rates are still there
+    stages = result["stages_us"]
+    assert list(stages) == ["read", "decode", "decode+split", "flip", "normalize", "full"]
+    for key, value in stages.items():
+        assert isinstance(value, float) and value > 0, key
+
+
+def test_bench_stages_table_and_library(tmp_path, capsys):
+    from facecompat.data.bench import STAGES, make_bench_rec, measure_stages
+
+    rec = make_bench_rec(tmp_path / "lib", 60, seed=1, per_class=7, progress=False)
+    assert rec.name == "train.rec" and (rec.parent / "property").read_text().startswith("9,")
+    stages = measure_stages(rec.parent, 40, batch_size=20, rounds=1)
+    assert tuple(stages) == STAGES and all(v > 0 for v in stages.values())
+    tool = load_tool()
+    assert tool.main([str(rec.parent), "--n", "40", "--batch-size", "20", "--rounds", "1", "--stages"]) == 0
+    table = capsys.readouterr().out
+    assert "stage: full" in table and "stage: decode + split" in table and "us/img" in table
+
+
+def test_bench_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    from facecompat.data.bench import make_bench_rec
+
+    tool = load_tool()
+    rec = tmp_path / "rec"
+    cases = [(["--n", "10"], "no train.rec"),  # missing rec, no --make
+             (["--make", "0"], "n >= 1")]
+    for argv, message in cases:
+        assert tool.main([str(rec), *argv]) == 2
+        out = capsys.readouterr()
+        assert not out.out and out.err.count("\n") == 1, argv
+        assert out.err.startswith("bench_data: ") and message in out.err, argv
+    make_bench_rec(rec, 30, progress=False)
+    cases = [(["--n", "0"], "must be >= 1"),
+             (["--n", "20", "--batch-size", "25"], "need at least one batch"),
+             (["--rounds", "0"], "must be >= 1")]
+    for argv, message in cases:
+        assert tool.main([str(rec), *argv]) == 2
+        out = capsys.readouterr()
+        assert not out.out and out.err.count("\n") == 1, argv
+        assert out.err.startswith("bench_data: ") and message in out.err, argv

@@ -302,3 +302,15 @@ def test_batch_buffers_are_reused_only_when_released(tmp_path):
     del kept
     ptrs = [b.images.data_ptr() for b in loader]  # each batch dropped before the next
     assert len(set(ptrs)) < len(ptrs)
+
+
+@pytest.mark.timeout(90)
+def test_workers_do_not_hang_after_parallel_opencv_in_the_parent(tmp_path):
+    """OpenCV's thread pool, once started in the parent, hangs forked workers' cv2 calls."""
+    from facecompat.data.loader import TorchLoader
+
+    cv2.setNumThreads(2)
+    cv2.LUT(np.zeros((4096, 4096), np.uint8), np.arange(256, dtype=np.float32))  # starts the pool
+    records = FaceRecords(make_rec(tmp_path / "rec", [6] * 6))
+    loader = TorchLoader(records, 4, rank=0, world_size=1, num_workers=2, device="cpu")
+    assert sum(len(b.labels) for b in loader) == len(loader) * 4

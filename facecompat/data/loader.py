@@ -259,7 +259,8 @@ def _identity(batch: _HostBatch) -> _HostBatch:
 
 
 def _worker_init(_: int) -> None:
-    cv2.setNumThreads(1)
+    # OpenCV stays sequential as inherited (TorchLoader sets 0 before forking): calling
+    # cv2.setNumThreads here would reconfigure a pool whose threads did not survive the fork.
     torch.set_num_threads(1)
 
 
@@ -328,6 +329,11 @@ class TorchLoader(ShardedLoader):
                  prefetch_factor: int = 2):
         super().__init__(records, batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
         workers = int(num_workers)
+        if workers:
+            # Forked workers inherit OpenCV's thread count but not its pool's threads; with 0
+            # (sequential, as detectron2 and mmcv set it) they never touch that pool, and the
+            # loader's parallelism is its worker processes, not OpenCV threads inside each.
+            cv2.setNumThreads(0)
         self._loader = DataLoader(
             _BatchReader(records, normalize=self.device.type == "cpu"), batch_sampler=self.sampler,
             collate_fn=_identity,
