@@ -95,3 +95,22 @@ def test_im2rec_rejects_unaligned_and_leaves_nothing(tmp_path):
     assert not any((tmp_path / "rec").glob("*.tmp"))
     out = run("tools/im2rec.py", str(tmp_path / "missing"), str(tmp_path / "rec"))
     assert out.returncode == 2 and "not a directory" in out.stderr
+
+
+def test_im2rec_bad_landmark_file(tmp_path):
+    _write_folder(tmp_path / "faces", {"a": 1, "b": 1}, shape=(150, 150))
+    marks = tmp_path / "marks.txt"
+    marks.write_text("a/000.jpg 1 2 3\n")
+    out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align", str(marks))
+    assert out.returncode == 2 and f"{marks}: line 1: expected 'image x1 y1 ... x5 y5 [score]'" in out.stderr
+    from facecompat.eval.align import ARCFACE_TEMPLATE
+
+    good = " ".join(f"{v:.2f}" for v in (ARCFACE_TEMPLATE + 10).ravel())
+    marks.write_text(f"a/000.jpg {good}\n")  # nothing for b/000.jpg
+    out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align", str(marks))
+    assert out.returncode == 2 and "b/000.jpg: no landmarks for 'b/000.jpg'" in out.stderr
+    marks.write_text(f"a/000.jpg {good}\nb/000.jpg " + " ".join(["50"] * 10) + "\n")  # all points equal
+    out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align", str(marks))
+    assert out.returncode == 2 and "b/000.jpg: cannot align with its landmarks" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "rec" / "train.rec").exists()

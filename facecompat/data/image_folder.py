@@ -69,7 +69,10 @@ def _encode(path: Path, rel: str, landmarks: dict[str, np.ndarray] | None, size:
             raise ImageFolderError(f"{path}: no landmarks for '{rel}' in the landmark file")
         from facecompat.eval.align import align_face
 
-        img = align_face(img, landmarks[rel], size=size)
+        try:
+            img = align_face(img, landmarks[rel], size=size)
+        except ValueError as e:  # degenerate or non-finite landmarks
+            raise ImageFolderError(f"{path}: cannot align with its landmarks: {e}") from None
     elif img.shape[:2] != (size, size):
         raise ImageFolderError(f"{path}: image is {img.shape[1]}x{img.shape[0]}, expected "
                                f"{size}x{size} (pass --align LANDMARKS to align loose crops)")
