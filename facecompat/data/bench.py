@@ -36,10 +36,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from facecompat.data.faces import FaceRecords, FaceRecWriter
+from facecompat.data.faces import FaceRecords, FaceRecWriter, decode_image
 from facecompat.data.loader import (
     _NORMALIZE_LUT,
-    _RGB_FLAG,
     BatchKey,
     EncodedBatch,
     ShardBatchSampler,
@@ -315,11 +314,8 @@ class _StageBench:
 
 
 def _rgb_decoder() -> Callable[[bytes], np.ndarray]:
-    """cv2.imdecode to RGB with the flag ``loader._decode_rgb`` uses (BGR + conversion before 4.10)."""
-    if _RGB_FLAG is None:
-        return lambda p: cv2.cvtColor(cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR),
-                                      cv2.COLOR_BGR2RGB)
-    return lambda p: cv2.imdecode(np.frombuffer(p, np.uint8), _RGB_FLAG)
+    """The loader's decode: ``faces.decode_image`` to RGB."""
+    return lambda p: decode_image(p, rgb=True)
 
 
 def _bench_view(records: FaceRecords, n: int, batch_size: int, rounds: int,

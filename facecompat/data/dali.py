@@ -48,9 +48,8 @@ import numpy as np
 import torch
 
 from facecompat.data._dali_mxnet import EpochIndex, ViewOffsets, parse_offsets, plan_epoch_index, write_index
-from facecompat.data.faces import FaceRecords, flip_flags
+from facecompat.data.faces import FaceRecords, flip_flags, label_mismatch
 from facecompat.data.loader import Batch, BatchKey, EncodedBatch, ShardedLoader, read_batch
-from facecompat.data.recordio import RecordIOError
 
 READERS = ("external", "mxnet")
 
@@ -201,8 +200,7 @@ class DaliLoader(ShardedLoader):
         bad = np.flatnonzero(stored != expected)
         if bad.size:
             j = int(bad[0])
-            raise RecordIOError(records.path, f"image label {stored[j]:g} disagrees with the identity "
-                                f"records (class {int(expected[j])})", int(record_ids[j]), int(offsets[j]))
+            raise label_mismatch(records.path, int(record_ids[j]), int(offsets[j]), stored[j], expected[j])
         return Batch(self._to_device(out["images"][:batch]), self._put(labels), self._put(record_ids),
                      self._put(flipped))
 

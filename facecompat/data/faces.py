@@ -61,9 +61,23 @@ def flip_flags(record_ids: np.ndarray | int, seed: int, epoch: int) -> np.ndarra
     return (x >> np.uint64(63)).astype(bool)
 
 
-def decode_image(payload: bytes, path: str | os.PathLike = "<bytes>", key: int | None = None) -> np.ndarray:
-    """Encoded image → HxWx3 uint8 **BGR** (as OpenCV decodes it)."""
-    img = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), cv2.IMREAD_COLOR)
+# OpenCV >= 4.10 decodes straight to RGB (the same pixels as BGR, channels in our order).
+_RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
+def label_mismatch(path: str | os.PathLike, key: int, offset: int | None, stored: float,
+                   expected: int) -> RecordIOError:
+    """The error for an image whose stored class disagrees with its identity records."""
+    return RecordIOError(path, f"image label {stored:g} disagrees with the identity records "
+                         f"(class {int(expected)})", int(key), offset)
+
+
+def decode_image(payload: bytes, path: str | os.PathLike = "<bytes>", key: int | None = None,
+                 rgb: bool = False) -> np.ndarray:
+    """Encoded image → HxWx3 uint8, **BGR** as OpenCV decodes it (RGB with ``rgb``)."""
+    if rgb and _RGB_FLAG is None:
+        return cv2.cvtColor(decode_image(payload, path, key), cv2.COLOR_BGR2RGB)
+    img = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), _RGB_FLAG if rgb else cv2.IMREAD_COLOR)
     if img is None:
         raise RecordIOError(path, f"payload of {len(payload)} bytes is not a decodable image", key)
     return img
@@ -169,8 +183,7 @@ class FaceRecords(Dataset):
         stored = int(rec.label) if rec.flag == 0 else int(rec.label[0])
         expected = label if self.label_map is None else int(self.label_map[label])
         if stored != expected:
-            raise RecordIOError(self.path, f"image label {stored} disagrees with the identity "
-                                f"records (class {expected})", record_id, self.reader.offset(record_id))
+            raise label_mismatch(self.path, record_id, self.reader.offset(record_id), stored, expected)
         flipped = bool(self.flip and flip_flags(record_id, self.seed, self.epoch))
         img = to_tensor(decode_image(rec.payload, self.path, record_id), flipped)
         return img, label, record_id, flipped
@@ -318,8 +331,7 @@ def summarize_rec(rec: str | os.PathLike, idx: str | os.PathLike | None = None, 
         rec = dataset.reader.read(key) if decode else dataset.reader.read_header(key)
         stored = rec.label if rec.flag == 0 else rec.label[0]
         if stored != dataset.labels[i]:
-            raise RecordIOError(reader.path, f"image label {stored} disagrees with its identity "
-                                f"record (class {dataset.labels[i]})", key, reader.offset(key))
+            raise label_mismatch(reader.path, key, reader.offset(key), stored, dataset.labels[i])
         if decode:
             decode_image(rec.payload, reader.path, key)
     counts = np.bincount(dataset.labels, minlength=dataset.num_classes)

@@ -21,7 +21,6 @@ picks one.
 
 from __future__ import annotations
 
-import os
 import struct
 import sys
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from facecompat import dist
 from facecompat.config import ConfigError, DataConfig
-from facecompat.data.faces import FaceRecords, decode_image, flip_flags
+from facecompat.data.faces import FaceRecords, decode_image, flip_flags, label_mismatch
 from facecompat.data.recordio import HEADER, RecordIOError, unpack
 from facecompat.data.splits import load_view, make_split
 
@@ -138,8 +137,7 @@ def read_batch(records: FaceRecords, key: BatchKey) -> EncodedBatch:
         rec = unpack(raw, records.path, rid, reader.offset(rid))  # raises on a malformed record
         stored = int(rec.label) if rec.flag == 0 else int(rec.label[0])
         if stored != want:
-            raise RecordIOError(records.path, f"image label {stored} disagrees with the identity "
-                                f"records (class {want})", rid, reader.offset(rid))
+            raise label_mismatch(records.path, rid, reader.offset(rid), stored, want)
         payloads.append(rec.payload)
     flipped = (flip_flags(record_ids, records.seed, key.epoch) if records.flip
                else np.zeros(len(record_ids), dtype=bool))
@@ -159,8 +157,6 @@ class _HostBatch(NamedTuple):
 # (v - 127.5) / 127.5 for every uint8 v, computed as cv2.dnn.blobFromImage does in
 # faces.to_tensor ((v - 127.5) * float32(1 / 127.5)), so both give the same bits.
 _NORMALIZE_LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(1.0 / 127.5)
-# OpenCV >= 4.10 decodes straight to RGB (the same pixels as BGR, channels in our order).
-_RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 class _BufferPool:
@@ -212,7 +208,7 @@ class _BatchReader(Dataset):
         out: np.ndarray | None = None
         for j, (payload, rid, flip) in enumerate(zip(enc.payloads, enc.record_ids.tolist(),
                                                      enc.flipped.tolist())):
-            img = _decode_rgb(payload, path, rid)
+            img = decode_image(payload, path, rid, rgb=True)
             if out is None:
                 out = self.pool.take((len(enc.payloads), 3, *img.shape[:2]), np.dtype(np.uint8))
                 mirrored = np.empty_like(img)
@@ -231,15 +227,6 @@ class _BatchReader(Dataset):
             cv2.LUT(out.reshape(-1, out.shape[-1]), _NORMALIZE_LUT, dst=images.reshape(-1, out.shape[-1]))
         return _HostBatch(torch.from_numpy(images), torch.from_numpy(enc.labels),
                           torch.from_numpy(enc.record_ids), torch.from_numpy(enc.flipped))
-
-
-def _decode_rgb(payload: bytes, path: os.PathLike | str, record_id: int) -> np.ndarray:
-    if _RGB_FLAG is None:
-        return cv2.cvtColor(decode_image(payload, path, record_id), cv2.COLOR_BGR2RGB)
-    img = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), _RGB_FLAG)
-    if img is None:
-        raise RecordIOError(path, f"payload of {len(payload)} bytes is not a decodable image", record_id)
-    return img
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:

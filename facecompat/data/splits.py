@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from facecompat.data.faces import FaceRecords, FaceRecWriter
+from facecompat.data.faces import FaceRecords, FaceRecWriter, label_mismatch
 from facecompat.data.recordio import RecordIOError, atomic_write
 
 PARTS = ("old", "new")
@@ -372,8 +372,8 @@ def write_split_recs(dataset: FaceRecords, split: Split, out_dir: str | os.PathL
                 record = dataset.reader.read(record_id)
                 stored = record.label if record.flag == 0 else record.label[0]
                 if int(stored) != rec_class:
-                    raise RecordIOError(dataset.path, f"image label {stored} disagrees with the identity "
-                                        f"records (class {rec_class})", record_id)
+                    raise label_mismatch(dataset.path, record_id, dataset.reader.offset(record_id), stored,
+                                         rec_class)
                 new_ids[i] = writer.add(label, record.payload)
         for name, arr in (("record_map.npy", np.stack([new_ids, ids], axis=1)),
                           ("label_map.npy", rec_classes.astype(np.int64))):
