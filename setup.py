@@ -12,7 +12,10 @@ CORE = [
     "opencv-python-headless>=4.8",
     "tqdm>=4.65",
     "matplotlib>=3.7",
+    "tensorboard>=2.14",
 ]
+# Backbone export to ONNX and its check against PyTorch (tools/export_onnx.py).
+EXPORT = ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1"]
 DALI = "nvidia-dali-cuda120>=1.30"
 
 setup(
@@ -25,6 +28,7 @@ setup(
     extras_require={
         "cpu": ["faiss-cpu>=1.7.4"],
         "gpu": ["faiss-gpu>=1.7.2", DALI],
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80", "ruff>=0.4", DALI],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80", "ruff>=0.4", DALI, *EXPORT],
+        "export": EXPORT,
     },
 )
