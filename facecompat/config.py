@@ -102,7 +102,7 @@ class ModelConfig:
 
     network: str = "r50"
     embedding_size: int = 512
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp16 AMP on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 AMP on CUDA (fp16 if unsupported), fp32 on CPU
     channels_last: bool = False
     grad_checkpoint: bool = False
     init_from: str | None = None  # backbone weights to start from (a model.pt)
@@ -162,12 +162,14 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
+    poly_power: float = 1.0  # decay (1 - progress) ** power after warmup: 1 linear (the recipe), 2 insightface
     grad_clip: float | None = 5.0  # max global grad norm; None disables clipping
     grad_accum: int = 1  # micro-batches per optimiser step
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "lr", strict=True)
         _at_least(self, 0, "weight_decay", "warmup_epochs")
+        _at_least(self, 0, "poly_power", strict=True)
         _at_least(self, 1, "grad_accum")
         _check(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
         _check(
