@@ -102,7 +102,8 @@ class ModelConfig:
 
     network: str = "r50"
     embedding_size: int = 512
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 AMP on CUDA (fp16 if unsupported), fp32 on CPU
+    # auto: bf16 AMP on CUDA (fp16 where bf16 is unsupported), fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = False
     grad_checkpoint: bool = False
     init_from: str | None = None  # backbone weights to start from (a model.pt)
@@ -162,7 +163,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
-    poly_power: float = 1.0  # decay (1 - progress) ** power after warmup: 1 linear (the recipe), 2 insightface
+    poly_power: float = 1.0  # decay (1 - progress) ** power after warmup: 1 linear (recipe), 2 insightface
     grad_clip: float | None = 5.0  # max global grad norm; None disables clipping
     grad_accum: int = 1  # micro-batches per optimiser step
 

@@ -1,0 +1,141 @@
+"""facecompat.models.onnx_export and tools/export_onnx.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from facecompat.models import get_model
+from facecompat.models.onnx_export import OnnxExportError, export_onnx
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: two intra-op threads on a small shared CPU only add hand-off jitter
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _calibrated(name: str, seed: int = 0, **kw) -> nn.Module:
+    """Small eval-mode model with BatchNorm statistics from one random batch, so embeddings have
+    the unit scale of a trained model (an absolute tolerance is then meaningful)."""
+    torch.manual_seed(seed)
+    model = get_model(name, **kw)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average: one batch sets the statistics exactly
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, 3, 112, 112) * 2 - 1)
+    return model.eval()
+
+
+def _input_dims(path: Path) -> list:
+    graph = onnx.load(str(path)).graph
+    return [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("name", ["r18-w0.125", "mbf-w0.125"])
+def test_export_matches_pytorch_with_dynamic_batch(tmp_path, name):
+    model = _calibrated(name, embedding_size=64)
+    model.train()  # export must evaluate in eval mode and restore the mode
+    out = tmp_path / "sub" / "model.onnx"
+    result = export_onnx(model, out)
+    assert model.training
+    assert set(result) == {"path", "max_abs_diff", "opset"}
+    assert result["path"] == str(out) and result["opset"] == 17
+    assert 0 <= result["max_abs_diff"] <= 1e-4
+    assert _input_dims(out) == ["batch", 3, 112, 112]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    assert [o.name for o in session.get_outputs()] == ["embedding"]
+    x = torch.rand(5, 3, 112, 112) * 2 - 1
+    (emb,) = session.run(["embedding"], {"input": x.numpy()})
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    assert emb.shape == (5, 64)
+    np.testing.assert_allclose(emb, expected, atol=1e-4, rtol=0)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # no temp files left
+
+
+def test_fixed_batch_and_no_check(tmp_path):
+    out = tmp_path / "fixed.onnx"
+    result = export_onnx(_calibrated("r18-w0.125"), out, batch_dynamic=False, check=False)
+    assert result["max_abs_diff"] is None
+    assert _input_dims(out) == [1, 3, 112, 112]
+
+
+def test_failed_check_raises_and_writes_nothing(tmp_path):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous")
+    with pytest.raises(OnnxExportError, match="differ"):
+        export_onnx(_calibrated("mbf-w0.125"), out, atol=-1.0)  # no difference can pass
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.skipif(not os.environ.get("FACECOMPAT_SLOW"), reason="torch.export-based exporter takes "
+                    "~10 s even for a tiny model; FACECOMPAT_SLOW=1 runs it")
+def test_dynamo_exporter(tmp_path):
+    out = tmp_path / "dynamo.onnx"
+    result = export_onnx(_calibrated("r18-w0.125"), out, opset=18, exporter="dynamo")
+    assert result["max_abs_diff"] <= 1e-4 and result["opset"] == 18
+    assert _input_dims(out)[0] == "batch"
+
+
+def _tool(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "tools/export_onnx.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_tool_end_to_end(tmp_path):
+    weights = tmp_path / "model.pt"
+    torch.save(_calibrated("r18-w0.125", embedding_size=128).state_dict(), weights)  # insightface form
+    out = tmp_path / "model.onnx"
+    done = _tool("--network", "r18-w0.125", "--weights", str(weights), "--output", str(out),
+                 "--embedding-size", "128", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["path"] == str(out) and result["opset"] == 17 and result["max_abs_diff"] <= 1e-4
+    assert result["network"] == "r18-w0.125" and result["embedding_size"] == 128
+    assert out.is_file()
+
+    wrong = _tool("--network", "r34-w0.125", "--weights", str(weights), "--output", str(tmp_path / "x.onnx"),
+                  "--embedding-size", "128")
+    assert wrong.returncode == 2
+    lines = wrong.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(weights) in lines[0]
+    assert "missing keys layer1.2." in lines[0]
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_tool_bad_input_in_process(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import export_onnx as tool
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    cases = {
+        "absent.pt: no such file": ["--network", "r18-w0.125", "--weights", str(tmp_path / "absent.pt")],
+        "unknown backbone 'r42'": ["--network", "r42", "--weights", "w.pt"],
+    }
+    for reason, argv in cases.items():
+        assert tool.main([*argv, "--output", str(tmp_path / "o.onnx")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and reason in err[0]
