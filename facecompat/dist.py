@@ -76,3 +76,142 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+# --- collectives used by the model code (identity / no-op without a process group) ---------------
+
+_REDUCE_OPS = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
+# Backends that raised "not implemented" for reduce-scatter once; they use all_reduce + slice from then on.
+_NO_REDUCE_SCATTER: set[str] = set()
+
+
+def _comm_device(group: tdist.ProcessGroup | None) -> torch.device:
+    """Device a small bookkeeping tensor must live on for ``group``'s backend (NCCL: current GPU)."""
+    if tdist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_into(out: torch.Tensor, t: torch.Tensor, group: tdist.ProcessGroup | None) -> None:
+    # torch >= 2.12 renamed all_gather_into_tensor -> all_gather_single (the old name warns).
+    gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
+    gather(out, t.contiguous(), group=group)
+
+
+def _reduce_scatter_sum(full: torch.Tensor, group: tdist.ProcessGroup | None) -> torch.Tensor:
+    """This rank's dim-0 slice of the element-wise sum of ``full`` over ranks.
+
+    One reduce-scatter where the backend has it. Older gloo builds raise "not implemented" for
+    reduce-scatter; there we fall back to an all_reduce of the whole tensor plus a slice (twice the
+    traffic, same result). The failure is raised locally before any communication and identically on
+    every rank, so switching to the fallback cannot desynchronise the ranks.
+    """
+    world, rank = get_world_size(group), get_rank(group)
+    n = full.shape[0] // world
+    full = full.contiguous()
+    backend = str(tdist.get_backend(group))
+    if backend not in _NO_REDUCE_SCATTER:
+        out = full.new_empty((n, *full.shape[1:]))
+        scatter = getattr(tdist, "reduce_scatter_single", None) or tdist.reduce_scatter_tensor
+        try:
+            scatter(out, full, op=tdist.ReduceOp.SUM, group=group)
+            return out
+        except (RuntimeError, NotImplementedError) as err:
+            if backend != "gloo" or "not" not in str(err).lower():
+                raise
+            _NO_REDUCE_SCATTER.add(backend)
+    full = full.clone()
+    tdist.all_reduce(full, op=tdist.ReduceOp.SUM, group=group)
+    return full[rank * n : (rank + 1) * n]
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: concatenate every rank's tensor along dim 0. Backward: reduce-scatter (sum).
+
+    Rank r's loss depends on all gathered rows, so the gradient of a local row is the sum over ranks of
+    the gradient each rank's graph sends to that row: exactly a reduce-scatter of the gathered-gradient
+    tensor. No rescaling here: if every rank computes the same global loss from its own part of the
+    model (as the Partial FC head does) the sum is the true gradient of that loss.
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group: tdist.ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = t.new_empty((get_world_size(group) * t.shape[0], *t.shape[1:]))
+        _all_gather_into(out, t, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return _reduce_scatter_sum(grad, ctx.group), None
+
+
+def all_gather_with_grad(t: torch.Tensor, group: tdist.ProcessGroup | None = None) -> torch.Tensor:
+    """Every rank's ``t`` concatenated along dim 0, differentiable.
+
+    Args:
+        t: ``[n, ...]``; every rank must pass the same shape and dtype.
+    Returns:
+        ``[world * n, ...]``, rank r's rows at ``[r * n, (r + 1) * n)``; ``t`` itself in one process.
+        Backward is one reduce-scatter (sum) of the incoming gradient (all_reduce + slice on backends
+        without reduce-scatter), returning this rank's slice.
+    """
+    if not is_initialized() or get_world_size(group) == 1:
+        return t
+    return _AllGatherWithGrad.apply(t, group)
+
+
+def all_gather_tensor(t: torch.Tensor, group: tdist.ProcessGroup | None = None) -> torch.Tensor:
+    """Every rank's ``t`` (same shape everywhere) concatenated along dim 0, without autograd.
+
+    Returns ``[world * n, ...]``; ``t`` itself in one process.
+    """
+    if not is_initialized() or get_world_size(group) == 1:
+        return t
+    t = t.detach()
+    out = t.new_empty((get_world_size(group) * t.shape[0], *t.shape[1:]))
+    _all_gather_into(out, t, group)
+    return out
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum", group: tdist.ProcessGroup | None = None) -> torch.Tensor:
+    """Reduce ``t`` in place over the ranks (``op``: "sum", "max" or "min") and return it.
+
+    A no-op (returning ``t``) in one process. Not differentiable: use it on detached values.
+    """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"unknown reduce op {op!r}; valid: {', '.join(_REDUCE_OPS)}")
+    if is_initialized() and get_world_size(group) > 1:
+        tdist.all_reduce(t, op=_REDUCE_OPS[op], group=group)
+    return t
+
+
+def all_reduce_flag(flag: bool, group: tdist.ProcessGroup | None = None) -> bool:
+    """True on every rank if ``flag`` is True on any rank (e.g. agree to skip a step with inf grads)."""
+    if not is_initialized() or get_world_size(group) == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device(group))
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def sum_allreduce_hook(
+    process_group: tdist.ProcessGroup | None, bucket: tdist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook that SUMS gradients over ranks instead of averaging them.
+
+    Register with ``ddp_model.register_comm_hook(group, sum_allreduce_hook)`` when the loss every rank
+    backpropagates is already the global-batch loss (the Partial FC head): each rank's backbone gradient
+    is then its share of the true gradient, and the sum is the whole of it. DDP's default average would
+    scale the backbone gradient by 1 / world_size (arcface_torch instead multiplies the embedding
+    gradient by world_size in its all-gather backward to cancel the average).
+    """
+    group = process_group if process_group is not None else tdist.group.WORLD
+    work = tdist.all_reduce(bucket.buffer(), op=tdist.ReduceOp.SUM, group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+# DDP validates a hook's annotations as objects; this module's are strings (postponed evaluation).
+sum_allreduce_hook.__annotations__.update({
+    "process_group": tdist.ProcessGroup | None, "bucket": tdist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor]})

@@ -1,0 +1,106 @@
+"""facecompat.dist: single-process defaults and the collectives under a 3-process gloo group."""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as tdist
+from _dist_util import run_distributed
+
+from facecompat import dist
+
+WORLD = 3
+
+
+def _rank_data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s [2, 3] input and a [WORLD * 2, 3] weight for its loss (sum(w * gathered))."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2 * WORLD, 3, generator=g,
+                                                                            dtype=torch.float64)
+
+
+def _gather_grad(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, w = _rank_data(rank)
+    x.requires_grad_(True)
+    gathered = dist.all_gather_with_grad(x)
+    (gathered * w).sum().backward()
+    return gathered.detach(), x.grad
+
+
+def _collectives(rank: int, world: int) -> dict:
+    out: dict = {}
+    out["gathered"], out["grad"] = _gather_grad(rank)
+    # The all_reduce + slice fallback for backends without reduce-scatter gives the same gradient.
+    dist._NO_REDUCE_SCATTER.add("gloo")
+    try:
+        out["gathered_fb"], out["grad_fb"] = _gather_grad(rank)
+    finally:
+        dist._NO_REDUCE_SCATTER.discard("gloo")
+
+    out["labels"] = dist.all_gather_tensor(torch.tensor([rank, 10 * rank], dtype=torch.int64))
+    for op in ("sum", "max", "min"):
+        t = torch.tensor([float(rank), -float(rank)])
+        assert dist.all_reduce_(t, op) is t  # in place
+        out[op] = t
+    out["flag_any"] = dist.all_reduce_flag(rank == 1)
+    out["flag_none"] = dist.all_reduce_flag(False)
+    # The DDP hook on a stand-in bucket (building a real DDP model imports torch._dynamo, ~3 s/process).
+    bucket = SimpleNamespace(buffer=lambda: torch.tensor([1.0, float(rank)]))
+    out["hook"] = dist.sum_allreduce_hook(None, bucket).wait()
+
+    return out
+
+
+def test_collectives_gloo() -> None:
+    results = run_distributed(_collectives, WORLD)
+    xs = [_rank_data(r)[0] for r in range(WORLD)]
+    ws = [_rank_data(r)[1] for r in range(WORLD)]
+    full = torch.cat(xs)
+    w_sum = sum(ws)
+    for r, res in enumerate(results):
+        for suffix in ("", "_fb"):
+            torch.testing.assert_close(res["gathered" + suffix], full, rtol=0, atol=0)
+            # d/dx_r sum_r' sum(w_r' * gathered) = sum_r' w_r'[rows of r]: no world-size factor.
+            torch.testing.assert_close(res["grad" + suffix], w_sum[2 * r : 2 * r + 2], rtol=1e-12, atol=1e-12)
+        assert res["labels"].tolist() == [0, 0, 1, 10, 2, 20]
+        assert res["sum"].tolist() == [3.0, -3.0]
+        assert res["max"].tolist() == [2.0, 0.0]
+        assert res["min"].tolist() == [0.0, -2.0]
+        assert res["flag_any"] is True and res["flag_none"] is False
+        assert res["hook"].tolist() == [3.0, 3.0]  # summed, not averaged
+
+
+def test_single_process_defaults() -> None:
+    assert not dist.is_initialized()
+    x = torch.randn(2, 3, requires_grad=True)
+    assert dist.all_gather_with_grad(x) is x
+    assert dist.all_gather_tensor(x) is x
+    t = torch.tensor([1.0, 2.0])
+    assert dist.all_reduce_(t, "max") is t and t.tolist() == [1.0, 2.0]
+    assert dist.all_reduce_flag(True) is True and dist.all_reduce_flag(False) is False
+    with pytest.raises(ValueError, match="unknown reduce op 'mean'"):
+        dist.all_reduce_(t, "mean")
+
+
+def test_sum_hook_signature_is_accepted_by_ddp() -> None:
+    """DDP.register_comm_hook rejects hooks whose annotations are not these objects (it compares them
+    as objects, so postponed string annotations fail); same check as DDP's _check_comm_hook."""
+    sig = inspect.signature(dist.sum_allreduce_hook)
+    assert sig.parameters["bucket"].annotation is tdist.GradBucket
+    assert sig.return_annotation == torch.futures.Future[torch.Tensor]
+    assert list(sig.parameters) == ["process_group", "bucket"]
+
+
+def test_run_distributed_reports_failing_rank() -> None:
+    from _dist_util import DistributedTestError
+
+    with pytest.raises(DistributedTestError, match="(?s)rank1.*boom on rank 1"):
+        run_distributed(_fail_on_rank_1, 2)
+
+
+def _fail_on_rank_1(rank: int, world: int) -> None:
+    if rank == 1:
+        raise ValueError("boom on rank 1")
