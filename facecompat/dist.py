@@ -44,8 +44,35 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(get_local_rank())
-    tdist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    store = _attempt_store(timeout)
+    if store is None:
+        tdist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        tdist.init_process_group(backend=backend, timeout=timeout, store=store,
+                                 rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     return get_rank(), get_world_size()
+
+
+def _attempt_store(timeout: timedelta) -> tdist.Store | None:
+    """Under torchrun's shared agent store, a store namespace of its own for this attempt.
+
+    torchrun (c10d rendezvous) lets workers use the agent's TCPStore, which outlives worker
+    restarts; the process group's keys from the attempt that crashed are still there, and a
+    restarted worker can read a dead peer's address and fail to connect ("Gloo connectFullMesh
+    failed ... Connection refused", the problem of pytorch/pytorch#135712). Every worker
+    counts itself in once per attempt, so ``(count - 1) // world_size`` numbers attempts the
+    same way on every node (torchrun's TORCHELASTIC_RESTART_COUNT is per agent and differs
+    between nodes when only one of them failed), and the group lives under that prefix.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    world_size = int(os.environ["WORLD_SIZE"])
+    client = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                            is_master=False, timeout=timeout)
+    joined = client.add("facecompat/workers_joined", 1)
+    attempt = (joined - 1) // world_size
+    return tdist.PrefixStore(f"facecompat/attempt_{attempt}", client)
 
 
 def destroy() -> None:

@@ -1,0 +1,424 @@
+"""The training loop: backbone (DDP) → Partial FC head, checkpoints, verification, logs.
+
+One process or many under torchrun: every rank builds the same backbone, its own shard of
+the head, and a loader over its slice of each epoch. ``Trainer.train()`` runs
+``train_step`` per optimiser step, and around it logging, verification (rank 0 evaluates,
+the others wait) and checkpoints (every rank writes its shard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from facecompat import dist
+from facecompat.config import Config, ConfigError, dump_config
+from facecompat.data.loader import Batch, build_train_loader
+from facecompat.heads import build_head
+from facecompat.models import get_model, load_backbone_weights
+from facecompat.train import checkpoint as ckpt
+from facecompat.train.log import MetricsWriter, Throughput, format_eta, setup_logging
+from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision
+from facecompat.train.schedule import PolyWarmupScheduler
+
+# Under fp16 a run whose loss scale keeps collapsing is diverging, not unlucky: stop after
+# this many consecutive skipped steps instead of silently training on nothing.
+MAX_CONSECUTIVE_SKIPS = 50
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, bad resume point); the message says where and what to do."""
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by ``factor``."""
+    return x if factor == 1 else _ScaleGrad.apply(x, factor)
+
+
+@dataclass
+class Position:
+    """Where training stands: optimiser steps taken, the epoch, and steps taken within it."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+def run_dir_for(cfg: Config, config_path: str | os.PathLike | None) -> Path:
+    """``<train.output>/<train.exp_name or the config file's stem>``."""
+    name = cfg.train.exp_name or (Path(config_path).stem if config_path else "default")
+    return Path(cfg.train.output) / name
+
+
+class Trainer:
+    """Builds everything a run needs from a resolved config and trains it.
+
+    Args:
+        cfg: the resolved config.
+        run_dir: where the run writes (``config.yaml``, ``checkpoints/``, ``model.pt``, logs).
+        device: default: ``cuda:<LOCAL_RANK>`` when CUDA is available, else CPU.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | os.PathLike, device: torch.device | str | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if device is None:
+            device = f"cuda:{dist.get_local_rank()}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.log = setup_logging(self.run_dir, self.rank)
+        if cfg.compat.method != "none":
+            raise ConfigError(f"compat.method: {cfg.compat.method!r} is not available yet (valid: 'none')")
+        self._seed_everything()
+
+        self.records, self.loader = build_train_loader(cfg.data, rank=self.rank, world_size=self.world_size,
+                                                       device=self.device)
+        self.num_classes = self.records.num_classes
+        self.accum = cfg.optim.grad_accum
+        self.steps_per_epoch = self.loader.steps_per_epoch // self.accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"optim.grad_accum: {self.accum} micro-batches per step, but an epoch has only "
+                              f"{self.loader.steps_per_epoch} per rank")
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.precision = resolve_precision(cfg.model.precision, self.device)
+        self.amp_dtype = autocast_dtype(self.precision)
+
+        self.backbone = self._build_backbone()
+        self.head = build_head(cfg.head, num_classes=self.num_classes,
+                               embedding_size=cfg.model.embedding_size, seed=cfg.train.seed).to(self.device)
+        if self.world_size > 1:
+            # Buffers (BN statistics) stay per rank, as in insightface; rank 0's are saved.
+            self.model = DistributedDataParallel(
+                self.backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, gradient_as_bucket_view=True)
+        else:
+            self.model = self.backbone
+        self.optimizer = self._build_optimizer()
+        self.scheduler = PolyWarmupScheduler(
+            self.optimizer, total_steps=self.total_steps,
+            warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch), power=cfg.optim.poly_power)
+        self.scaler = LossScaler(enabled=self.precision == "fp16")
+        self.position = Position()
+        self.last_checkpoint: Path | None = None
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0)
+        self.throughput = Throughput()
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_count = 0
+        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        # The same decision on every rank: rank 0 evaluates, the others wait for it.
+        self.val_enabled = bool(cfg.data.val_targets) and cfg.train.val_every > 0
+        self.verifier = self._build_verifier()
+
+    # ------------------------------------------------------------------ construction
+
+    def _seed_everything(self) -> None:
+        seed = self.cfg.train.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # the same initial backbone on every rank
+        if self.cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def _build_backbone(self) -> torch.nn.Module:
+        m = self.cfg.model
+        try:
+            backbone = get_model(m.network, m.embedding_size, grad_checkpoint=m.grad_checkpoint)
+        except ValueError as exc:
+            raise ConfigError(f"model.network: {exc}") from None
+        if m.init_from:
+            load_backbone_weights(backbone, m.init_from)
+            self.log.info("backbone initialised from %s", m.init_from)
+        backbone = backbone.to(self.device)
+        if m.channels_last and self.device.type == "cpu":
+            # A GPU setting; torch 2.13's CPU backward also crashes on narrow channels_last models.
+            self.log.warning("model.channels_last has no effect on CPU; training in the default layout")
+        elif m.channels_last:
+            backbone = backbone.to(memory_format=torch.channels_last)
+        # Per-rank randomness (dropout) after the shared initialisation.
+        torch.manual_seed(self.cfg.train.seed + 1000003 * (self.rank + 1))
+        return backbone
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "name": "backbone"},
+                  {"params": list(self.head.parameters()), "name": "head"}]
+        fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        if o.name == "sgd":
+            return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fast)
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, **fast)
+
+    def _build_verifier(self):
+        targets = self.cfg.data.val_targets
+        if not targets or self.cfg.train.val_every == 0 or self.rank != 0:
+            return None
+        from facecompat.eval.verification import VerificationCallback
+
+        val_dir = Path(self.cfg.data.val_dir) if self.cfg.data.val_dir else _beside_rec(self.cfg.data.rec)
+        paths = [val_dir / f"{name}.bin" for name in targets]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ConfigError(f"data.val_targets: {missing[0]} not found "
+                              "(set data.val_dir, or data.val_targets=[])")
+        return VerificationCallback(paths, batch_size=self.cfg.eval.batch_size, flip=self.cfg.eval.flip)
+
+    @property
+    def head_param_index(self) -> int:
+        """The head weight's index in the optimiser's flat parameter numbering (its last)."""
+        return sum(len(g["params"]) for g in self.optimizer.param_groups) - 1
+
+    # ------------------------------------------------------------------ the step
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def forward_loss(self, batch: Batch) -> torch.Tensor:
+        """The loss of one micro-batch (the mean over the global batch, the same on every rank)."""
+        images = batch.images
+        if self.cfg.model.channels_last and self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            emb = self.model(images)
+        # Each rank's embeddings carry only its share of the global-batch loss, and DDP
+        # averages backbone gradients over ranks; scaling by W makes the backbone's gradient
+        # exactly that of the global mean loss (the head's shard gradient already is).
+        return self.head(scale_grad(emb.float(), self.world_size), batch.labels)
+
+    def train_step(self, batches: Sequence[Batch]) -> None:
+        """One optimiser step over ``grad_accum`` micro-batches; no host synchronisation outside fp16."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or self.model is self.backbone else self.model.no_sync()
+            with sync:
+                loss = self.forward_loss(batch)
+                self.scaler.scale(loss / len(batches)).backward()
+            self._track_loss(loss.detach())
+        backbone_params = self.optimizer.param_groups[0]["params"]
+        found_inf = self.scaler.unscale_(backbone_params + list(self.head.parameters()))
+        if self.cfg.optim.grad_clip is not None and not found_inf:
+            torch.nn.utils.clip_grad_norm_(backbone_params, self.cfg.optim.grad_clip, foreach=True)
+        if not found_inf:
+            self.optimizer.step()
+        self.scaler.update(found_inf)
+        self.scheduler.step()
+        self.position.step += 1
+        self.position.step_in_epoch += 1
+        if self.scaler.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(f"step {self.position.step}: {MAX_CONSECUTIVE_SKIPS} consecutive fp16 steps "
+                                f"had inf/NaN gradients (loss scale {self.scaler.scale_value:g}); "
+                                f"{self._resume_hint()}")
+
+    def _track_loss(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss)
+        if self.scaler.enabled:
+            return self._add_loss(loss, bad)  # fp16: a skipped step is not a divergence
+        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), self.position.step + 1,
+                                           self._first_bad_step)
+        self._add_loss(loss, bad)
+
+    def _add_loss(self, loss: torch.Tensor, bad: torch.Tensor) -> None:
+        self._loss_sum += torch.where(bad, torch.zeros_like(loss), loss)
+        self._loss_count += 1
+
+    def _check_finite(self) -> None:
+        """Raise if the loss went non-finite (one host sync; called at log and checkpoint points)."""
+        bad_step = int(self._first_bad_step.item())
+        if bad_step >= 0:
+            raise TrainingError(f"step {bad_step}: loss is NaN/inf; {self._resume_hint()}")
+
+    def _resume_hint(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was written yet (lower optim.lr or add optim.warmup_epochs)"
+        return (f"last good checkpoint {self.last_checkpoint} (lower optim.lr and resume with "
+                f"--set train.resume={self.last_checkpoint})")
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, Any]:
+        """Train to ``train.epochs``; returns a summary (steps, final loss, verification results)."""
+        cfg = self.cfg
+        self._resume()
+        if self.rank == 0:
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.log.info("%s", self._describe())
+        summary: dict[str, Any] = {"verification": {}}
+        pos = self.position
+        start_time = time.perf_counter()
+        start_step = pos.step
+        while pos.epoch < cfg.train.epochs:
+            self.loader.set_epoch(pos.epoch, start_step=pos.step_in_epoch * self.accum)
+            batches = iter(self.loader)
+            while pos.step_in_epoch < self.steps_per_epoch:
+                micro = [next(batches) for _ in range(self.accum)]
+                self.train_step(micro)
+                self.throughput.add(sum(len(b.labels) for b in micro) * self.world_size)
+                if self.device.type == "cpu":  # free here; on GPU only at log/checkpoint points
+                    self._check_finite()
+                last = pos.epoch == cfg.train.epochs - 1 and pos.step_in_epoch == self.steps_per_epoch
+                if pos.step % cfg.train.log_every == 0 or last:
+                    self._log_progress(start_time, start_step)
+                if self.val_enabled and pos.step % cfg.train.val_every == 0 and not last:
+                    summary["verification"] = self.evaluate()
+                if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0 \
+                        and pos.step_in_epoch < self.steps_per_epoch:
+                    self.save()
+            del batches
+            pos.epoch += 1
+            pos.step_in_epoch = 0
+            self.save()  # epoch end: checkpoint and model.pt
+        if self.val_enabled:
+            summary["verification"] = self.evaluate() or summary["verification"]
+        self.metrics.close()
+        summary.update(step=pos.step, epochs=pos.epoch, run_dir=str(self.run_dir),
+                       loss=self._last_loss, model=str(self.run_dir / "model.pt"))
+        return summary
+
+    _last_loss: float = float("nan")
+
+    def _describe(self) -> str:
+        c = self.cfg
+        return (f"training {c.model.network} ({self.precision}) on {self.records.num_images} images / "
+                f"{self.num_classes} classes; world size {self.world_size}, batch {c.data.batch_size}x"
+                f"{self.world_size}x{self.accum}; {self.steps_per_epoch} steps/epoch, {self.total_steps} "
+                f"steps; head ρ={c.head.sample_rate}, shard {self.head.num_local} classes; "
+                f"from step {self.position.step}")
+
+    def _log_progress(self, start_time: float, start_step: int) -> None:
+        self._check_finite()
+        pos = self.position
+        loss = float((self._loss_sum / max(self._loss_count, 1)).item())
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        self._last_loss = loss
+        rate = self.throughput.rate()
+        elapsed = time.perf_counter() - start_time
+        per_step = elapsed / max(pos.step - start_step, 1)
+        eta = format_eta(per_step * (self.total_steps - pos.step))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log.info("epoch %d step %d/%d loss %.4f lr %.5f %.1f samples/s eta %s%s", pos.epoch, pos.step,
+                      self.total_steps, loss, lr, rate, eta,
+                      f" scale {self.scaler.scale_value:g}" if self.scaler.enabled else "")
+        self.metrics.write("train", pos.step, {"epoch": pos.epoch, "loss": loss, "lr": lr,
+                                               "samples_per_s": round(rate, 2)})
+
+    def evaluate(self) -> dict[str, float]:
+        """Verification on rank 0; every other rank waits at the barrier."""
+        self.throughput.pause()
+        results: dict[str, float] = {}
+        if self.verifier is not None:
+            results = self.verifier(self.backbone, self.position.step, self.device,
+                                    autocast_dtype=self.amp_dtype)
+            text = ", ".join(f"{name} {acc * 100:.2f}% (best {self.verifier.best[name] * 100:.2f}%)"
+                             for name, acc in results.items())
+            self.log.info("step %d verification: %s", self.position.step, text)
+            self.metrics.write("val", self.position.step, {f"{k}_accuracy": v for k, v in results.items()})
+        dist.barrier()
+        self.throughput.resume()
+        return results
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        """Checkpoint (every rank writes its shard) and, at epoch ends, ``model.pt``."""
+        self._check_finite()  # never save a diverged state
+        self.throughput.pause()
+        opt_common, head_optim = ckpt.split_optimizer_state(self.optimizer.state_dict(),
+                                                            self.head_param_index)
+        pos = self.position
+        common = None
+        if self.rank == 0:
+            common = {"backbone": self.backbone.state_dict(), "optimizer": opt_common,
+                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                      "position": vars(pos).copy(), "config": self.cfg.to_dict(),
+                      "num_classes": self.num_classes}
+        shard = self.head.shard_state()
+        rank_state = {"class_start": shard["class_start"], "num_local": shard["num_local"],
+                      "num_classes": shard["num_classes"], "head_weight": shard["weight"],
+                      "head_optim": {k: v.detach().cpu() if torch.is_tensor(v) else v
+                                     for k, v in head_optim.items()},
+                      "rng": ckpt.rng_state(self.head.generator)}
+        self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, pos.step, common, rank_state)
+        if pos.step_in_epoch == 0 and self.rank == 0:
+            ckpt.export_backbone(self.backbone, self.run_dir / "model.pt")
+        self.log.info("step %d: checkpoint %s", pos.step, self.last_checkpoint)
+        self.throughput.resume()
+        return self.last_checkpoint
+
+    def _resume(self) -> None:
+        setting = self.cfg.train.resume
+        if setting == "none":
+            return
+        if setting == "auto":
+            path = ckpt.latest_checkpoint(self.run_dir)
+            if path is None:
+                return
+        else:
+            path = Path(setting)
+        path = Path(dist.broadcast_object(str(path)))
+        common = ckpt.load_common(path)
+        try:
+            self.backbone.load_state_dict(common["backbone"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise TrainingError(f"{path}: backbone does not fit "
+                                f"model.network={self.cfg.model.network} ({first})") from None
+        state, same_layout = ckpt.load_rank_state(
+            path, rank=self.rank, world_size=self.world_size, class_start=self.head.class_start,
+            num_local=self.head.num_local, num_classes=self.num_classes)
+        with torch.no_grad():
+            self.head.weight.copy_(state["head_weight"])
+        opt_state = common["optimizer"]
+        opt_state["state"][self.head_param_index] = state["head_optim"]
+        self.optimizer.load_state_dict(opt_state)
+        self.scheduler.load_state_dict(common["scheduler"])
+        self.scaler.load_state_dict(common["scaler"])
+        self.position = Position(**common["position"])
+        if state.get("rng") is not None:
+            ckpt.set_rng_state(state["rng"], self.head.generator)
+        self.last_checkpoint = path
+        how = "" if same_layout else f" (re-sharded from world size {common['world_size']})"
+        self.log.info("resumed from %s at step %d%s", path, self.position.step, how)
+
+
+def _beside_rec(rec: str | None) -> Path:
+    path = Path(rec or ".")
+    return path if path.is_dir() else path.parent
+
+
+def train(cfg: Config, run_dir: str | os.PathLike,
+          device: torch.device | str | None = None) -> dict[str, Any]:
+    """Build a :class:`Trainer` and run it (the library entry point of ``tools/train.py``)."""
+    trainer = Trainer(cfg, run_dir, device=device)
+    return trainer.train()
+

@@ -1,0 +1,271 @@
+"""The trainer end to end on generated data: outputs, kill/resume, re-sharding, torchrun
+(multi-process, multi-node, restarts after a killed worker), divergence errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from facecompat.config import load_config
+from facecompat.models import get_model
+from facecompat.train import checkpoint as ckpt
+from facecompat.train.trainer import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "tools" / "train.py")
+
+
+def write_config(tmp: Path, root: Path, name: str = "run", **sets: object) -> Path:
+    """A tiny experiment over the generated data; ``sets`` are dotted overrides."""
+    values = {
+        "data.rec": str(root / "train"), "data.val_dir": str(root), "data.val_targets": ["lfw"],
+        "data.loader": "torch", "data.num_workers": 0, "data.batch_size": 16,
+        "model.network": "r18-w0.125", "model.embedding_size": 64, "model.precision": "fp32",
+        "head.scale": 32.0, "optim.lr": 0.05, "train.epochs": 3, "train.log_every": 2,
+        "train.checkpoint_every": 3, "train.val_every": 10, "train.deterministic": True,
+        "train.output": str(tmp / "runs"),
+    }
+    values.update({k.replace("__", "."): v for k, v in sets.items()})
+    tree: dict = {"_base_": str(REPO / "configs" / "base.yaml")}
+    for key, value in values.items():
+        section, field = key.split(".")
+        tree.setdefault(section, {})[field] = value
+    path = tmp / f"{name}.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def run_tool(args: list[str], timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def final_state(run_dir: Path) -> tuple[dict, torch.Tensor]:
+    """(model.pt, the full head assembled from the last checkpoint's shards)."""
+    model = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    last = ckpt.latest_checkpoint(run_dir)
+    meta = ckpt.read_meta(last)
+    shards = [torch.load(last / f"rank_{r:03d}.pt", weights_only=True) for r in range(meta["world_size"])]
+    head = torch.cat([s["head_weight"] for s in sorted(shards, key=lambda s: s["class_start"])])
+    return model, head
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    model_a, head_a = final_state(a)
+    model_b, head_b = final_state(b)
+    assert model_a.keys() == model_b.keys()
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]), key
+    assert torch.equal(head_a, head_b)
+
+
+def train_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """tools/train.py's main() in this process: (exit status, stderr)."""
+    spec = importlib.util.spec_from_file_location("train_tool", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    status = module.main(args)
+    return status, capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- one process
+
+
+def test_training_writes_every_output_and_learns(tmp_path, synthetic_tiny):
+    cfg = load_config(write_config(tmp_path, synthetic_tiny, **{"train.epochs": 4}))
+    run_dir = tmp_path / "runs" / "run"
+    summary = train(cfg, run_dir)
+    # 30 identities x 6-10 images, batch 16: 15 steps/epoch.
+    assert summary["step"] == 4 * (summary["step"] // 4) and summary["step"] >= 40
+    for name in ("model.pt", "config.yaml", "train.log", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tensorboard").iterdir())
+    backbone = get_model("r18-w0.125", 64)
+    backbone.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True), strict=True)
+    assert load_config(run_dir / "config.yaml") == cfg
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert [r for r in records if r["kind"] == "val"], "verification never ran"
+    assert 0.0 <= summary["verification"]["lfw"] <= 1.0
+    kept = ckpt.list_checkpoints(run_dir)
+    assert len(kept) == 2 and kept[-1].name == f"step_{summary['step']:08d}"
+
+
+def test_resume_auto_continues_where_the_run_stopped(tmp_path, synthetic_tiny):
+    path = write_config(tmp_path, synthetic_tiny, **{"train.epochs": 1, "data.val_targets": []})
+    run_dir = tmp_path / "runs" / "run"
+    first = train(load_config(path), run_dir)
+    trainer = Trainer(load_config(path, ["train.epochs=2"]), run_dir)
+    trainer._resume()
+    assert trainer.position.step == first["step"] and trainer.position.epoch == 1
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        trainer.scheduler.lr_at(first["step"], trainer.cfg.optim.lr))
+
+
+def test_kill_at_any_moment_then_resume_gives_the_uninterrupted_weights(tmp_path, synthetic_tiny):
+    cfg = write_config(tmp_path, synthetic_tiny, **{"data.val_targets": [], "train.checkpoint_every": 2,
+                                                    "train.epochs": 2})
+    train(load_config(cfg, ["train.exp_name=ref"]), tmp_path / "runs" / "ref")
+    run_dir = tmp_path / "runs" / "killed"
+    for delay in (0.0, 0.35):  # kill twice: right after a checkpoint, and somewhere later
+        proc = subprocess.Popen([sys.executable, TRAIN, str(cfg), "--set", "train.exp_name=killed"],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = ckpt.latest_checkpoint(run_dir)
+        deadline = time.time() + 120
+        while ckpt.latest_checkpoint(run_dir) == before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    done = run_tool([sys.executable, TRAIN, str(cfg), "--set", "train.exp_name=killed"])
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert_same_state(tmp_path / "runs" / "ref", run_dir)
+
+
+def test_divergence_names_the_step_and_the_last_good_checkpoint(tmp_path, synthetic_tiny, capsys):
+    cfg = str(write_config(tmp_path, synthetic_tiny, **{"data.val_targets": [], "train.epochs": 1}))
+    assert train_main([cfg], capsys)[0] == 0
+    last = ckpt.latest_checkpoint(tmp_path / "runs" / "run")
+    # A scale that overflows float32 makes the logits inf and the loss NaN at the first step.
+    status, err = train_main([cfg, "--set", "train.epochs=2", "--set", "head.scale=1e38"], capsys)
+    assert status == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: step ") and "NaN/inf" in line and str(last) in line, line
+    status, err = train_main([cfg, "--set", "head.scale=1e38", "--set", "train.exp_name=x"], capsys)
+    assert status == 2 and "error: step 1: loss is NaN/inf" in err
+    assert "no checkpoint was written yet" in err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, synthetic_tiny, capsys):
+    cases = {
+        "data.rec": (str(tmp_path / "nope"), "nope"),
+        "train.resume": (str(tmp_path / "missing_ckpt"), "missing_ckpt"),
+        "data.val_targets": (["cfp_fp"], "cfp_fp.bin"),
+        "model.network": ("r19", "r19"),
+    }
+    for key, (value, needle) in cases.items():
+        cfg = write_config(tmp_path, synthetic_tiny, **{key: value})
+        status, err = train_main([str(cfg)], capsys)
+        assert status == 2, (key, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (key, err)
+    # The command line itself: a missing config file.
+    res = run_tool([sys.executable, TRAIN, str(tmp_path / "absent.yaml")])
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "absent.yaml" in res.stderr
+
+
+def test_checkpoint_discovery_skips_incomplete_ones(tmp_path, synthetic_tiny):
+    cfg = write_config(tmp_path, synthetic_tiny, **{"data.val_targets": [], "train.epochs": 1})
+    run_dir = tmp_path / "runs" / "run"
+    train(load_config(cfg), run_dir)
+    good = ckpt.latest_checkpoint(run_dir)
+    # A later checkpoint cut short: partial directory, and a complete-looking one with a truncated file.
+    (run_dir / "checkpoints" / "step_99999998.partial").mkdir()
+    broken = run_dir / "checkpoints" / "step_99999999"
+    broken.mkdir()
+    (broken / "common.pt").write_bytes(b"x")
+    (broken / "meta.json").write_text(json.dumps({"format": 1, "step": 1, "world_size": 1,
+                                                  "files": {"common.pt": 1000}}))
+    assert ckpt.latest_checkpoint(run_dir) == good
+    with pytest.raises(ckpt.CheckpointError, match="meta.json says 1000"):
+        ckpt.read_meta(broken)
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+@pytest.fixture(scope="module")
+def two_rank_reference(tmp_path_factory, synthetic_tiny):
+    """A 2-process torchrun run, the reference of the multi-node and restart tests."""
+    tmp = tmp_path_factory.mktemp("two_rank")
+    cfg = write_config(tmp, synthetic_tiny, **{"train.checkpoint_every": 2})
+    res = run_tool(torchrun("--standalone", "--nproc-per-node=2", TRAIN, str(cfg),
+                            "--set", "train.exp_name=ref"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp, cfg, tmp / "runs" / "ref"
+
+
+def test_torchrun_two_ranks_trains_and_verifies(two_rank_reference):
+    _, _, run_dir = two_rank_reference
+    log = (run_dir / "train.log").read_text()
+    assert "world size 2" in log and "verification: lfw" in log
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(run_dir))
+    assert meta["world_size"] == 2 and {"rank_000.pt", "rank_001.pt"} <= set(meta["files"])
+
+
+def test_two_rank_checkpoint_resumes_resharded_in_one_process(two_rank_reference, tmp_path):
+    _, cfg, run_dir = two_rank_reference
+    _, head = final_state(run_dir)
+    trainer = Trainer(load_config(cfg, [f"train.output={run_dir.parent}", "train.exp_name=ref",
+                                        "train.epochs=4"]), run_dir)
+    trainer._resume()
+    assert torch.equal(trainer.head.weight.detach(), head)
+    assert trainer.head.num_local == head.shape[0]
+    assert trainer.optimizer.state[trainer.head.weight]["momentum_buffer"].shape == head.shape
+
+
+def test_two_nodes_on_loopback_train_one_model(two_rank_reference):
+    tmp, cfg, ref_dir = two_rank_reference
+    port = free_port()
+    agents = [subprocess.Popen(
+        torchrun("--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=facecompat-test", TRAIN, str(cfg),
+                 "--set", "train.exp_name=multinode"),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # torchrun sets one thread per worker only when a node runs several; match the reference.
+        env={**os.environ, "OMP_NUM_THREADS": "1"}) for node in range(2)]
+    outputs = [a.communicate(timeout=240)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "world size 2" in (tmp / "runs" / "multinode" / "train.log").read_text()
+    assert_same_state(ref_dir, tmp / "runs" / "multinode")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(two_rank_reference):
+    tmp, cfg, ref_dir = two_rank_reference
+    run_dir = tmp / "runs" / "fault"
+    agent = subprocess.Popen(torchrun("--standalone", "--nproc-per-node=2", "--max-restarts=1", TRAIN,
+                                      str(cfg), "--set", "train.exp_name=fault"),
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ckpt.list_checkpoints(run_dir) and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = _children(agent.pid)
+    assert len(workers) == 2 and agent.poll() is None, "the run ended before a worker could be killed"
+    os.kill(workers[1], signal.SIGKILL)
+    out = agent.communicate(timeout=240)[0]
+    assert agent.returncode == 0, out[-3000:]
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert_same_state(ref_dir, run_dir)
