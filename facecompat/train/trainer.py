@@ -8,7 +8,6 @@ the others wait) and checkpoints (every rank writes its shard).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import time
@@ -30,6 +29,7 @@ from facecompat.train import checkpoint as ckpt
 from facecompat.train.log import MetricsWriter, Throughput, format_eta, setup_logging
 from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision
 from facecompat.train.schedule import PolyWarmupScheduler
+from facecompat.train.step import TrainStep, build_optimizer
 
 # Under fp16 a run whose loss scale keeps collapsing is diverging, not unlucky: stop after
 # this many consecutive skipped steps instead of silently training on nothing.
@@ -38,22 +38,6 @@ MAX_CONSECUTIVE_SKIPS = 50
 
 class TrainingError(RuntimeError):
     """Training cannot go on (diverged, bad resume point); the message says where and what to do."""
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.factor, None
-
-
-def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity forward; multiplies the gradient by ``factor``."""
-    return x if factor == 1 else _ScaleGrad.apply(x, factor)
 
 
 @dataclass
@@ -113,14 +97,18 @@ class Trainer:
             # Buffers (BN statistics) stay per rank, as in insightface; rank 0's are saved.
             self.model = DistributedDataParallel(
                 self.backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, gradient_as_bucket_view=True)
+                forward_sync_buffers=False, gradient_as_bucket_view=True)
         else:
             self.model = self.backbone
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(self.backbone, self.head, cfg.optim, self.device)
         self.scheduler = PolyWarmupScheduler(
             self.optimizer, total_steps=self.total_steps,
             warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch), power=cfg.optim.poly_power)
         self.scaler = LossScaler(enabled=self.precision == "fp16")
+        self.step = TrainStep(self.model, self.backbone, self.head, self.optimizer, self.scaler,
+                              amp_dtype=self.amp_dtype, grad_clip=cfg.optim.grad_clip,
+                              world_size=self.world_size,
+                              channels_last=cfg.model.channels_last and self.device.type == "cuda")
         self.position = Position()
         self.last_checkpoint: Path | None = None
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0)
@@ -167,15 +155,6 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed + 1000003 * (self.rank + 1))
         return backbone
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "name": "backbone"},
-                  {"params": list(self.head.parameters()), "name": "head"}]
-        fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        if o.name == "sgd":
-            return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fast)
-        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, **fast)
-
     def _build_verifier(self):
         targets = self.cfg.data.val_targets
         if not targets or self.cfg.train.val_every == 0 or self.rank != 0:
@@ -197,40 +176,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def forward_loss(self, batch: Batch) -> torch.Tensor:
-        """The loss of one micro-batch (the mean over the global batch, the same on every rank)."""
-        images = batch.images
-        if self.cfg.model.channels_last and self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            emb = self.model(images)
-        # Each rank's embeddings carry only its share of the global-batch loss, and DDP
-        # averages backbone gradients over ranks; scaling by W makes the backbone's gradient
-        # exactly that of the global mean loss (the head's shard gradient already is).
-        return self.head(scale_grad(emb.float(), self.world_size), batch.labels)
-
     def train_step(self, batches: Sequence[Batch]) -> None:
         """One optimiser step over ``grad_accum`` micro-batches; no host synchronisation outside fp16."""
-        self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or self.model is self.backbone else self.model.no_sync()
-            with sync:
-                loss = self.forward_loss(batch)
-                self.scaler.scale(loss / len(batches)).backward()
-            self._track_loss(loss.detach())
-        backbone_params = self.optimizer.param_groups[0]["params"]
-        found_inf = self.scaler.unscale_(backbone_params + list(self.head.parameters()))
-        if self.cfg.optim.grad_clip is not None and not found_inf:
-            torch.nn.utils.clip_grad_norm_(backbone_params, self.cfg.optim.grad_clip, foreach=True)
-        if not found_inf:
-            self.optimizer.step()
-        self.scaler.update(found_inf)
+        losses, _ = self.step([(b.images, b.labels) for b in batches])
+        for loss in losses:
+            self._track_loss(loss)
         self.scheduler.step()
         self.position.step += 1
         self.position.step_in_epoch += 1

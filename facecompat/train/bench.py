@@ -1,0 +1,89 @@
+"""Training-step throughput on synthetic tensors (no I/O): what the backbone, head and
+optimiser cost per step for a given network, batch, sample rate, precision and world size."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from facecompat import dist
+from facecompat.config import HeadConfig, OptimConfig
+from facecompat.heads import build_head
+from facecompat.models import get_model
+from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision
+from facecompat.train.step import TrainStep, build_optimizer
+
+
+@dataclass(frozen=True)
+class StepBenchSpec:
+    network: str = "r50"
+    embedding_size: int = 512
+    batch_size: int = 128  # per rank
+    num_classes: int = 93431  # MS1Mv3
+    sample_rate: float = 1.0
+    precision: str = "auto"
+    channels_last: bool = False
+    steps: int = 20
+    warmup: int = 5
+
+
+def bench_train_step(spec: StepBenchSpec, device: torch.device | str | None = None) -> dict:
+    """Time ``spec.steps`` training steps after ``spec.warmup``; returns samples/s (this rank and
+    all ranks), ms per step and peak memory. Collective under torchrun."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device is None:
+        device = f"cuda:{dist.get_local_rank()}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    precision = resolve_precision(spec.precision, device)
+    channels_last = spec.channels_last and device.type == "cuda"
+    torch.manual_seed(0)
+    backbone = get_model(spec.network, spec.embedding_size).to(device)
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    head = build_head(HeadConfig(sample_rate=spec.sample_rate), num_classes=spec.num_classes,
+                      embedding_size=spec.embedding_size).to(device)
+    model = backbone
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(backbone, device_ids=ids, forward_sync_buffers=False,
+                                        gradient_as_bucket_view=True)
+    optimizer = build_optimizer(backbone, head, OptimConfig(), device)
+    scaler = LossScaler(enabled=precision == "fp16")
+    step = TrainStep(model, backbone, head, optimizer, scaler, amp_dtype=autocast_dtype(precision),
+                     channels_last=channels_last, grad_clip=5.0, world_size=world)
+    gen = torch.Generator().manual_seed(rank)
+    images = torch.randn(spec.batch_size, 3, 112, 112, generator=gen).clamp_(-1, 1).to(device)
+    labels = torch.randint(0, spec.num_classes, (spec.batch_size,), generator=gen).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier()
+
+    for _ in range(spec.warmup):
+        step([(images, labels)])
+    sync()
+    start = time.perf_counter()
+    for _ in range(spec.steps):
+        losses, _ = step([(images, labels)])
+    sync()
+    elapsed = time.perf_counter() - start
+    per_rank = spec.batch_size * spec.steps / elapsed
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {
+        "network": spec.network, "batch_size": spec.batch_size, "world_size": world,
+        "num_classes": spec.num_classes, "sample_rate": spec.sample_rate, "precision": precision,
+        "channels_last": channels_last, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "steps": spec.steps,
+        "ms_per_step": round(1000 * elapsed / spec.steps, 2),
+        "samples_per_s": round(per_rank * world, 1), "samples_per_s_per_rank": round(per_rank, 1),
+        "peak_memory_gib": round(peak / 2**30, 3), "loss": float(losses[-1]),
+    }
