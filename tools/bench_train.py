@@ -43,15 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     spec = StepBenchSpec(network=args.network, embedding_size=args.embedding_size, batch_size=args.batch_size,
                          num_classes=args.num_classes, sample_rate=args.sample_rate, precision=args.precision,
                          channels_last=args.channels_last, steps=args.steps, warmup=args.warmup)
+    rank = 0
     try:
-        dist.init_distributed()
+        rank, _ = dist.init_distributed()
         result = bench_train_step(spec, args.device)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         dist.destroy()
-    if dist.get_rank() == 0:
+    if rank == 0:
         if args.json:
             print(json.dumps(result))
         else:
