@@ -81,3 +81,53 @@ def test_step_benchmark_runs_and_reports():
     assert result["samples_per_s"] > 0 and result["precision"] == "fp32"
     assert result["world_size"] == 1 and result["ms_per_step"] > 0
     assert math.isfinite(result["loss"])
+
+
+def _tiny_step(world: int, seed: int = 0):
+    """A BN-free backbone + head + SGD, identical on every rank, wrapped in DDP when distributed."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from facecompat.config import OptimConfig
+    from facecompat.heads import PartialFC
+    from facecompat.train.step import TrainStep, build_optimizer
+
+    torch.manual_seed(seed)
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8))
+    head = PartialFC(8, 10, scale=16.0)
+    model = DistributedDataParallel(backbone) if world > 1 else backbone
+    opt = build_optimizer(backbone, head, OptimConfig(lr=0.5, weight_decay=0.0), torch.device("cpu"))
+    step = TrainStep(model, backbone, head, opt, LossScaler(enabled=False), amp_dtype=None,
+                     channels_last=False, grad_clip=None, world_size=world)
+    return backbone, head, step
+
+
+def _data():
+    gen = torch.Generator().manual_seed(5)
+    return torch.randn(8, 3, 2, 2, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+
+
+def _accumulated_two_rank_step(rank: int, world: int) -> tuple[dict, torch.Tensor]:
+    backbone, head, step = _tiny_step(world)
+    images, labels = _data()
+    # Global batch 8 = 2 micro-batches x 2 ranks x 2 images; this rank's images of each micro-batch.
+    micro = []
+    for m in range(2):
+        rows = slice(4 * m + 2 * rank, 4 * m + 2 * rank + 2)
+        micro.append((images[rows], labels[rows]))
+    step(micro)
+    return {k: v.clone() for k, v in backbone.state_dict().items()}, head.weight.detach().clone()
+
+
+def test_accumulation_and_ranks_equal_one_big_step():
+    """2 ranks x 2 accumulated micro-batches update the weights as one process does with the
+    same images as 2 micro-batches of 4: DDP averaging, the W-scaled head input, no_sync and the
+    1/accum loss scale together give the exact gradient."""
+    backbone, head, step = _tiny_step(1)
+    images, labels = _data()
+    step([(images[:4], labels[:4]), (images[4:], labels[4:])])
+    results = run_distributed(_accumulated_two_rank_step, 2)
+    for state, _ in results:
+        for key, value in backbone.state_dict().items():
+            torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), head.weight.detach(),
+                               rtol=1e-5, atol=1e-6)
