@@ -168,6 +168,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, synthetic_tiny, capsys):
         "data.val_targets": (["cfp_fp"], "cfp_fp.bin"),
         "model.network": ("r19", "r19"),
     }
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    cases["model.init_from"] = (str(tmp_path / "garbage.pt"), "garbage.pt")
     for key, (value, needle) in cases.items():
         cfg = write_config(tmp_path, synthetic_tiny, **{key: value})
         status, err = train_main([str(cfg)], capsys)
@@ -177,6 +179,19 @@ def test_bad_inputs_are_one_line_errors(tmp_path, synthetic_tiny, capsys):
     # The command line itself: a missing config file.
     res = run_tool([sys.executable, TRAIN, str(tmp_path / "absent.yaml")])
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "absent.yaml" in res.stderr
+
+
+def test_init_from_loads_the_backbone_only(tmp_path, synthetic_tiny):
+    cfg = write_config(tmp_path, synthetic_tiny, **{"train.epochs": 1, "data.val_targets": []})
+    run_dir = tmp_path / "runs" / "run"
+    train(load_config(cfg), run_dir)
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    tuned = Trainer(load_config(cfg, [f"model.init_from={run_dir / 'model.pt'}", "train.exp_name=ft"]),
+                    tmp_path / "runs" / "ft")
+    tuned._resume()
+    assert tuned.position.step == 0 and not tuned.optimizer.state
+    for key, value in tuned.backbone.state_dict().items():
+        assert torch.equal(value, saved[key]), key
 
 
 def test_checkpoint_discovery_skips_incomplete_ones(tmp_path, synthetic_tiny):

@@ -91,8 +91,11 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.precision)
 
         self.backbone = self._build_backbone()
+        self._check_labels()
+        # Labels were checked once for the whole view; on GPU the per-step check would be a host sync.
         self.head = build_head(cfg.head, num_classes=self.num_classes,
-                               embedding_size=cfg.model.embedding_size, seed=cfg.train.seed).to(self.device)
+                               embedding_size=cfg.model.embedding_size, seed=cfg.train.seed,
+                               check_labels=self.device.type == "cpu").to(self.device)
         if self.world_size > 1:
             # Buffers (BN statistics) stay per rank, as in insightface; rank 0's are saved.
             self.model = DistributedDataParallel(
@@ -168,6 +171,14 @@ class Trainer:
             raise ConfigError(f"data.val_targets: {missing[0]} not found "
                               "(set data.val_dir, or data.val_targets=[])")
         return VerificationCallback(paths, batch_size=self.cfg.eval.batch_size, flip=self.cfg.eval.flip)
+
+    def _check_labels(self) -> None:
+        """Every label of the view in [0, num_classes): a class no rank owns is a data error."""
+        labels = np.asarray(self.records.labels)
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if bad.size:
+            raise ConfigError(f"data.rec: {self.records.path}: label {int(bad[0])} outside "
+                              f"[0, {self.num_classes}) ({bad.size} images)")
 
     @property
     def head_param_index(self) -> int:
