@@ -1,10 +1,12 @@
 """The main job on generated data, stage by stage, each stage skipped when already done.
 
-Stages so far (later stages — training, BCT, FCT, evaluation, report — append here):
+Stages so far (later stages — BCT, FCT, evaluation, report — append here):
 
 1. ``data``: render the synthetic training rec, IJB-C-style folder and lfw.bin.
 2. ``read_back``: read the training set back through the training loader for one epoch (and
    the IJB-C meta files and lfw.bin through their readers) and report what came out.
+3. ``train_old``: train the old model (``configs/synthetic_old.yaml``: OPclass old part, 30% of
+   the identities) in this process and verify it on lfw.bin.
 
 A stage's result is recorded in ``<work_dir>/stages.json``; ``force`` redoes every stage.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ class QuickstartContext:
     workers: int | None
     progress: bool
     force: bool = False  # regenerate data even when an identical generation exists
+    config_dir: Path = Path("configs")  # where the experiment configs (synthetic_*.yaml) are
 
     @property
     def data_dir(self) -> Path:
@@ -43,6 +47,11 @@ SIZES = {
     # identities, images per identity, IJB-C subjects, lfw pairs
     "tiny": {"num_ids": 24, "imgs_per_id": (4, 8), "ijbc_subjects": 12, "lfw_pairs": 20},
     "small": {"num_ids": 1000, "imgs_per_id": (10, 30), "ijbc_subjects": 200, "lfw_pairs": 300},
+}
+# Training overrides per size (the synthetic_* configs hold the rest).
+TRAIN_SIZES = {
+    "tiny": ["train.epochs=1", "data.batch_size=16", "train.log_every=1", "train.checkpoint_every=0"],
+    "small": ["train.epochs=3"],
 }
 
 
@@ -83,7 +92,28 @@ def stage_read_back(ctx: QuickstartContext) -> dict:
             "lfw_pairs": int(len(issame)), "ijbc_faces": faces, "ijbc_pairs": pairs}
 
 
-STAGES: dict[str, Stage] = {"data": stage_data, "read_back": stage_read_back}
+def train_model(ctx: QuickstartContext, name: str, config: str) -> dict:
+    """Train ``configs/<config>`` on the quickstart's data into ``<work_dir>/runs/<name>``."""
+    from facecompat.train import train
+
+    size = "tiny" if ctx.spec == SIZES["tiny"] else "small"
+    overrides = [f"data.rec={ctx.data_dir / 'train'}", f"data.val_dir={ctx.data_dir}",
+                 f"train.output={ctx.work_dir / 'runs'}", f"train.exp_name={name}", *TRAIN_SIZES[size]]
+    cfg = load_config(ctx.config_dir / config, overrides)
+    run_dir = ctx.work_dir / "runs" / name
+    if ctx.force:
+        shutil.rmtree(run_dir, ignore_errors=True)  # otherwise an unfinished run resumes
+    summary = train(cfg, run_dir)
+    return {"network": cfg.model.network, "steps": summary["step"], "loss": round(summary["loss"], 4),
+            **{f"{k}_accuracy": round(v, 4) for k, v in summary["verification"].items()},
+            "model": summary["model"]}
+
+
+def stage_train_old(ctx: QuickstartContext) -> dict:
+    return train_model(ctx, "old", "synthetic_old.yaml")
+
+
+STAGES: dict[str, Stage] = {"data": stage_data, "read_back": stage_read_back, "train_old": stage_train_old}
 
 
 def run_quickstart(work_dir: str | os.PathLike, *, size: str = "small", config: str | os.PathLike =
@@ -95,7 +125,7 @@ def run_quickstart(work_dir: str | os.PathLike, *, size: str = "small", config: 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     ctx = QuickstartContext(work_dir, load_config(config, [f"data.rec={work_dir / 'data' / 'train'}"]),
-                            SIZES[size], workers, progress, force)
+                            SIZES[size], workers, progress, force, Path(config).parent)
     state_path = work_dir / "stages.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() and not force else {}
     if state.get("size") not in (None, size):

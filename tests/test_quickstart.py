@@ -1,4 +1,4 @@
-"""The quickstart's data stages on tiny data: generated, read back, skipped when done."""
+"""The quickstart's stages on tiny data: generated, read back, old model trained, skipped when done."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def test_quickstart_tiny_runs_and_resumes(tmp_path):
     assert read["images_read"] == read["steps"] * min(32, results["data"]["train"]["images"])
     assert read["ijbc_faces"] == results["data"]["ijbc"]["faces"]
     state = json.loads((tmp_path / "stages.json").read_text())
-    assert set(state["stages"]) == {"data", "read_back"}
+    assert set(state["stages"]) == {"data", "read_back", "train_old"}
+    old = results["train_old"]
+    assert old["steps"] >= 1 and 0.0 <= old["lfw_accuracy"] <= 1.0 and Path(old["model"]).is_file()
 
     logs.clear()
     again = run_quickstart(tmp_path, size="tiny", config=config, workers=2, progress=False, log=logs.append)
