@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from _model_util import calibrated_model
 
-from facecompat.models import get_model
 from facecompat.models.onnx_export import OnnxExportError, export_onnx
 
 onnx = pytest.importorskip("onnx")
@@ -31,18 +30,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _calibrated(name: str, seed: int = 0, **kw) -> nn.Module:
-    """Small eval-mode model with BatchNorm statistics from one random batch, so embeddings have
-    the unit scale of a trained model (an absolute tolerance is then meaningful)."""
-    torch.manual_seed(seed)
-    model = get_model(name, **kw)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average: one batch sets the statistics exactly
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(8, 3, 112, 112) * 2 - 1)
-    return model.eval()
+_calibrated = calibrated_model
 
 
 def _input_dims(path: Path) -> list:

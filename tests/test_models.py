@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _model_util import calibrated_model
 from torch import nn
 
 from facecompat.models import (
@@ -165,18 +166,7 @@ def _meta_model(name: str, **kw) -> nn.Module:
         return get_model(name, **kw)
 
 
-def _calibrated(name: str, seed: int = 0, **kw) -> nn.Module:
-    """A small model in eval mode whose BatchNorm statistics come from one random batch, so that
-    outputs have a sane scale (random init with unit running variance grows without bound)."""
-    torch.manual_seed(seed)
-    model = get_model(name, **kw)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average: one batch sets the statistics exactly
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(8, 3, 112, 112) * 2 - 1)
-    return model.eval()
+_calibrated = calibrated_model
 
 
 def _images(batch: int, seed: int = 1) -> torch.Tensor:

@@ -129,42 +129,18 @@ class IResNet(nn.Module):
         return self.features(self.fc(self.dropout(x)))
 
 
-def _build(name: str, embedding_size: int, width: float, dropout: float, grad_checkpoint: bool,
-           zero_init_residual: bool) -> IResNet:
-    return IResNet(DEPTHS[name], embedding_size=embedding_size, width=width, dropout=dropout,
-                   zero_init_residual=zero_init_residual, grad_checkpoint=grad_checkpoint)
+def _variant(name: str) -> None:
+    """Register ``name`` (a key of DEPTHS) as a builder of that IResNet."""
+
+    def build(embedding_size: int = 512, width: float = 1.0, dropout: float = 0.0,
+              grad_checkpoint: bool = False, zero_init_residual: bool = False) -> IResNet:
+        return IResNet(DEPTHS[name], embedding_size=embedding_size, width=width, dropout=dropout,
+                       zero_init_residual=zero_init_residual, grad_checkpoint=grad_checkpoint)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"IResNet-{name[1:]}, stages {tuple(DEPTHS[name])}."
+    register_model(build)
 
 
-@register_model
-def r18(embedding_size: int = 512, width: float = 1.0, dropout: float = 0.0, grad_checkpoint: bool = False,
-        zero_init_residual: bool = False) -> IResNet:
-    """IResNet-18, stages (2, 2, 2, 2)."""
-    return _build("r18", embedding_size, width, dropout, grad_checkpoint, zero_init_residual)
-
-
-@register_model
-def r34(embedding_size: int = 512, width: float = 1.0, dropout: float = 0.0, grad_checkpoint: bool = False,
-        zero_init_residual: bool = False) -> IResNet:
-    """IResNet-34, stages (3, 4, 6, 3)."""
-    return _build("r34", embedding_size, width, dropout, grad_checkpoint, zero_init_residual)
-
-
-@register_model
-def r50(embedding_size: int = 512, width: float = 1.0, dropout: float = 0.0, grad_checkpoint: bool = False,
-        zero_init_residual: bool = False) -> IResNet:
-    """IResNet-50, stages (3, 4, 14, 3)."""
-    return _build("r50", embedding_size, width, dropout, grad_checkpoint, zero_init_residual)
-
-
-@register_model
-def r100(embedding_size: int = 512, width: float = 1.0, dropout: float = 0.0, grad_checkpoint: bool = False,
-         zero_init_residual: bool = False) -> IResNet:
-    """IResNet-100, stages (3, 13, 30, 3)."""
-    return _build("r100", embedding_size, width, dropout, grad_checkpoint, zero_init_residual)
-
-
-@register_model
-def r200(embedding_size: int = 512, width: float = 1.0, dropout: float = 0.0, grad_checkpoint: bool = False,
-         zero_init_residual: bool = False) -> IResNet:
-    """IResNet-200, stages (6, 26, 60, 6)."""
-    return _build("r200", embedding_size, width, dropout, grad_checkpoint, zero_init_residual)
+for _name in DEPTHS:
+    _variant(_name)

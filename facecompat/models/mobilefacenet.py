@@ -32,34 +32,27 @@ Kernel = tuple[int, int]
 
 
 class ConvBlock(nn.Module):
-    """Conv2d (no bias) + BatchNorm2d + PReLU, kept in ``self.layers`` as insightface names them."""
+    """Conv2d (no bias) + BatchNorm2d (+ PReLU), kept in ``self.layers`` as insightface names them."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: Kernel = (1, 1), stride: Kernel = (1, 1),
-                 padding: Kernel = (0, 0), groups: int = 1):
+                 padding: Kernel = (0, 0), groups: int = 1, activation: bool = True):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.PReLU(out_ch),
-        )
+        layers = [nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, groups=groups, bias=False),
+                  nn.BatchNorm2d(out_ch)]
+        if activation:
+            layers.append(nn.PReLU(out_ch))
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
 
-class LinearBlock(nn.Module):
+class LinearBlock(ConvBlock):
     """Conv2d (no bias) + BatchNorm2d, no activation."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: Kernel = (1, 1), stride: Kernel = (1, 1),
                  padding: Kernel = (0, 0), groups: int = 1):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_ch),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        super().__init__(in_ch, out_ch, kernel, stride, padding, groups, activation=False)
 
 
 class DepthWise(nn.Module):
