@@ -109,6 +109,8 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
 def read_meta(path: Path) -> dict:
     """The checkpoint's ``meta.json``, after checking every file it lists is there with its size."""
     meta_path = path / "meta.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
     try:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:

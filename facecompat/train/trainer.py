@@ -341,12 +341,14 @@ class Trainer:
         if setting == "none":
             return
         if setting == "auto":
-            path = ckpt.latest_checkpoint(self.run_dir)
-            if path is None:
+            # Rank 0 decides, so that every rank resumes from the same one (or none).
+            found = ckpt.latest_checkpoint(self.run_dir) if self.rank == 0 else None
+            found = dist.broadcast_object(None if found is None else str(found))
+            if found is None:
                 return
+            path = Path(found)
         else:
             path = Path(setting)
-        path = Path(dist.broadcast_object(str(path)))
         common = ckpt.load_common(path)
         try:
             self.backbone.load_state_dict(common["backbone"])
