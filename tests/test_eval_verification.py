@@ -1,0 +1,169 @@
+"""tools/eval_verification.py: model specs, self and cross tests, table, JSON and errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "eval_verification.py"
+NETWORK, EMBEDDING_SIZE = "r18-w0.125", 32
+
+
+@pytest.fixture(scope="module")
+def tool():
+    """The tool as a module, so main() runs in this process (a subprocess pays seconds of torch import)."""
+    spec = importlib.util.spec_from_file_location("eval_verification_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _make_run_dir(path: Path, seed: int) -> Path:
+    from facecompat.config import dump_config, load_config
+    from facecompat.models import get_model
+
+    path.mkdir(parents=True)
+    torch.manual_seed(seed)
+    torch.save(get_model(NETWORK, EMBEDDING_SIZE).state_dict(), path / "model.pt")
+    dump_config(load_config(None, [f"model.network={NETWORK}", f"model.embedding_size={EMBEDDING_SIZE}"]),
+                path / "config.yaml")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("eval_verification_runs")
+    return _make_run_dir(root / "old", 0), _make_run_dir(root / "new", 1)
+
+
+@pytest.fixture(scope="module")
+def lfw(synthetic_tiny, tmp_path_factory) -> Path:
+    """20 of synthetic_tiny's lfw.bin pairs (every genuine one, then impostors): half the CPU time."""
+    from facecompat.data.pairs_bin import load_pairs_bin, write_pairs_bin
+
+    images, issame = load_pairs_bin(synthetic_tiny / "lfw.bin")
+    genuine = [i for i, same in enumerate(issame) if same]
+    impostor = [i for i, same in enumerate(issame) if not same]
+    keep = sorted(genuine[:10] + impostor[: 20 - len(genuine[:10])])
+    assert len(keep) == 20 and 0 < sum(issame[i] for i in keep) < 20
+    path = tmp_path_factory.mktemp("eval_verification_bins") / "lfw.bin"
+    pair_images = [images[j] for i in keep for j in (2 * i, 2 * i + 1)]
+    write_pairs_bin(path, pair_images, [bool(issame[i]) for i in keep])
+    return path
+
+
+def _one_error_line(stderr: str, *names: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") or ": error: " in lines[0], lines[0]
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def test_resolve_model_spec(tool, runs, tmp_path):
+    old, _ = runs
+    assert tool.resolve_model_spec(old) == (NETWORK, EMBEDDING_SIZE, old / "model.pt")
+    assert tool.resolve_model_spec(str(old), "r18-w0.25", 64) == ("r18-w0.25", 64, old / "model.pt")
+    weights = old / "model.pt"
+    assert tool.resolve_model_spec(weights, "r50") == ("r50", 512, weights)
+    assert tool.resolve_model_spec(weights, "r50", 128) == ("r50", 128, weights)
+    with pytest.raises(ValueError, match=r"model\.pt: .*--network"):
+        tool.resolve_model_spec(weights)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        tool.resolve_model_spec(tmp_path / "missing.pt", "r50")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"half: .*config\.yaml"):
+        tool.resolve_model_spec(tmp_path / "half")
+
+
+def test_self_table_and_json(tool, runs, lfw, tmp_path, capsys):
+    old, _ = runs
+    out = tmp_path / "res" / "self.json"
+    assert tool.main(["--model", str(old), "--bins", str(lfw), "--device", "cpu", "--batch-size", "32",
+                      "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "set" in stdout and "accuracy" in stdout and "threshold" in stdout
+    assert any(line.split()[:3] == ["lfw", "A", "A"] for line in stdout.splitlines()), stdout
+    results = json.loads(out.read_text())
+    assert list(results) == ["lfw"] and list(results["lfw"]) == ["A|A"]
+    res = results["lfw"]["A|A"]
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["num_pairs"] == 20
+    assert res["query"] == res["gallery"] == str(old)
+    assert not list(out.parent.glob(".*tmp"))  # written atomically, nothing left behind
+
+
+def test_cross_reports_self_rows_and_same_model_equals_self(tool, runs, lfw, tmp_path, capsys):
+    old, new = runs
+    out = tmp_path / "cross.json"
+    assert tool.main(["--model", str(new), "--gallery-model", str(old / "model.pt"),
+                      "--gallery-network", NETWORK, "--gallery-embedding-size", str(EMBEDDING_SIZE),
+                      "--bins", str(lfw), "--device", "cpu", "--no-flip", "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    rows = [line.split()[:3] for line in stdout.splitlines()]
+    assert ["lfw", "A", "A"] in rows and ["lfw", "B", "B"] in rows and ["lfw", "A", "B"] in rows
+    cross = json.loads(out.read_text())["lfw"]
+    assert list(cross) == ["A|A", "B|B", "A|B"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in cross.values())
+    assert cross["A|B"]["query"] == str(new) and cross["A|B"]["gallery"] == str(old / "model.pt")
+
+    # One model on both sides: the cross row is the self test.
+    same = tmp_path / "same.json"
+    assert tool.main(["--model", str(old), "--gallery-model", str(old), "--bins", str(lfw),
+                      "--device", "cpu", "--no-flip", "--json", str(same)]) == 0
+    capsys.readouterr()
+    rows = json.loads(same.read_text())["lfw"]
+    for key in ("accuracy", "accuracy_std", "threshold"):
+        assert rows["A|B"][key] == pytest.approx(rows["A|A"][key], abs=1e-9)
+        assert rows["B|B"][key] == pytest.approx(rows["A|A"][key], abs=1e-9)
+    assert rows["A|A"]["accuracy"] == pytest.approx(cross["B|B"]["accuracy"])  # old as A here, B above
+
+
+@pytest.mark.parametrize("case", ["missing_bin", "pt_without_network", "wrong_network", "unknown_network",
+                                  "not_a_run_dir", "bad_weights", "bad_bin"])
+def test_bad_inputs_exit_2_with_one_line(tool, runs, lfw, tmp_path, capsys, case):
+    old, _ = runs
+    weights = str(old / "model.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    bad_bin = tmp_path / "bad.bin"
+    bad_bin.write_text("{}")
+    argv, culprit = {
+        "missing_bin": (["--model", str(old), "--bins", str(lfw), str(tmp_path / "agedb_30.bin")],
+                        "agedb_30.bin"),
+        "pt_without_network": (["--model", weights, "--bins", str(lfw)], weights),
+        "wrong_network": (["--model", weights, "--network", "r18", "--bins", str(lfw)], weights),
+        "unknown_network": (["--model", str(old), "--gallery-model", weights, "--gallery-network", "r7",
+                             "--bins", str(lfw)], "r7"),
+        "not_a_run_dir": (["--model", str(tmp_path), "--bins", str(lfw)], str(tmp_path)),
+        "bad_weights": (["--model", str(junk), "--network", NETWORK, "--bins", str(lfw)], str(junk)),
+        "bad_bin": (["--model", str(old), "--bins", str(bad_bin)], str(bad_bin)),
+    }[case]
+    assert tool.main([*argv, "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    _one_error_line(captured.err, culprit)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_subprocess(runs, lfw, tmp_path):
+    old, _ = runs
+    out = tmp_path / "cli.json"
+    ok = _cli("--model", str(old), "--bins", str(lfw), "--device", "cpu", "--no-flip", "--json", str(out))
+    assert ok.returncode == 0, ok.stderr
+    assert "lfw" in ok.stdout and 0.0 <= json.loads(out.read_text())["lfw"]["A|A"]["accuracy"] <= 1.0
+    bad = _cli("--model", str(old), "--bins", str(lfw), "--batch-size", "0")
+    assert bad.returncode == 2
+    _one_error_line(bad.stderr, "--batch-size")

@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Evaluate models on LFW / CFP-FP / AgeDB-style verification .bin sets, self and cross-model.
+
+Self test:   python tools/eval_verification.py --model work_dirs/synthetic_old --bins lfw.bin cfp_fp.bin
+Cross test:  python tools/eval_verification.py --model work_dirs/synthetic_new \\
+                 --gallery-model work_dirs/synthetic_old --bins lfw.bin
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # nothing heavy at import time: --help stays fast
+    import torch
+    from torch import nn
+
+EPILOG = """\
+models:
+  a run directory holding model.pt and config.yaml (network and embedding size come from the
+  config), or a weights file PATH.pt with --network NAME [--embedding-size D]
+  (--gallery-network / --gallery-embedding-size for --gallery-model).
+
+protocol (insightface's): embedding f(x) + f(flip(x)) L2-normalised (--no-flip: f(x)), squared
+L2 distance, 10-fold accuracy with the threshold chosen on the other nine folds.
+With --gallery-model B, model A (--model) embeds the first image of every pair and B the second
+(rows A/B); the self tests A/A and B/B are reported beside it.
+
+output: a table on stdout; --json OUT writes {set: {"A|B": {"accuracy", "accuracy_std",
+"threshold", "auc", "num_pairs", "query", "gallery"}}} with accuracies as fractions in [0, 1].
+
+example:
+  python tools/eval_verification.py --model ms1mv3_r50/model.pt --network r50 --bins data/lfw.bin
+"""
+
+RUN_DIR_FILES = ("model.pt", "config.yaml")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line on stderr, exit 2 (argparse adds the usage)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="eval_verification.py", description=__doc__, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path, metavar="PATH",
+                        help="model A (query side): run directory or .pt weights")
+    parser.add_argument("--network", help="backbone name of --model when it is a .pt (e.g. r50)")
+    parser.add_argument("--embedding-size", type=_positive_int, metavar="D",
+                        help="embedding size of --model when it is a .pt (default 512)")
+    parser.add_argument("--gallery-model", type=Path, metavar="PATH",
+                        help="model B (gallery side) for the cross-model test")
+    parser.add_argument("--gallery-network", help="backbone name of --gallery-model when it is a .pt")
+    parser.add_argument("--gallery-embedding-size", type=_positive_int, metavar="D",
+                        help="embedding size of --gallery-model when it is a .pt (default 512)")
+    parser.add_argument("--bins", required=True, nargs="+", type=Path, metavar="BIN",
+                        help="verification sets (lfw.bin, cfp_fp.bin, agedb_30.bin, ...)")
+    parser.add_argument("--batch-size", type=_positive_int, default=256, metavar="N",
+                        help="images per forward pass (default 256)")
+    parser.add_argument("--no-flip", dest="flip", action="store_false", help="no flip test-time augmentation")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    return parser
+
+
+def resolve_model_spec(path: str | Path, network: str | None = None,
+                       embedding_size: int | None = None) -> tuple[str, int, Path]:
+    """What to build and load for a model given on the command line.
+
+    Args:
+        path: a run directory (``model.pt`` + ``config.yaml``) or a weights file.
+        network: backbone name; required for a weights file; for a run directory it replaces
+            the config's ``model.network``.
+        embedding_size: embedding size; for a weights file 512 when ``None``; for a run directory
+            it replaces the config's ``model.embedding_size``.
+
+    Returns:
+        ``(network, embedding_size, weights_path)``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or a run directory lacks a file (names it).
+        ValueError: a weights file without ``network``; a bad ``config.yaml`` (ConfigError).
+    """
+    path = Path(path)
+    if path.is_dir():
+        missing = [name for name in RUN_DIR_FILES if not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path}: not a run directory, it lacks {' and '.join(missing)}")
+        from facecompat.config import load_config
+
+        cfg = load_config(path / "config.yaml")
+        return (network or cfg.model.network, embedding_size or cfg.model.embedding_size, path / "model.pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model not found (expected a run directory or a .pt file)")
+    if not network:
+        raise ValueError(f"{path}: a weights file needs its backbone name (--network, e.g. r50)")
+    return network, embedding_size or 512, path
+
+
+def load_model(path: str | Path, network: str | None = None, embedding_size: int | None = None,
+               device: str | torch.device = "cpu") -> nn.Module:
+    """Build the backbone of :func:`resolve_model_spec`, load its weights strictly, move it to ``device``.
+
+    Raises:
+        ValueError: an unknown network; WeightsError when the weights do not fit it (names the file).
+    """
+    from facecompat.models import get_model, load_backbone_weights
+
+    network, embedding_size, weights = resolve_model_spec(path, network, embedding_size)
+    try:
+        model = get_model(network, embedding_size)
+    except ValueError as exc:  # unknown backbone name: say which model it was given for
+        raise ValueError(f"{path}: {exc}") from None
+    load_backbone_weights(model, weights)
+    return model.to(device).eval()
+
+
+def evaluate_bins(models: dict, bins: list[Path], batch_size: int = 256, device: str | torch.device = "cpu",
+                  flip: bool = True, progress=None) -> dict[str, dict[str, dict]]:
+    """Self and cross tests of ``models`` (``{"A": model}`` or ``{"A": a, "B": b}``) on every set.
+
+    Returns:
+        ``{set name: {"A|A": result, ...}}`` with :func:`~facecompat.eval.verification.evaluate_pairs`'s
+        dicts; with two models the rows are ``A|A``, ``B|B`` and ``A|B`` (A embeds the first image).
+    """
+    from facecompat.eval.verification import load_verification_set, verify, verify_cross
+
+    stems = [p.stem for p in bins]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    if repeated:
+        raise ValueError(f"verification sets must have distinct file names; repeated: {', '.join(repeated)}")
+    for path in bins:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: verification set not found")
+    results: dict[str, dict[str, dict]] = {}
+    for index, path in enumerate(bins, 1):
+        vset = load_verification_set(path)
+        if progress:
+            progress(f"[{index}/{len(bins)}] {vset.name}: {vset.num_pairs} pairs")
+        rows = {}
+        for name, model in models.items():
+            rows[f"{name}|{name}"] = verify(model, vset, batch_size, device, flip)
+        if "B" in models:
+            rows["A|B"] = verify_cross(models["A"], models["B"], vset, batch_size, device, flip)
+        results[vset.name] = rows
+    return results
+
+
+def format_table(results: dict[str, dict[str, dict]], labels: dict[str, str]) -> str:
+    header = ("set", "query", "gallery", "accuracy", "threshold")
+    rows = [header]
+    for set_name, set_rows in results.items():
+        for key, res in set_rows.items():
+            query, gallery = key.split("|")
+            accuracy = f"{res['accuracy'] * 100:.2f}% ± {res['accuracy_std'] * 100:.2f}"
+            rows.append((set_name, query, gallery, accuracy, f"{res['threshold']:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [f"{key} = {label}" for key, label in labels.items()]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import json
+
+    import torch
+
+    from facecompat.data.recordio import atomic_write
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        print(f"error: --device: {exc}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: CUDA is not available here", file=sys.stderr)
+        return 2
+    specs = {"A": (args.model, args.network, args.embedding_size)}
+    if args.gallery_model is not None:
+        specs["B"] = (args.gallery_model, args.gallery_network, args.gallery_embedding_size)
+    try:
+        for path in args.bins:  # before the (slow) model loading
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: verification set not found")
+        models = {key: load_model(*spec, device=device) for key, spec in specs.items()}
+        results = evaluate_bins(models, args.bins, args.batch_size, device, args.flip,
+                                progress=lambda line: print(line, file=sys.stderr, flush=True))
+        for set_rows in results.values():
+            for key, res in set_rows.items():
+                query, gallery = key.split("|")
+                res["query"], res["gallery"] = str(specs[query][0]), str(specs[gallery][0])
+        if args.json:
+            with atomic_write(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+    except (ValueError, OSError) as exc:  # WeightsError, PairsBinError, ConfigError are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(results, {key: str(spec[0]) for key, spec in specs.items()}))
+    if args.json:
+        print(f"results: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
