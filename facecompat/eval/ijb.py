@@ -1,0 +1,498 @@
+"""IJB-C / IJB-B protocols: meta files, template pooling, 1:1 pair scores and 1:N search.
+
+The folder layout is DESIGN §4 (``<root>/<target>/meta/<prefix>_*``, prefix ``ijbc``/``ijbb``).
+The face order of every feature array is the line order of ``meta/<prefix>_name_5pts_score.txt``
+(DESIGN §8); templates and media join it by image name, never by line number. Numbers follow
+insightface's ``eval_ijbc.py`` (DESIGN §5): face feature (flip-fused, unnormalised) x detector
+score, media = mean of its faces, template = sum of its media, L2-normalised, score = cosine.
+
+Large files have numpy fast paths (``np.fromstring`` over the whole text); when a fast path sees
+anything odd, a line-by-line pass finds the first bad line and :class:`IJBMetaError` names it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from facecompat.eval import metrics
+
+GALLERY_NAMES = {"IJBC": ("G1", "G2"), "IJBB": ("S1", "S2")}
+_FIRST_FIELD = re.compile(r"^[ \t]*(\S+)", re.MULTILINE)
+
+
+class IJBMetaError(ValueError):
+    """A missing or malformed IJB meta file; the message names the file and the line or value."""
+
+
+@dataclass
+class Subjects:
+    """1:N templates of a gallery or of the probe set: ``template_ids`` [T] sorted, ``subject_ids`` [T]."""
+
+    template_ids: np.ndarray
+    subject_ids: np.ndarray
+
+
+@dataclass
+class IJBMeta:
+    """Everything the IJB protocols need, in the face order of the feature files.
+
+    Attributes:
+        image_names: [N] image names, line order of ``*_name_5pts_score.txt`` (= feature rows).
+        landmarks: [N, 5, 2] float32 (x, y) per face.
+        det_scores: [N] float32 detector scores.
+        template_ids, media_ids: [N] int64, joined from ``*_face_tid_mid.txt`` by image name;
+            -1 for faces absent from it (only with ``allow_missing``; pooling skips them).
+        pair_t1, pair_t2: [M] int64 template ids; pair_labels: [M] int8 (1 = genuine).
+        galleries: gallery name (G1/G2 or S1/S2) -> :class:`Subjects`; empty without 1:N files.
+        probes: :class:`Subjects` of the probe templates, or None without 1:N files.
+        num_missing_faces: faces dropped from either face file (``allow_missing``).
+        num_missing_pairs: pairs dropped for naming templates with no face (``allow_missing``).
+    """
+
+    target: str
+    image_names: np.ndarray
+    landmarks: np.ndarray
+    det_scores: np.ndarray
+    template_ids: np.ndarray
+    media_ids: np.ndarray
+    pair_t1: np.ndarray
+    pair_t2: np.ndarray
+    pair_labels: np.ndarray
+    galleries: dict[str, Subjects] = field(default_factory=dict)
+    probes: Subjects | None = None
+    num_missing_faces: int = 0
+    num_missing_pairs: int = 0
+
+    @property
+    def num_faces(self) -> int:
+        return len(self.image_names)
+
+    @property
+    def has_1n(self) -> bool:
+        return self.probes is not None and bool(self.galleries)
+
+
+# ----------------------------------------------------------------------------------------- parsing
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise IJBMetaError(f"{path}: missing meta file")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise IJBMetaError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _fromstring(text: str | bytes, dtype: type) -> np.ndarray | None:
+    """All whitespace-separated numbers of ``text``, or None if any token is not one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        try:
+            return np.fromstring(text, dtype=dtype, sep=" ")
+        except (ValueError, DeprecationWarning):
+            return None
+
+
+def _slow_rows(path: Path, text: str, num_cols: int, first_is_name: bool,
+               dtype: type) -> tuple[list[str], np.ndarray]:
+    """Line-by-line parse (diagnosis path): raises on the first bad line."""
+    names, rows = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != num_cols:
+            raise IJBMetaError(f"{path}:{lineno}: expected {num_cols} columns, got {len(parts)}: {line!r}")
+        if first_is_name:
+            names.append(parts[0])
+            parts = parts[1:]
+        try:
+            rows.append([dtype(p) for p in parts])
+        except ValueError:
+            raise IJBMetaError(f"{path}:{lineno}: not a number in {line!r}") from None
+    width = num_cols - int(first_is_name)
+    return names, np.array(rows, dtype=np.float64 if dtype is float else np.int64).reshape(-1, width)
+
+
+def _parse_named_table(path: Path, num_cols: int, dtype: type) -> tuple[list[str], np.ndarray]:
+    """Rows ``name v1 .. v{num_cols-1}``: names and values [R, num_cols - 1]."""
+    text = _read_text(path)
+    # C-speed passes over the whole text: the first field of every line, then the numbers after it
+    names = _FIRST_FIELD.findall(text)
+    values = _fromstring(_FIRST_FIELD.sub("", text), dtype)
+    width = num_cols - 1
+    if values is None or values.size != len(names) * width:
+        return _slow_rows(path, text, num_cols, True, dtype)
+    return names, values.reshape(-1, width)
+
+
+def _parse_int_table(path: Path, num_cols: int) -> np.ndarray:
+    """A purely numeric file of ``num_cols`` integer columns -> [R, num_cols] int64."""
+    if not path.is_file():
+        raise IJBMetaError(f"{path}: missing meta file")
+    data = path.read_bytes()  # numpy parses bytes directly: no decode of a 200 MB file
+    values = _fromstring(data, np.int64)
+    num_lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+    if values is None or values.size != num_lines * num_cols:
+        return _slow_rows(path, _read_text(path), num_cols, False, int)[1]
+    return values.reshape(-1, num_cols)
+
+
+def _parse_subject_csv(path: Path) -> dict[int, int]:
+    """TEMPLATE_ID -> SUBJECT_ID of a 1:N CSV (one row per face; a template has one subject)."""
+    reader = csv.reader(io.StringIO(_read_text(path)))
+    header = next(reader, None)
+    if header is None:
+        raise IJBMetaError(f"{path}: empty file (expected a header with TEMPLATE_ID,SUBJECT_ID)")
+    header = [h.strip().upper() for h in header]
+    if "TEMPLATE_ID" not in header or "SUBJECT_ID" not in header:
+        raise IJBMetaError(f"{path}:1: header lacks TEMPLATE_ID and SUBJECT_ID: {','.join(header)}")
+    it, isub = header.index("TEMPLATE_ID"), header.index("SUBJECT_ID")
+    subject_of: dict[int, int] = {}
+    for lineno, row in enumerate(reader, 2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise IJBMetaError(f"{path}:{lineno}: expected {len(header)} columns, got {len(row)}")
+        try:
+            tid, sid = int(row[it]), int(row[isub])
+        except ValueError:
+            raise IJBMetaError(f"{path}:{lineno}: TEMPLATE_ID/SUBJECT_ID not integers: "
+                               f"{row[it]!r}, {row[isub]!r}") from None
+        if subject_of.setdefault(tid, sid) != sid:
+            raise IJBMetaError(f"{path}:{lineno}: template {tid} has two subjects "
+                               f"({subject_of[tid]} and {sid})")
+    return subject_of
+
+
+def _subjects(subject_of: dict[int, int]) -> Subjects:
+    tids = np.array(sorted(subject_of), dtype=np.int64)
+    return Subjects(tids, np.array([subject_of[t] for t in tids.tolist()], dtype=np.int64))
+
+
+def _preview(values: Sequence[object], n: int = 5) -> str:
+    shown = ", ".join(str(v) for v in list(values)[:n])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > n else "")
+
+
+def load_ijb_meta(root: str | Path, target: str = "IJBC", allow_missing: bool = False) -> IJBMeta:
+    """Read an IJB-C / IJB-B meta folder.
+
+    Args:
+        root: the data root holding ``<target>/meta/`` (or the ``<target>`` folder itself).
+        target: "IJBC" or "IJBB".
+        allow_missing: skip (and count) faces present in only one face file and pairs naming a
+            template without faces, instead of raising.
+
+    Returns:
+        :class:`IJBMeta`. 1:N fields are filled only when all three 1:N CSVs exist.
+
+    Raises:
+        IJBMetaError: a missing 1:1 file or a malformed line, naming the file and line or value.
+    """
+    if target not in GALLERY_NAMES:
+        raise IJBMetaError(f"target {target!r}: expected one of {sorted(GALLERY_NAMES)}")
+    root = Path(root)
+    meta_dir = root / "meta" if (root / "meta").is_dir() and root.name == target else root / target / "meta"
+    prefix = target.lower()
+    pts_path = meta_dir / f"{prefix}_name_5pts_score.txt"
+    tid_path = meta_dir / f"{prefix}_face_tid_mid.txt"
+    pair_path = meta_dir / f"{prefix}_template_pair_label.txt"
+    for path in (pts_path, tid_path, pair_path):
+        if not path.is_file():
+            raise IJBMetaError(f"{path}: missing meta file")
+
+    names, pts = _parse_named_table(pts_path, 12, float)
+    image_names = np.array(names)
+    row_of = {name: i for i, name in enumerate(names)}
+    if len(row_of) != len(names):
+        raise IJBMetaError(f"{pts_path}: duplicate image names")
+    tid_names, tid_mid = _parse_named_table(tid_path, 3, int)
+    template_ids = np.full(len(names), -1, np.int64)
+    media_ids = np.full(len(names), -1, np.int64)
+    rows = np.fromiter((row_of.get(n, -1) for n in tid_names), np.int64, len(tid_names))
+    num_missing = 0
+    unknown = [tid_names[i] for i in np.flatnonzero(rows < 0)]
+    if unknown:
+        if not allow_missing:
+            raise IJBMetaError(f"{tid_path}: images without a line in {pts_path.name}: {_preview(unknown)}")
+        num_missing += len(unknown)
+    known = rows >= 0
+    if np.bincount(rows[known], minlength=1).max(initial=0) > 1:
+        raise IJBMetaError(f"{tid_path}: duplicate image names")
+    template_ids[rows[known]] = tid_mid[known, 0]
+    media_ids[rows[known]] = tid_mid[known, 1]
+    no_template = np.flatnonzero(template_ids < 0)
+    if no_template.size:
+        if not allow_missing:
+            raise IJBMetaError(f"{pts_path}: images without a line in {tid_path.name}: "
+                               f"{_preview(image_names[no_template].tolist())}")
+        num_missing += no_template.size
+
+    pairs = _parse_int_table(pair_path, 3)
+    face_templates = np.unique(template_ids[template_ids >= 0])
+    has_faces = np.isin(pairs[:, 0], face_templates) & np.isin(pairs[:, 1], face_templates)
+    num_missing_pairs = int((~has_faces).sum())
+    if num_missing_pairs:
+        absent = np.setdiff1d(pairs[~has_faces, :2], face_templates)
+        if not allow_missing:
+            raise IJBMetaError(f"{pair_path}: templates without faces in {tid_path.name}: "
+                               f"{_preview(absent.tolist())}")
+        pairs = pairs[has_faces]
+    bad_label = ~np.isin(pairs[:, 2], (0, 1))
+    if bad_label.any():
+        raise IJBMetaError(f"{pair_path}: label {pairs[bad_label, 2][0]} is not 0 or 1")
+
+    meta = IJBMeta(target, image_names, pts[:, :10].reshape(-1, 5, 2).astype(np.float32),
+                   pts[:, 10].astype(np.float32), template_ids, media_ids,
+                   pairs[:, 0].copy(), pairs[:, 1].copy(), pairs[:, 2].astype(np.int8),
+                   num_missing_faces=num_missing, num_missing_pairs=num_missing_pairs)
+    csvs = {g: meta_dir / f"{prefix}_1N_gallery_{g}.csv" for g in GALLERY_NAMES[target]}
+    probe_csv = meta_dir / f"{prefix}_1N_probe_mixed.csv"
+    if all(p.is_file() for p in (*csvs.values(), probe_csv)):
+        meta.galleries = {g: _subjects(_parse_subject_csv(p)) for g, p in csvs.items()}
+        meta.probes = _subjects(_parse_subject_csv(probe_csv))
+    return meta
+
+
+# ----------------------------------------------------------------------------------------- pooling
+def _segment_sum(rows_of: np.ndarray, starts: np.ndarray, sizes: np.ndarray, values: np.ndarray,
+                 weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of groups of rows: ``sum_k w * values[rows_of[starts[g] + k]]`` over k < sizes[g].
+
+    Groups are processed largest first, so step k (the k-th member of every group that has one)
+    touches a prefix of the output: one gather into a reused buffer and one in-place add per step,
+    as many steps as the largest group. No sorted copy of ``values`` and no per-step allocation
+    (fresh pages are what make large temporaries slow). float32 sums run in member order, like
+    insightface's ``np.mean``/``np.sum`` over small groups.
+
+    Returns:
+        sums [G, D] float32 in largest-first order, and ``perm`` [G]: ``sums[i]`` is group
+        ``perm[i]``.
+    """
+    perm = np.argsort(-sizes, kind="stable")
+    starts, sizes = starts[perm], sizes[perm]
+    out = np.empty((starts.size, values.shape[1]), np.float32)
+    rows = rows_of[starts]
+    np.take(values, rows, axis=0, out=out)
+    if weights is not None:
+        out *= weights[rows, None]
+    buf = np.empty((int(np.count_nonzero(sizes > 1)), values.shape[1]), np.float32)
+    for k in range(1, int(sizes.max(initial=1))):
+        n = int(np.count_nonzero(sizes > k))  # sizes descend: groups with a k-th member are a prefix
+        rows = rows_of[starts[:n] + k]
+        np.take(values, rows, axis=0, out=buf[:n])
+        if weights is not None:
+            buf[:n] *= weights[rows, None]
+        out[:n] += buf[:n]
+    return out, perm
+
+
+def pool_templates(features: np.ndarray, template_ids: np.ndarray, media_ids: np.ndarray,
+                   weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Template features, insightface style: weighted faces -> media mean -> template sum -> L2.
+
+    Vectorised: faces are ordered by (template, media) once; media sums and template sums are
+    segment sums over that order (:func:`_segment_sum`), with no Python loop over templates and
+    no sorted copy of the features.
+
+    Args:
+        features: [N, D] face features (flip-fused, not normalised).
+        template_ids, media_ids: [N] ints; faces with a negative template id are skipped.
+        weights: [N] per-face weights (detector scores) or None.
+
+    Returns:
+        templates [T] sorted unique template ids (int64), feats [T, D] float32, L2-normalised
+        (a zero template stays zero).
+    """
+    features = np.asarray(features)
+    template_ids, media_ids = np.asarray(template_ids), np.asarray(media_ids)
+    if features.ndim != 2 or features.shape[0] != template_ids.size or media_ids.size != template_ids.size:
+        raise ValueError(f"features {features.shape}, template_ids {template_ids.shape} and media_ids "
+                         f"{media_ids.shape} must describe the same faces")
+    if weights is not None:
+        if np.shape(weights) != template_ids.shape:
+            raise ValueError(f"weights {np.shape(weights)} must be one per face ({template_ids.size})")
+        weights = np.asarray(weights, np.float32)
+    valid = np.flatnonzero(template_ids >= 0)
+    order = valid[np.lexsort((media_ids[valid], template_ids[valid]))]
+    tid_sorted, mid_sorted = template_ids[order], media_ids[order]
+    new_template = np.r_[True, tid_sorted[1:] != tid_sorted[:-1]]
+    new_media = new_template | np.r_[True, mid_sorted[1:] != mid_sorted[:-1]]
+    media_start = np.flatnonzero(new_media)  # position in `order` where each media starts
+    media_size = np.diff(np.r_[media_start, order.size])
+    if features.dtype != np.float32:
+        features = features.astype(np.float32)
+    media_sum, media_perm = _segment_sum(order, media_start, media_size, features, weights)
+    media_sum /= media_size[media_perm, None].astype(np.float32)  # media means
+    media_row = np.empty_like(media_perm)
+    media_row[media_perm] = np.arange(media_perm.size)  # media m (template order) is media_sum[media_row[m]]
+    first_media = np.flatnonzero(new_template[media_start])  # media index where each template starts
+    num_media = np.diff(np.r_[first_media, media_start.size])
+    template_sum, template_perm = _segment_sum(media_row, first_media, num_media, media_sum)
+    pooled = np.empty_like(template_sum)
+    pooled[template_perm] = template_sum
+    templates = tid_sorted[media_start[first_media]].astype(np.int64)
+    norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+    np.divide(pooled, norms, out=pooled, where=norms > 0)
+    return templates, pooled
+
+
+# ------------------------------------------------------------------------------------------ scores
+def score_pairs(query_feats: np.ndarray, gallery_feats: np.ndarray, index1: np.ndarray,
+                index2: np.ndarray, block: int = 4096, min_density: float = 1 / 64) -> np.ndarray:
+    """Scores ``query_feats[index1[k]] . gallery_feats[index2[k]]`` of many template pairs.
+
+    Pairs are bucketed by (row block, column block) of templates (a 16-bit key, so numpy's stable
+    sort is a radix sort); a bucket dense enough is scored by one GEMM of the two template blocks
+    and its pairs are picked from the product, a sparse one by row gathers. Pass the same array
+    twice for a self test; in a self test a pair and its swap are the same score, so pairs are
+    folded onto the upper block triangle first.
+
+    Args:
+        query_feats: [T, D] templates of the first pair member (L2-normalised -> cosine).
+        gallery_feats: [T, D] templates of the second pair member, same template order.
+        index1, index2: [M] template row indices.
+        block: templates per block.
+        min_density: buckets with fewer than ``min_density * block**2`` pairs use row gathers.
+
+    Returns:
+        [M] float32 scores, in pair order.
+    """
+    self_test = query_feats is gallery_feats
+    query_feats = np.ascontiguousarray(query_feats, np.float32)
+    gallery_feats = query_feats if self_test else np.ascontiguousarray(gallery_feats, np.float32)
+    if query_feats.shape != gallery_feats.shape:
+        raise ValueError(f"query {query_feats.shape} and gallery {gallery_feats.shape} feats differ")
+    # int32 indices: at IJB-C size every [M] int64 temporary is 125 MB
+    index1, index2 = np.asarray(index1, np.int32), np.asarray(index2, np.int32)
+    num_templates = query_feats.shape[0]
+    num_blocks = -(-num_templates // block)
+    while num_blocks * num_blocks > 65536:  # keep the bucket key in 16 bits
+        block *= 2
+        num_blocks = -(-num_templates // block)
+    if self_test:
+        rows, cols = np.minimum(index1, index2), np.maximum(index1, index2)
+    else:
+        rows, cols = index1, index2
+    key = ((rows // block) * num_blocks + cols // block).astype(np.uint16)
+    order = np.argsort(key, kind="stable")
+    counts = np.bincount(key, minlength=num_blocks * num_blocks)
+    starts = np.r_[0, np.cumsum(counts)]
+    scores = np.empty(index1.size, np.float32)
+    for bucket in np.flatnonzero(counts):
+        sel = order[starts[bucket]:starts[bucket + 1]]
+        r0, c0 = (bucket // num_blocks) * block, (bucket % num_blocks) * block
+        r, c = rows[sel], cols[sel]
+        if sel.size >= min_density * block * block:
+            product = query_feats[r0:r0 + block] @ gallery_feats[c0:c0 + block].T
+            scores[sel] = product[r - r0, c - c0]
+        else:
+            scores[sel] = np.einsum("ij,ij->i", query_feats[r], gallery_feats[c])
+    return scores
+
+
+def _template_rows(templates: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
+    rows = np.minimum(np.searchsorted(templates, ids), templates.size - 1).astype(np.int32)
+    bad = templates[rows] != ids
+    if bad.any():
+        raise IJBMetaError(f"{what}: templates without faces: {_preview(np.unique(ids[bad]).tolist())}")
+    return rows
+
+
+def _pooled(meta: IJBMeta, features: np.ndarray, score_weighting: bool) -> tuple[np.ndarray, np.ndarray]:
+    if features.shape[0] != meta.num_faces:
+        raise ValueError(f"features have {features.shape[0]} rows, the meta lists {meta.num_faces} faces")
+    weights = meta.det_scores if score_weighting else None
+    return pool_templates(features, meta.template_ids, meta.media_ids, weights)
+
+
+def evaluate_1to1(meta: IJBMeta, query_features: np.ndarray, gallery_features: np.ndarray | None = None,
+                  fars: Sequence[float] = metrics.DEFAULT_FARS, score_weighting: bool = True,
+                  return_curves: bool = False) -> dict | tuple[dict, dict]:
+    """IJB 1:1 verification over the meta's template pairs.
+
+    Args:
+        meta: from :func:`load_ijb_meta`.
+        query_features: [N, D] face features of the model of each pair's first template.
+        gallery_features: [N, D] of the model of the second template (None = self test).
+        fars: target FARs.
+        score_weighting: weight faces by detector score before pooling (insightface default).
+        return_curves: also return ``{"scores" [M] float32, "labels" [M] int8, "fpr", "tpr"}``.
+
+    Returns:
+        ``{"tar_at_far": {far_key: tar}, "tar_at_far_strict": {...}, "auc", "num_pairs",
+        "num_genuine"}`` (and the curves dict with ``return_curves``).
+    """
+    templates, query_t = _pooled(meta, query_features, score_weighting)
+    gallery_t = query_t if gallery_features is None else _pooled(meta, gallery_features, score_weighting)[1]
+    i1 = _template_rows(templates, meta.pair_t1, "pair file")
+    i2 = _template_rows(templates, meta.pair_t2, "pair file")
+    scores = score_pairs(query_t, gallery_t, i1, i2)
+    fpr, tpr, _ = metrics.roc_curve(scores, meta.pair_labels)
+    result = {"tar_at_far": metrics.tar_at_far(fpr, tpr, fars),
+              "tar_at_far_strict": metrics.tar_at_far_strict(fpr, tpr, fars),
+              "auc": metrics.auc(fpr, tpr), "num_pairs": int(scores.size),
+              "num_genuine": int(meta.pair_labels.sum())}
+    if return_curves:
+        return result, {"scores": scores, "labels": meta.pair_labels, "fpr": fpr, "tpr": tpr}
+    return result
+
+
+def _similarity(probe_feats: np.ndarray, gallery_feats: np.ndarray, use_faiss: bool) -> np.ndarray:
+    """[P, G] inner products, through a faiss flat index (GPU when available) or numpy."""
+    if use_faiss:
+        try:
+            import faiss
+        except ImportError:
+            use_faiss = False
+    if not use_faiss:
+        return probe_feats @ gallery_feats.T
+    index = faiss.IndexFlatIP(gallery_feats.shape[1])
+    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(np.ascontiguousarray(gallery_feats, np.float32))
+    dist, idx = index.search(np.ascontiguousarray(probe_feats, np.float32), gallery_feats.shape[0])
+    sim = np.empty((probe_feats.shape[0], gallery_feats.shape[0]), np.float32)
+    np.put_along_axis(sim, idx, dist, axis=1)
+    return sim
+
+
+def evaluate_1toN(meta: IJBMeta, query_features: np.ndarray, gallery_features: np.ndarray | None = None,
+                  ranks: Sequence[int] = metrics.DEFAULT_RANKS,
+                  fpirs: Sequence[float] = metrics.DEFAULT_FPIRS, use_faiss: bool = True,
+                  score_weighting: bool = True) -> dict:
+    """IJB 1:N open-set identification per gallery (DESIGN §5).
+
+    Probe templates are pooled from ``query_features``, gallery templates from
+    ``gallery_features`` (None = the same model). Mated probes of a gallery are those whose subject
+    has a template in it.
+
+    Returns:
+        ``{gallery: {"cmc": {"1": r1, ...}, "tpir_at_fpir": {"0.01": x, ...}, "num_probes",
+        "num_mated", "num_gallery"}}``.
+    """
+    if not meta.has_1n:
+        raise IJBMetaError(f"{meta.target}: no 1:N meta files (gallery and probe CSVs)")
+    templates, query_t = _pooled(meta, query_features, score_weighting)
+    gallery_t = query_t if gallery_features is None else _pooled(meta, gallery_features, score_weighting)[1]
+    probes = meta.probes
+    probe_feats = query_t[_template_rows(templates, probes.template_ids, "1:N probe CSV")]
+    out = {}
+    for name, gallery in meta.galleries.items():
+        gallery_feats = gallery_t[_template_rows(templates, gallery.template_ids, f"1:N gallery {name} CSV")]
+        sim = _similarity(probe_feats, gallery_feats, use_faiss)
+        mated = np.isin(probes.subject_ids, gallery.subject_ids)
+        subjects = (probes.subject_ids, gallery.subject_ids)
+        out[name] = {"cmc": metrics.cmc(sim, *subjects, ranks),
+                     "tpir_at_fpir": metrics.tpir_at_fpir(sim, *subjects, fpirs),
+                     "num_probes": int(probes.template_ids.size), "num_mated": int(mated.sum()),
+                     "num_gallery": int(gallery.template_ids.size)}
+    return out

@@ -1,0 +1,183 @@
+"""Verification (1:1) and identification (1:N) metrics on plain score arrays.
+
+1:1 follows insightface's ``eval_ijbc.py``: the ROC is exactly ``sklearn.metrics.roc_curve`` with
+``drop_intermediate=True`` (reproduced here without sklearn, and fast on IJB-C's 15.6M scores),
+and TAR@FAR is read at the ROC point whose FAR is nearest the target (:func:`tar_at_far`); the
+strict "best TAR with FAR <= target" is :func:`tar_at_far_strict`.
+
+1:N follows DESIGN §5 (open set, per gallery): :func:`cmc` over mated probes and
+:func:`tpir_at_fpir` with the threshold taken from the non-mated probes' best scores.
+
+Result keys: FARs are formatted by :func:`far_key` (``format(x, ".0e")``: ``"1e-06"``, ``"1e-04"``,
+``"1e-01"``), FPIRs by :func:`fpir_key` (``format(x, "g")``: ``"0.01"``, ``"0.1"``), ranks by
+``str(k)``, matching the JSON shapes of DESIGN §8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+DEFAULT_FPIRS = (0.01, 0.1)
+DEFAULT_RANKS = (1, 5, 10)
+
+
+def far_key(far: float) -> str:
+    """The JSON key of a FAR: ``format(far, ".0e")`` (1e-6 -> "1e-06", 0.1 -> "1e-01")."""
+    return format(far, ".0e")
+
+
+def fpir_key(fpir: float) -> str:
+    """The JSON key of an FPIR: ``format(fpir, "g")`` (0.01 -> "0.01", 0.1 -> "0.1")."""
+    return format(fpir, "g")
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC of binary scores, identical to ``sklearn.metrics.roc_curve(labels, scores)``.
+
+    Same points as sklearn's default ``drop_intermediate=True``: one point per distinct score
+    (descending), collinear points dropped by second differences, then (0, 0) prepended with
+    threshold ``inf``. Instead of one argsort of all scores, genuine and impostor scores are sorted
+    separately and counted by ``searchsorted`` (the impostors dominate; the counts are exact).
+
+    Args:
+        scores: [M] float scores (higher = more likely genuine); NaN is rejected.
+        labels: [M] labels, genuine where == 1 (or True); anything else is an impostor.
+
+    Returns:
+        fpr [K] float64, tpr [K] float64, thresholds [K] (dtype of ``scores``, first is inf).
+        With no impostors (or no genuine pairs) fpr (or tpr) is all NaN, as in sklearn.
+    """
+    scores = np.asarray(scores)
+    labels = np.asarray(labels)
+    labels = labels if labels.dtype == bool else labels == 1  # sklearn's pos_label=1
+    if scores.ndim != 1 or scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be 1-D of one length")
+    if scores.size == 0:
+        raise ValueError("roc_curve needs at least one score")
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    genuine = np.sort(scores[labels])
+    impostor = np.sort(scores[~labels])
+    # distinct values of all scores, ascending: the impostor uniques with the genuine-only values
+    # inserted; "#impostors below a value" is the first index of an impostor unique (no search)
+    first = np.flatnonzero(np.r_[True, impostor[1:] != impostor[:-1]]) if impostor.size else \
+        np.zeros(0, np.int64)
+    imp_u = impostor[first]
+    gen_u = genuine[np.r_[True, genuine[1:] != genuine[:-1]]] if genuine.size else genuine
+    pos = np.searchsorted(imp_u, gen_u)
+    new = (pos >= imp_u.size) | (imp_u[np.minimum(pos, max(imp_u.size - 1, 0))] != gen_u) \
+        if imp_u.size else np.ones(gen_u.size, bool)
+    imp_below = np.insert(first, pos[new], np.searchsorted(impostor, gen_u[new]))
+    distinct = np.insert(imp_u, pos[new], gen_u[new])
+    # descending, as sklearn's thresholds; counts of scores >= each threshold
+    distinct, imp_below = distinct[::-1], imp_below[::-1]
+    fps = (impostor.size - imp_below).astype(np.float64)
+    tps = (genuine.size - np.searchsorted(genuine, distinct, side="left")).astype(np.float64)
+    if fps.size > 2:
+        keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
+        fps, tps, distinct = fps[keep], tps[keep], distinct[keep]
+    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
+    thresholds = np.r_[np.array([np.inf], dtype=distinct.dtype), distinct]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fpr = fps / fps[-1] if fps[-1] > 0 else np.full(fps.shape, np.nan)
+        tpr = tps / tps[-1] if tps[-1] > 0 else np.full(tps.shape, np.nan)
+    return fpr, tpr, thresholds
+
+
+def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars: Sequence[float] = DEFAULT_FARS) -> dict[str, float]:
+    """TAR at the ROC point whose FAR is nearest each target (insightface's printed convention).
+
+    Ties in ``|fpr - far|`` take the first point, as ``np.argmin`` (and insightface's
+    ``min(zip(diff, range))``) do. Returns ``{far_key(far): tar}``.
+    """
+    fpr, tpr = np.asarray(fpr), np.asarray(tpr)
+    return {far_key(far): float(tpr[int(np.argmin(np.abs(fpr - far)))]) for far in fars}
+
+
+def tar_at_far_strict(fpr: np.ndarray, tpr: np.ndarray,
+                      fars: Sequence[float] = DEFAULT_FARS) -> dict[str, float]:
+    """Best TAR over the ROC points with FAR <= each target (0.0 when there is none)."""
+    fpr, tpr = np.asarray(fpr), np.asarray(tpr)
+    out = {}
+    for far in fars:
+        ok = fpr <= far
+        out[far_key(far)] = float(tpr[ok].max()) if ok.any() else 0.0
+    return out
+
+
+def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Area under the ROC by the trapezoidal rule (``fpr`` ascending, as :func:`roc_curve` gives)."""
+    fpr, tpr = np.asarray(fpr, np.float64), np.asarray(tpr, np.float64)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+
+
+def _mated_scores(similarity: np.ndarray, probe_subjects: np.ndarray,
+                  gallery_subjects: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per probe: is it mated, best score over its subject's gallery templates, best other score."""
+    similarity = np.asarray(similarity)
+    probe_subjects, gallery_subjects = np.asarray(probe_subjects), np.asarray(gallery_subjects)
+    if similarity.shape != (probe_subjects.size, gallery_subjects.size):
+        raise ValueError(f"similarity {similarity.shape} does not match {probe_subjects.size} probes "
+                         f"x {gallery_subjects.size} gallery templates")
+    same = probe_subjects[:, None] == gallery_subjects[None, :]  # [P, G]
+    mated = same.any(axis=1)
+    best_true = np.where(same, similarity, -np.inf).max(axis=1, initial=-np.inf)
+    best_other = np.where(same, -np.inf, similarity).max(axis=1, initial=-np.inf)
+    return mated, best_true, best_other
+
+
+def cmc(similarity: np.ndarray, probe_subjects: np.ndarray, gallery_subjects: np.ndarray,
+        ranks: Sequence[int] = DEFAULT_RANKS) -> dict[str, float]:
+    """Closed-set CMC over the mated probes (those whose subject has a gallery template).
+
+    The rank of a mated probe is 1 + the number of gallery templates of other subjects scoring
+    strictly higher than its best true template (ties count in the probe's favour).
+
+    Args:
+        similarity: [P, G] probe x gallery template scores.
+        probe_subjects: [P] subject ids; gallery_subjects: [G] subject ids.
+        ranks: the k of each rank-k rate.
+
+    Returns:
+        ``{str(k): share of mated probes with rank <= k}`` (NaN if no probe is mated).
+    """
+    mated, best_true, _ = _mated_scores(similarity, probe_subjects, gallery_subjects)
+    if not mated.any():
+        return {str(k): float("nan") for k in ranks}
+    sim = np.asarray(similarity)[mated]
+    same = np.asarray(probe_subjects)[mated][:, None] == np.asarray(gallery_subjects)[None, :]
+    rank = 1 + np.sum((sim > best_true[mated][:, None]) & ~same, axis=1)
+    return {str(k): float(np.mean(rank <= k)) for k in ranks}
+
+
+def tpir_at_fpir(similarity: np.ndarray, probe_subjects: np.ndarray, gallery_subjects: np.ndarray,
+                 fpirs: Sequence[float] = DEFAULT_FPIRS) -> dict[str, float]:
+    """Open-set TPIR at FPIR (DESIGN §5).
+
+    The non-mated probes' best scores are sorted descending and the threshold is the entry at
+    index ``max(floor(n_nonmated * fpir) - 1, 0)``; TPIR is the share of mated probes whose true
+    template ranks first (ties in its favour, as in :func:`cmc`) AND whose score is strictly
+    greater than the threshold. With no non-mated probe the threshold is -inf (TPIR = rank-1).
+
+    Returns:
+        ``{fpir_key(fpir): tpir}`` (NaN if no probe is mated).
+    """
+    mated, best_true, best_other = _mated_scores(similarity, probe_subjects, gallery_subjects)
+    nonmated_best = np.sort(best_other[~mated])[::-1]
+    rank1 = best_true[mated] >= best_other[mated]
+    out = {}
+    for fpir in fpirs:
+        if not mated.any():
+            out[fpir_key(fpir)] = float("nan")
+            continue
+        if nonmated_best.size:
+            threshold = nonmated_best[max(int(np.floor(nonmated_best.size * fpir)) - 1, 0)]
+        else:
+            threshold = -np.inf
+        out[fpir_key(fpir)] = float(np.mean(rank1 & (best_true[mated] > threshold)))
+    return out

@@ -1,0 +1,198 @@
+"""facecompat.eval.ijb: meta parsing, pooling, pair scores and the 1:1 / 1:N evaluations."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facecompat.eval import ijb
+
+
+def _pool_reference(features, template_ids, media_ids, weights=None):
+    """insightface's image2template_feature, loop for loop."""
+    feats = features * weights[:, None] if weights is not None else features
+    templates = np.unique(template_ids)
+    out = np.zeros((len(templates), features.shape[1]), np.float64)
+    for k, t in enumerate(templates):
+        ind = np.where(template_ids == t)[0]
+        medias = []
+        for m in np.unique(media_ids[ind]):
+            medias.append(feats[ind[media_ids[ind] == m]].mean(axis=0))
+        out[k] = np.sum(medias, axis=0)
+    return templates, out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_pool_templates_matches_loop(weighted: bool) -> None:
+    rng = np.random.default_rng(0)
+    n = 500
+    tids = rng.integers(1, 60, n) * 7
+    mids = rng.integers(0, 4, n) + tids * 10  # media ids unique to their template
+    feats = rng.standard_normal((n, 16)).astype(np.float32)
+    weights = rng.uniform(0.3, 1.0, n).astype(np.float32) if weighted else None
+    templates, pooled = ijb.pool_templates(feats, tids, mids, weights)
+    ref_t, ref = _pool_reference(feats, tids, mids, weights)
+    np.testing.assert_array_equal(templates, ref_t)
+    np.testing.assert_allclose(pooled, ref, atol=1e-5)
+    assert pooled.dtype == np.float32
+    # faces with template id -1 are skipped
+    tids2 = tids.copy()
+    tids2[:10] = -1
+    t2, _ = ijb.pool_templates(feats, tids2, mids, weights)
+    assert -1 not in t2
+
+
+@pytest.mark.parametrize("block", [4, 16, 1000])
+def test_score_pairs_matches_direct_dot(block: int) -> None:
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((50, 8)).astype(np.float32)
+    g = rng.standard_normal((50, 8)).astype(np.float32)
+    i1, i2 = rng.integers(0, 50, 3000), rng.integers(0, 50, 3000)
+    for density in (0.0, 1.0):  # all GEMM buckets, all gather buckets
+        cross = ijb.score_pairs(q, g, i1, i2, block=block, min_density=density)
+        np.testing.assert_allclose(cross, np.sum(q[i1] * g[i2], axis=1), atol=1e-5)
+        self_scores = ijb.score_pairs(q, q, i1, i2, block=block, min_density=density)
+        np.testing.assert_allclose(self_scores, np.sum(q[i1] * q[i2], axis=1), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- meta files
+def test_load_meta_counts_match_files(synthetic_tiny: Path) -> None:
+    meta = ijb.load_ijb_meta(synthetic_tiny, "IJBC")
+    meta_dir = synthetic_tiny / "IJBC" / "meta"
+    pts_lines = (meta_dir / "ijbc_name_5pts_score.txt").read_text().splitlines()
+    pair_lines = (meta_dir / "ijbc_template_pair_label.txt").read_text().splitlines()
+    assert meta.num_faces == len(pts_lines)
+    assert meta.landmarks.shape == (len(pts_lines), 5, 2)
+    first = pts_lines[0].split()
+    assert meta.image_names[0] == first[0]
+    np.testing.assert_allclose(meta.landmarks[0].ravel(), np.array(first[1:11], float), rtol=1e-6)
+    assert meta.det_scores[0] == pytest.approx(float(first[11]))
+    assert len(meta.pair_t1) == len(pair_lines)
+    assert int(meta.pair_labels.sum()) == sum(line.split()[2] == "1" for line in pair_lines)
+    tid_lines = (meta_dir / "ijbc_face_tid_mid.txt").read_text().splitlines()
+    tid_mid = {ln.split()[0]: ln.split()[1:] for ln in tid_lines}
+    for k in (0, meta.num_faces - 1):
+        assert [str(meta.template_ids[k]), str(meta.media_ids[k])] == tid_mid[meta.image_names[k]]
+    assert meta.has_1n and set(meta.galleries) == {"G1", "G2"}
+    groups = [meta.probes, *meta.galleries.values()]
+    all_templates = np.concatenate([g.template_ids for g in groups])
+    assert sorted(all_templates.tolist()) == sorted(np.unique(meta.template_ids).tolist())
+
+
+@pytest.fixture()
+def meta_copy(synthetic_tiny: Path, tmp_path: Path) -> Path:
+    shutil.copytree(synthetic_tiny / "IJBC" / "meta", tmp_path / "IJBC" / "meta")
+    return tmp_path
+
+
+def _edit(path: Path, fn) -> None:
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(fn(lines)) + "\n")
+
+
+def test_meta_errors_name_the_file(meta_copy: Path) -> None:
+    meta_dir = meta_copy / "IJBC" / "meta"
+    names = ("name_5pts_score", "face_tid_mid", "template_pair_label")
+    pts, tid, pairs = (meta_dir / f"ijbc_{n}.txt" for n in names)
+    backup = {p: p.read_text() for p in (pts, tid, pairs)}
+
+    def expect(file_name: str, match: str = "") -> None:
+        with pytest.raises(ijb.IJBMetaError, match=match) as err:
+            ijb.load_ijb_meta(meta_copy)
+        assert file_name in str(err.value)
+        assert "\n" not in str(err.value)
+        for p, text in backup.items():
+            p.write_text(text)
+
+    pts.unlink()
+    expect("ijbc_name_5pts_score.txt", "missing")
+    _edit(pts, lambda ls: ls[1:])  # a face without a landmarks line
+    expect("ijbc_face_tid_mid.txt", "1.jpg")
+    _edit(pts, lambda ls: [ls[0], " ".join(ls[1].split()[:-1]), *ls[2:]])  # bad number of columns
+    expect("ijbc_name_5pts_score.txt:2", "columns")
+    _edit(pts, lambda ls: [ls[0].replace(ls[0].split()[3], "abc", 1), *ls[1:]])
+    expect("ijbc_name_5pts_score.txt:1", "number")
+    _edit(pairs, lambda ls: [*ls, "1 999999 0"])  # a pair template with no face
+    expect("ijbc_template_pair_label.txt", "999999")
+    _edit(tid, lambda ls: [*ls[:-1], ls[-1] + " 7"])
+    expect("ijbc_face_tid_mid.txt:", "columns")
+
+    csv = meta_dir / "ijbc_1N_gallery_G1.csv"
+    text = csv.read_text()
+    _edit(csv, lambda ls: [*ls, ls[1].split(",", 2)[0] + ",123456," + ls[1].split(",", 2)[2]])
+    with pytest.raises(ijb.IJBMetaError, match="two subjects") as err:
+        ijb.load_ijb_meta(meta_copy)
+    assert "ijbc_1N_gallery_G1.csv" in str(err.value)
+    csv.write_text(text)
+    _edit(csv, lambda ls: [*ls, "1,2,3"])
+    with pytest.raises(ijb.IJBMetaError, match="ijbc_1N_gallery_G1.csv:.*columns"):
+        ijb.load_ijb_meta(meta_copy)
+    csv.unlink()
+    assert not ijb.load_ijb_meta(meta_copy).has_1n  # 1:N files are optional
+
+
+def test_allow_missing_skips_and_counts(meta_copy: Path) -> None:
+    meta_dir = meta_copy / "IJBC" / "meta"
+    _edit(meta_dir / "ijbc_name_5pts_score.txt", lambda ls: ls[1:])
+    _edit(meta_dir / "ijbc_template_pair_label.txt", lambda ls: [*ls, "1 999999 0", "999998 2 1"])
+    meta = ijb.load_ijb_meta(meta_copy, allow_missing=True)
+    assert meta.num_missing_faces == 1
+    assert meta.num_missing_pairs == 2
+    assert 999999 not in meta.pair_t2
+
+
+# ----------------------------------------------------------------------------------------- end to end
+def _subject_features(meta: ijb.IJBMeta, rng: np.random.Generator, dim: int = 64) -> np.ndarray:
+    subject_of = {}
+    for group in (meta.probes, *meta.galleries.values()):
+        subject_of.update(zip(group.template_ids.tolist(), group.subject_ids.tolist()))
+    subjects = np.array([subject_of[t] for t in meta.template_ids.tolist()])
+    centres = rng.standard_normal((subjects.max() + 1, dim))
+    return (centres[subjects] + 0.05 * rng.standard_normal((meta.num_faces, dim))).astype(np.float32)
+
+
+def test_evaluate_perfect_and_random(synthetic_tiny: Path) -> None:
+    meta = ijb.load_ijb_meta(synthetic_tiny)
+    rng = np.random.default_rng(0)
+    good = _subject_features(meta, rng)
+    res, curves = ijb.evaluate_1to1(meta, good, return_curves=True)
+    assert res["auc"] == 1.0 and set(res["tar_at_far_strict"].values()) == {1.0}
+    # insightface's nearest-point rule on a perfect ROC [(0,0), (0,1), (1,1)]: FAR 0 is nearest
+    # every small target and its first point has TAR 0 -- kept as is, for comparable numbers
+    assert res["tar_at_far"]["1e-04"] == 0.0
+    assert res["num_pairs"] == len(meta.pair_t1) == curves["scores"].size
+    assert res["num_genuine"] == int(meta.pair_labels.sum())
+    cross = ijb.evaluate_1to1(meta, good, good * 2.0)  # scaling does not change cosines
+    assert cross["tar_at_far"] == res["tar_at_far"]
+    for use_faiss in (True, False):
+        one_n = ijb.evaluate_1toN(meta, good, use_faiss=use_faiss)
+        assert set(one_n) == {"G1", "G2"}
+        for gal in one_n.values():
+            assert gal["cmc"] == {"1": 1.0, "5": 1.0, "10": 1.0}
+            assert set(gal["tpir_at_fpir"]) == {"0.01", "0.1"}
+
+    noise = rng.standard_normal(good.shape).astype(np.float32)
+    assert 0.2 < ijb.evaluate_1to1(meta, noise)["auc"] < 0.8
+    # cross model: random gallery model -> chance level
+    assert 0.2 < ijb.evaluate_1to1(meta, good, noise)["auc"] < 0.8
+    rand_1n = ijb.evaluate_1toN(meta, good, noise)
+    assert all(g["cmc"]["1"] < 1.0 for g in rand_1n.values())
+    with pytest.raises(ValueError, match="rows"):
+        ijb.evaluate_1to1(meta, good[:-1])
+
+
+def test_ijbb_names(synthetic_tiny: Path, tmp_path: Path) -> None:
+    src = synthetic_tiny / "IJBC" / "meta"
+    dst = tmp_path / "IJBB" / "meta"
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        name = f.name.replace("ijbc_", "ijbb_").replace("_G1", "_S1").replace("_G2", "_S2")
+        shutil.copy(f, dst / name)
+    meta = ijb.load_ijb_meta(tmp_path, "IJBB")
+    assert meta.has_1n and set(meta.galleries) == {"S1", "S2"}
+    assert ijb.load_ijb_meta(tmp_path / "IJBB", "IJBB").num_faces == meta.num_faces
+    with pytest.raises(ijb.IJBMetaError, match="IJBC/meta/ijbc_name_5pts_score.txt: missing"):
+        ijb.load_ijb_meta(tmp_path, "IJBC")

@@ -1,0 +1,262 @@
+"""Speed of the IJB-C 1:1 evaluation after feature extraction, at IJB-C size.
+
+    python tools/bench_ijbc.py [--data-dir DIR] [--pairs N] [--reference] [--json]
+
+Writes an IJB-C-sized meta folder (469,375 faces, 23,124 templates, 15,658,489 pairs of which
+19,557 genuine; random subjects, templates and media, consistent with each other) into DIR (a
+temporary folder by default; reused when DIR already holds one of the same size), makes random
+512-d float32 features weakly tied to the subjects, then times facecompat's phases:
+
+  parse_s    load_ijb_meta (the three 1:1 meta files)
+  pool_s     pool_templates (detector-score weighting, media mean, template sum, L2)
+  score_s    score_pairs over all pairs
+  roc_s      roc_curve + tar_at_far + tar_at_far_strict
+  total_s    pool + score + roc (what insightface's 124 s in DESIGN §7 covers)
+  peak_rss_mb  peak resident memory of this process after those phases
+
+--reference also times an insightface eval_ijbc.py-style implementation in the same run (Python
+loops over templates and media for pooling, pair scores in batches of 100,000 by row gather and
+multiply-sum, sklearn's argsort-based ROC algorithm), prints the speed-up and checks that the
+TAR@FAR values agree. --pairs N scales the pair count down for quick checks (genuine pairs
+scaled alike). Exit status 2 with a one-line reason on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from facecompat.eval import ijb, metrics
+
+FULL = {"faces": 469_375, "templates": 23_124, "pairs": 15_658_489, "genuine": 19_557}
+DIM = 512
+
+
+def _int_lines(columns: list[np.ndarray]) -> bytes:
+    """Space-separated non-negative integer columns as text, vectorised (fixed width, space padded)."""
+    cells = []
+    for col in columns:
+        width = len(str(int(col.max()))) if col.size else 1
+        digits = np.full((col.size, width + 1), ord(" "), np.uint8)
+        value = col.astype(np.int64)
+        for k in range(width):
+            d = (value % 10).astype(np.uint8) + ord("0")
+            digits[:, width - 1 - k] = np.where((value > 0) | (k == 0), d, ord(" "))
+            value //= 10
+        cells.append(digits)
+    cells[-1][:, -1] = ord("\n")
+    return np.concatenate(cells, axis=1).tobytes()
+
+
+def make_meta(out: Path, num_pairs: int, num_genuine: int, seed: int = 0) -> None:
+    """Write ``out/IJBC/meta`` (1:1 files only) of IJB-C size with ``num_pairs`` pairs."""
+    rng = np.random.default_rng(seed)
+    meta = out / "IJBC" / "meta"
+    meta.mkdir(parents=True, exist_ok=True)
+    n, t = FULL["faces"], FULL["templates"]
+    template_subject = rng.integers(0, 3_500, t)
+    face_template = np.concatenate([np.arange(t), rng.integers(0, t, n - t)])
+    rng.shuffle(face_template)
+    media_per_template = rng.integers(1, 8, t)
+    face_media = face_template * 10 + rng.integers(0, 8, n) % media_per_template[face_template]
+    names = [f"{i + 1}.jpg" for i in range(n)]
+    tid_mid = _int_lines([face_template + 1, face_media + 1]).splitlines(True)
+    (meta / "ijbc_face_tid_mid.txt").write_bytes(b"".join(f"{a} ".encode() + b
+                                                          for a, b in zip(names, tid_mid)))
+    pts = rng.uniform(20, 90, (n, 10))
+    score = rng.uniform(0.3, 1.0, n)
+    (meta / "ijbc_name_5pts_score.txt").write_text("".join(
+        f"{a} {' '.join(f'{v:.3f}' for v in p)} {s:.5f}\n"
+        for a, p, s in zip(names, pts.tolist(), score.tolist())))
+    # genuine pairs: two templates of one subject; impostor pairs: random templates of two subjects
+    by_subject = np.argsort(template_subject, kind="stable")
+    starts = np.searchsorted(template_subject[by_subject], np.arange(3_500))
+    sizes = np.diff(np.r_[starts, t])
+    subj = rng.choice(np.flatnonzero(sizes >= 2), num_genuine)
+    a = rng.integers(0, sizes[subj])
+    b = (a + rng.integers(1, np.maximum(sizes[subj], 2))) % sizes[subj]
+    g1, g2 = by_subject[starts[subj] + a], by_subject[starts[subj] + b]
+    i1, i2 = rng.integers(0, t, num_pairs - num_genuine), rng.integers(0, t, num_pairs - num_genuine)
+    same = template_subject[i1] == template_subject[i2]
+    i2[same] = (i2[same] + 1) % t  # rarely still the same subject: a harmless mislabel
+    t1, t2 = np.r_[g1, i1] + 1, np.r_[g2, i2] + 1
+    labels = np.r_[np.ones(num_genuine, np.int64), np.zeros(num_pairs - num_genuine, np.int64)]
+    order = rng.permutation(num_pairs)
+    with open(meta / "ijbc_template_pair_label.txt", "wb") as f:
+        for s in range(0, num_pairs, 2_000_000):
+            sel = order[s:s + 2_000_000]
+            f.write(_int_lines([t1[sel], t2[sel], labels[sel]]))
+    np.save(meta / "bench_template_subject.npy", template_subject)
+    (meta / "bench.json").write_text(json.dumps({"pairs": num_pairs, "genuine": num_genuine, "seed": seed}))
+
+
+def make_features(meta: ijb.IJBMeta, subject_of_template: np.ndarray, seed: int = 1) -> np.ndarray:
+    """[N, 512] float32: a subject centre (weight 0.1) plus unit Gaussian noise, chunk by chunk.
+
+    The weight makes genuine template cosines ~0.17 against impostor ~0 +- 0.044: TARs in (0, 1)
+    at the small FARs, so the agreement check against the reference means something.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((subject_of_template.max() + 1, DIM), dtype=np.float32)
+    feats = np.empty((meta.num_faces, DIM), np.float32)
+    for s in range(0, meta.num_faces, 65_536):
+        e = min(s + 65_536, meta.num_faces)
+        rng.standard_normal((e - s, DIM), dtype=np.float32, out=feats[s:e])
+        feats[s:e] += 0.1 * centres[subject_of_template[meta.template_ids[s:e] - 1]]
+    return feats
+
+
+# ------------------------------------------------------------------- insightface-style reference
+def reference_pool(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray,
+                   scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """insightface image2template_feature (with use_detector_score), loop for loop."""
+    feats = feats * scores[:, None]
+    unique_templates = np.unique(templates)
+    template_feats = np.zeros((len(unique_templates), feats.shape[1]), np.float32)
+    for k, uqt in enumerate(tqdm(unique_templates, desc="reference pooling", leave=False, mininterval=5)):
+        (ind_t,) = np.where(templates == uqt)
+        face_feats, face_medias = feats[ind_t], medias[ind_t]
+        unique_medias, counts = np.unique(face_medias, return_counts=True)
+        media_feats = []
+        for u, ct in zip(unique_medias, counts):
+            (ind_m,) = np.where(face_medias == u)
+            media_feats.append(face_feats[ind_m] if ct == 1 else np.mean(face_feats[ind_m], 0, keepdims=True))
+        template_feats[k] = np.sum(np.array(media_feats), axis=0)
+    norms = np.linalg.norm(template_feats, axis=1, keepdims=True)
+    return unique_templates, template_feats / np.maximum(norms, 1e-12)
+
+
+def reference_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np.ndarray,
+                     p2: np.ndarray) -> np.ndarray:
+    """insightface verification(): row gathers + multiply-sum in batches of 100,000 pairs."""
+    template2id = np.zeros(max(unique_templates) + 1, dtype=int)
+    template2id[unique_templates] = np.arange(len(unique_templates))
+    score = np.zeros(len(p1))
+    for s in tqdm(range(0, len(p1), 100_000), desc="reference scores", leave=False, mininterval=5):
+        sel = slice(s, s + 100_000)
+        score[sel] = np.sum(template_feats[template2id[p1[sel]]] * template_feats[template2id[p2[sel]]], -1)
+    return score
+
+
+def reference_roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's roc_curve algorithm (one mergesort argsort of all scores)."""
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    s, y = scores[order], labels[order].astype(np.float64)
+    idx = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
+    tps = np.cumsum(y)[idx]
+    fps = 1 + idx - tps
+    keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
+    fps, tps = np.r_[0, fps[keep]], np.r_[0, tps[keep]]
+    return fps / fps[-1], tps / tps[-1]
+
+
+# ------------------------------------------------------------------------------------------ run
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run(data_dir: Path, num_pairs: int, reference: bool) -> dict:
+    info = data_dir / "IJBC" / "meta" / "bench.json"
+    num_genuine = max(1, round(FULL["genuine"] * num_pairs / FULL["pairs"]))
+    if not info.is_file() or json.loads(info.read_text())["pairs"] != num_pairs:
+        print(f"writing an IJB-C-sized meta folder with {num_pairs:,} pairs to {data_dir}", file=sys.stderr)
+        # in a child process, so that this process's peak RSS is the evaluation's alone
+        child = multiprocessing.get_context("fork").Process(target=make_meta,
+                                                            args=(data_dir, num_pairs, num_genuine))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise OSError(f"writing the meta folder in {data_dir} failed (exit {child.exitcode})")
+    out: dict = {"faces": FULL["faces"], "templates": FULL["templates"], "pairs": num_pairs}
+    rss_before = _peak_rss_mb()
+    t0 = time.perf_counter()
+    meta = ijb.load_ijb_meta(data_dir, "IJBC")
+    out["parse_s"] = time.perf_counter() - t0
+    feats = make_features(meta, np.load(data_dir / "IJBC" / "meta" / "bench_template_subject.npy"))
+    t0 = time.perf_counter()
+    templates, pooled = ijb.pool_templates(feats, meta.template_ids, meta.media_ids, meta.det_scores)
+    t1 = time.perf_counter()
+    rows1 = np.searchsorted(templates, meta.pair_t1).astype(np.int32)
+    rows2 = np.searchsorted(templates, meta.pair_t2).astype(np.int32)
+    scores = ijb.score_pairs(pooled, pooled, rows1, rows2)
+    t2 = time.perf_counter()
+    fpr, tpr, _ = metrics.roc_curve(scores, meta.pair_labels)
+    tar = metrics.tar_at_far(fpr, tpr)
+    out["tar_at_far_strict"] = metrics.tar_at_far_strict(fpr, tpr)
+    t3 = time.perf_counter()
+    out.update(pool_s=t1 - t0, score_s=t2 - t1, roc_s=t3 - t2, total_s=t3 - t0, tar_at_far=tar,
+               genuine=int(meta.pair_labels.sum()), peak_rss_mb=_peak_rss_mb(), rss_before_mb=rss_before)
+    if reference:
+        t0 = time.perf_counter()
+        ref_t, ref_feats = reference_pool(feats, meta.template_ids, meta.media_ids, meta.det_scores)
+        t1 = time.perf_counter()
+        ref_scores = reference_scores(ref_feats, ref_t, meta.pair_t1, meta.pair_t2)
+        t2 = time.perf_counter()
+        ref_fpr, ref_tpr = reference_roc(ref_scores, meta.pair_labels)
+        ref_tar = metrics.tar_at_far(ref_fpr, ref_tpr)
+        t3 = time.perf_counter()
+        out["reference"] = {"pool_s": t1 - t0, "score_s": t2 - t1, "roc_s": t3 - t2, "total_s": t3 - t0,
+                            "tar_at_far": ref_tar}
+        out["speedup"] = out["reference"]["total_s"] / out["total_s"]
+        out["max_score_diff"] = float(np.max(np.abs(ref_scores - scores)))
+        out["tar_agree_abs"] = max(abs(ref_tar[k] - tar[k]) for k in tar)
+    return out
+
+
+def _table(res: dict) -> str:
+    rows = [("parse meta", "parse_s"), ("pooling", "pool_s"), ("pair scores", "score_s"),
+            ("ROC + TAR@FAR", "roc_s"), ("total after parse", "total_s")]
+    ref = res.get("reference")
+    lines = [f"IJB-C 1:1 bench: {res['faces']:,} faces, {res['templates']:,} templates, "
+             f"{res['pairs']:,} pairs ({res['genuine']:,} genuine)",
+             f"{'phase':<20}{'facecompat s':>14}" + (f"{'reference s':>14}{'speed-up':>10}" if ref else "")]
+    for label, key in rows:
+        line = f"{label:<20}{res[key]:>14.2f}"
+        if ref and key in ref:
+            line += f"{ref[key]:>14.2f}{ref[key] / max(res[key], 1e-9):>9.1f}x"
+        lines.append(line)
+    lines.append(f"peak RSS {res['peak_rss_mb']:.0f} MB (after facecompat phases; "
+                 f"{res['rss_before_mb']:.0f} MB before parsing)")
+    lines.append("TAR@FAR " + " ".join(f"{k}:{v:.4f}" for k, v in res["tar_at_far"].items()))
+    if ref:
+        lines.append(f"reference agrees: max |TAR diff| {res['tar_agree_abs']:.2e}, "
+                     f"max |score diff| {res['max_score_diff']:.2e}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--data-dir", type=Path,
+                        help="where the meta folder is written/reused (default: temp)")
+    parser.add_argument("--pairs", type=int, default=FULL["pairs"], help="number of 1:1 pairs")
+    parser.add_argument("--reference", action="store_true", help="also time the insightface-style code")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    if args.pairs < 100:
+        print("bench_ijbc: --pairs must be at least 100", file=sys.stderr)
+        return 2
+    try:
+        if args.data_dir is None:
+            with tempfile.TemporaryDirectory(prefix="bench_ijbc_") as tmp:
+                res = run(Path(tmp), args.pairs, args.reference)
+        else:
+            res = run(args.data_dir, args.pairs, args.reference)
+    except (ijb.IJBMetaError, OSError) as err:
+        print(f"bench_ijbc: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=2) if args.json else _table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
