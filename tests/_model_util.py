@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -21,3 +23,15 @@ def calibrated_model(name: str, seed: int = 0, **kw) -> nn.Module:
     with torch.no_grad():
         model(torch.rand(8, 3, 112, 112) * 2 - 1)
     return model.eval()
+
+
+def single_thread() -> Iterator[None]:
+    """Generator for a module-scoped fixture: one intra-op thread while the module runs.
+
+    These models are tiny (8-64 channels): with two threads on a small shared CPU the OpenMP
+    hand-offs cost more than the convolutions and timings swing by 10x; one is steady.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _model_util import calibrated_model
+from _model_util import calibrated_model, single_thread
 
 from facecompat.models.onnx_export import OnnxExportError, export_onnx
 
@@ -21,13 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: two intra-op threads on a small shared CPU only add hand-off jitter
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 _calibrated = calibrated_model

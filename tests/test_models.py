@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _model_util import calibrated_model
+from _model_util import calibrated_model, single_thread
 from torch import nn
 
 from facecompat.models import (
@@ -104,14 +104,7 @@ SAMPLE_KEYS: dict[str, dict[str, list[int] | None]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny (8-64 channels): with two intra-op threads on a small shared CPU the
-    # OpenMP hand-offs cost more than the convolutions and timings swing by 10x; one is steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 # --- independent parameter counts, from insightface's layer lists ---------------------------------

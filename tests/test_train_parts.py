@@ -131,3 +131,16 @@ def test_accumulation_and_ranks_equal_one_big_step():
             torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), head.weight.detach(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_bench_train_tool_rejects_an_unknown_network(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--network", "r19", "--steps", "1", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "r19" in err[0]
