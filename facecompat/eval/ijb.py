@@ -407,11 +407,57 @@ def _template_rows(templates: np.ndarray, ids: np.ndarray, what: str) -> np.ndar
     return rows
 
 
-def _pooled(meta: IJBMeta, features: np.ndarray, score_weighting: bool) -> tuple[np.ndarray, np.ndarray]:
-    if features.shape[0] != meta.num_faces:
-        raise ValueError(f"features have {features.shape[0]} rows, the meta lists {meta.num_faces} faces")
+@dataclass
+class Pooled:
+    """Template features of one model: ``templates`` [T] sorted ids, ``feats`` [T, D] L2-normalised.
+
+    Pool each model once (:func:`pool`) and score any query/gallery combination from the results.
+    """
+
+    templates: np.ndarray
+    feats: np.ndarray
+
+    def rows(self, ids: np.ndarray, what: str) -> np.ndarray:
+        """Row of every template id in ``ids``; :class:`IJBMetaError` naming ``what`` if one is absent."""
+        return _template_rows(self.templates, ids, what)
+
+
+def pool(meta: IJBMeta, features: np.ndarray, score_weighting: bool = True) -> Pooled:
+    """Pool one model's [N, D] face features (face order of ``meta``) into templates."""
+    if features.ndim != 2 or features.shape[0] != meta.num_faces:
+        raise ValueError(f"features have {features.shape[0]} rows (shape {features.shape}), the meta lists "
+                         f"{meta.num_faces} faces")
     weights = meta.det_scores if score_weighting else None
-    return pool_templates(features, meta.template_ids, meta.media_ids, weights)
+    return Pooled(*pool_templates(features, meta.template_ids, meta.media_ids, weights))
+
+
+def _check_pair(query: Pooled, gallery: Pooled) -> None:
+    if query.feats.shape[1] != gallery.feats.shape[1]:
+        raise ValueError(f"query features are {query.feats.shape[1]}-d, gallery features "
+                         f"{gallery.feats.shape[1]}-d: they cannot be compared")
+    if not np.array_equal(query.templates, gallery.templates):
+        raise ValueError("query and gallery were pooled from different face lists")
+
+
+def verify_1to1(meta: IJBMeta, query: Pooled, gallery: Pooled | None = None,
+                fars: Sequence[float] = metrics.DEFAULT_FARS,
+                return_curves: bool = False) -> dict | tuple[dict, dict]:
+    """1:1 over the meta's pairs from pooled templates: pair first members from ``query``, second
+    members from ``gallery`` (None or ``query`` itself = self test). See :func:`evaluate_1to1`."""
+    gallery = query if gallery is None else gallery
+    _check_pair(query, gallery)
+    i1 = query.rows(meta.pair_t1, "pair file")
+    i2 = query.rows(meta.pair_t2, "pair file")
+    gallery_feats = query.feats if gallery is query else gallery.feats
+    scores = score_pairs(query.feats, gallery_feats, i1, i2)
+    fpr, tpr, _ = metrics.roc_curve(scores, meta.pair_labels)
+    result = {"tar_at_far": metrics.tar_at_far(fpr, tpr, fars),
+              "tar_at_far_strict": metrics.tar_at_far_strict(fpr, tpr, fars),
+              "auc": metrics.auc(fpr, tpr), "num_pairs": int(scores.size),
+              "num_genuine": int(meta.pair_labels.sum())}
+    if return_curves:
+        return result, {"scores": scores, "labels": meta.pair_labels, "fpr": fpr, "tpr": tpr}
+    return result
 
 
 def evaluate_1to1(meta: IJBMeta, query_features: np.ndarray, gallery_features: np.ndarray | None = None,
@@ -431,19 +477,9 @@ def evaluate_1to1(meta: IJBMeta, query_features: np.ndarray, gallery_features: n
         ``{"tar_at_far": {far_key: tar}, "tar_at_far_strict": {...}, "auc", "num_pairs",
         "num_genuine"}`` (and the curves dict with ``return_curves``).
     """
-    templates, query_t = _pooled(meta, query_features, score_weighting)
-    gallery_t = query_t if gallery_features is None else _pooled(meta, gallery_features, score_weighting)[1]
-    i1 = _template_rows(templates, meta.pair_t1, "pair file")
-    i2 = _template_rows(templates, meta.pair_t2, "pair file")
-    scores = score_pairs(query_t, gallery_t, i1, i2)
-    fpr, tpr, _ = metrics.roc_curve(scores, meta.pair_labels)
-    result = {"tar_at_far": metrics.tar_at_far(fpr, tpr, fars),
-              "tar_at_far_strict": metrics.tar_at_far_strict(fpr, tpr, fars),
-              "auc": metrics.auc(fpr, tpr), "num_pairs": int(scores.size),
-              "num_genuine": int(meta.pair_labels.sum())}
-    if return_curves:
-        return result, {"scores": scores, "labels": meta.pair_labels, "fpr": fpr, "tpr": tpr}
-    return result
+    query = pool(meta, query_features, score_weighting)
+    gallery = None if gallery_features is None else pool(meta, gallery_features, score_weighting)
+    return verify_1to1(meta, query, gallery, fars, return_curves)
 
 
 def _similarity(probe_feats: np.ndarray, gallery_feats: np.ndarray, use_faiss: bool) -> np.ndarray:
@@ -465,6 +501,30 @@ def _similarity(probe_feats: np.ndarray, gallery_feats: np.ndarray, use_faiss: b
     return sim
 
 
+def identify_1toN(meta: IJBMeta, query: Pooled, gallery: Pooled | None = None,
+                  ranks: Sequence[int] = metrics.DEFAULT_RANKS,
+                  fpirs: Sequence[float] = metrics.DEFAULT_FPIRS, use_faiss: bool = True) -> dict:
+    """1:N from pooled templates: probes from ``query``, galleries from ``gallery`` (None = same).
+    See :func:`evaluate_1toN`."""
+    if not meta.has_1n:
+        raise IJBMetaError(f"{meta.target}: no 1:N meta files (gallery and probe CSVs)")
+    gallery = query if gallery is None else gallery
+    _check_pair(query, gallery)
+    probes = meta.probes
+    probe_feats = query.feats[query.rows(probes.template_ids, "1:N probe CSV")]
+    out = {}
+    for name, subjects in meta.galleries.items():
+        gallery_feats = gallery.feats[gallery.rows(subjects.template_ids, f"1:N gallery {name} CSV")]
+        sim = _similarity(probe_feats, gallery_feats, use_faiss)
+        mated = np.isin(probes.subject_ids, subjects.subject_ids)
+        ids = (probes.subject_ids, subjects.subject_ids)
+        out[name] = {"cmc": metrics.cmc(sim, *ids, ranks),
+                     "tpir_at_fpir": metrics.tpir_at_fpir(sim, *ids, fpirs),
+                     "num_probes": int(probes.template_ids.size), "num_mated": int(mated.sum()),
+                     "num_gallery": int(subjects.template_ids.size)}
+    return out
+
+
 def evaluate_1toN(meta: IJBMeta, query_features: np.ndarray, gallery_features: np.ndarray | None = None,
                   ranks: Sequence[int] = metrics.DEFAULT_RANKS,
                   fpirs: Sequence[float] = metrics.DEFAULT_FPIRS, use_faiss: bool = True,
@@ -479,20 +539,6 @@ def evaluate_1toN(meta: IJBMeta, query_features: np.ndarray, gallery_features: n
         ``{gallery: {"cmc": {"1": r1, ...}, "tpir_at_fpir": {"0.01": x, ...}, "num_probes",
         "num_mated", "num_gallery"}}``.
     """
-    if not meta.has_1n:
-        raise IJBMetaError(f"{meta.target}: no 1:N meta files (gallery and probe CSVs)")
-    templates, query_t = _pooled(meta, query_features, score_weighting)
-    gallery_t = query_t if gallery_features is None else _pooled(meta, gallery_features, score_weighting)[1]
-    probes = meta.probes
-    probe_feats = query_t[_template_rows(templates, probes.template_ids, "1:N probe CSV")]
-    out = {}
-    for name, gallery in meta.galleries.items():
-        gallery_feats = gallery_t[_template_rows(templates, gallery.template_ids, f"1:N gallery {name} CSV")]
-        sim = _similarity(probe_feats, gallery_feats, use_faiss)
-        mated = np.isin(probes.subject_ids, gallery.subject_ids)
-        subjects = (probes.subject_ids, gallery.subject_ids)
-        out[name] = {"cmc": metrics.cmc(sim, *subjects, ranks),
-                     "tpir_at_fpir": metrics.tpir_at_fpir(sim, *subjects, fpirs),
-                     "num_probes": int(probes.template_ids.size), "num_mated": int(mated.sum()),
-                     "num_gallery": int(gallery.template_ids.size)}
-    return out
+    query = pool(meta, query_features, score_weighting)
+    gallery = None if gallery_features is None else pool(meta, gallery_features, score_weighting)
+    return identify_1toN(meta, query, gallery, ranks, fpirs, use_faiss)
