@@ -547,6 +547,12 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
     Raises:
         ConfigError: naming the file (or ``--set`` item) and key at fault.
     """
+    return load_yaml(Config, path, overrides)
+
+
+def load_yaml(cls: type[T], path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> T:
+    """Load any top-level config dataclass ``cls`` as :func:`load_config` loads :class:`Config`
+    (``_base_`` files, ``--set`` items, strict keys and types, one-line errors)."""
     if isinstance(overrides, str):
         overrides = [overrides]
     if path is None:
@@ -556,7 +562,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
         tree, origins = _load_tree(source)
     for item in overrides:
         _apply_override(tree, origins, item)
-    return from_dict(Config, tree, source, origins=origins)
+    return from_dict(cls, tree, source, origins=origins)
 
 
 def dump_config(cfg: Config, path: str | os.PathLike[str]) -> Path:

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from facecompat.eval.catalog import resolve_model_spec  # light: no torch at import time
+
 if TYPE_CHECKING:  # nothing heavy at import time: --help stays fast
     import torch
     from torch import nn
@@ -34,9 +36,6 @@ output: a table on stdout; --json OUT writes {set: {"A|B": {"accuracy", "accurac
 example:
   python tools/eval_verification.py --model ms1mv3_r50/model.pt --network r50 --bins data/lfw.bin
 """
-
-RUN_DIR_FILES = ("model.pt", "config.yaml")
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line on stderr, exit 2 (argparse adds the usage)
@@ -76,40 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_model_spec(path: str | Path, network: str | None = None,
-                       embedding_size: int | None = None) -> tuple[str, int, Path]:
-    """What to build and load for a model given on the command line.
-
-    Args:
-        path: a run directory (``model.pt`` + ``config.yaml``) or a weights file.
-        network: backbone name; required for a weights file; for a run directory it replaces
-            the config's ``model.network``.
-        embedding_size: embedding size; for a weights file 512 when ``None``; for a run directory
-            it replaces the config's ``model.embedding_size``.
-
-    Returns:
-        ``(network, embedding_size, weights_path)``.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist, or a run directory lacks a file (names it).
-        ValueError: a weights file without ``network``; a bad ``config.yaml`` (ConfigError).
-    """
-    path = Path(path)
-    if path.is_dir():
-        missing = [name for name in RUN_DIR_FILES if not (path / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path}: not a run directory, it lacks {' and '.join(missing)}")
-        from facecompat.config import load_config
-
-        cfg = load_config(path / "config.yaml")
-        return (network or cfg.model.network, embedding_size or cfg.model.embedding_size, path / "model.pt")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: model not found (expected a run directory or a .pt file)")
-    if not network:
-        raise ValueError(f"{path}: a weights file needs its backbone name (--network, e.g. r50)")
-    return network, embedding_size or 512, path
-
-
 def load_model(path: str | Path, network: str | None = None, embedding_size: int | None = None,
                device: str | torch.device = "cpu") -> nn.Module:
     """Build the backbone of :func:`resolve_model_spec`, load its weights strictly, move it to ``device``.
@@ -117,15 +82,11 @@ def load_model(path: str | Path, network: str | None = None, embedding_size: int
     Raises:
         ValueError: an unknown network; WeightsError when the weights do not fit it (names the file).
     """
-    from facecompat.models import get_model, load_backbone_weights
+    from facecompat.eval import catalog
 
     network, embedding_size, weights = resolve_model_spec(path, network, embedding_size)
-    try:
-        model = get_model(network, embedding_size)
-    except ValueError as exc:  # unknown backbone name: say which model it was given for
-        raise ValueError(f"{path}: {exc}") from None
-    load_backbone_weights(model, weights)
-    return model.to(device).eval()
+    spec = catalog.ModelSpec(str(path), network, embedding_size, weights, str(path))
+    return catalog.load_model(spec, device)
 
 
 def evaluate_bins(models: dict, bins: list[Path], batch_size: int = 256, device: str | torch.device = "cpu",

@@ -372,7 +372,7 @@ def build_fingerprint(fingerprint: Mapping[str, Any], faces: FaceList, flip: boo
 
 def extract_cached(model: nn.Module, model_name: str, fingerprint: Mapping[str, Any], root: str | os.PathLike,
                    target: str, cache_dir: str | os.PathLike, *, faces: FaceList | None = None,
-                   flip: bool = True, **extract_kw: Any) -> np.ndarray:
+                   flip: bool = True, mmap: bool = False, **extract_kw: Any) -> np.ndarray:
     """Features from ``<cache_dir>/features/<model_name>/<target>.npy`` when its fingerprint matches,
     otherwise extracted with :func:`extract_features` and (rank 0) written there atomically.
 
@@ -380,6 +380,7 @@ def extract_cached(model: nn.Module, model_name: str, fingerprint: Mapping[str, 
         fingerprint: at least ``{"checkpoint_sha1": file_sha1(ckpt), "network": "r50"}``; flip,
             alignment, face list hash and face count are added here.
         faces: the face list (default: :func:`read_face_list` of ``root``/``target``).
+        mmap: return a cache hit memory-mapped read-only (no copy of a 1 GB file into RAM).
         extract_kw: passed to :func:`extract_features`.
 
     Under torchrun rank 0 decides, every rank extracts or reads; ``cache_dir`` must be shared.
@@ -392,7 +393,7 @@ def extract_cached(model: nn.Module, model_name: str, fingerprint: Mapping[str, 
     problem = dist.broadcast_object(problem)
     if problem is None:
         log.info("reusing cached features %s", npy)
-        return np.load(npy)
+        return np.load(npy, mmap_mode="r" if mmap else None)
     if npy.exists() or meta.exists():
         log.warning("re-extracting %s features for %s: %s", model_name, target, problem)
     features = extract_features(model, root, faces, flip=flip, **extract_kw)

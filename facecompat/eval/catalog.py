@@ -1,0 +1,183 @@
+"""Models an evaluation knows by name: ``configs/eval_ijbc.yaml``, or paths given on the command line.
+
+    catalog = load_catalog("configs/eval_ijbc.yaml")
+    spec = resolve_model("old", catalog)          # a catalog name ...
+    spec = resolve_model("work_dirs/r50", catalog) # ... or a run directory / weights file
+    model = load_model(spec, device="cuda")
+
+A model is a run directory (``model.pt`` + ``config.yaml``, network and embedding size from the
+config) or a weights file with its network named. The catalog file also gives the data root,
+the IJB target and where features are cached (DESIGN §8)::
+
+    data_root: data                 # holds IJBC/ (meta/, loose_crop/) and IJBB/
+    target: IJBC
+    cache_dir: work_dirs/eval       # features/<model>/<target>.npy
+    models:
+      old: {path: work_dirs/ms1mv3_r18_old}
+      zoo_r50: {path: models/r50/backbone.pth, network: r50}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from facecompat.config import ConfigError, _check, _FieldError, load_yaml
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+RUN_DIR_FILES = ("model.pt", "config.yaml")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+
+
+@dataclass(frozen=True)
+class EvalModelConfig:
+    """One named model: a run directory, or a weights file with ``network`` (and ``embedding_size``)."""
+
+    path: str
+    network: str | None = None  # required for a weights file; overrides a run directory's config
+    embedding_size: int | None = None  # weights file: 512 when unset
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "path", "must not be empty")
+        _check(self.embedding_size is None or self.embedding_size > 0, "embedding_size",
+               f"must be > 0, got {self.embedding_size}")
+
+
+@dataclass(frozen=True)
+class EvalCatalog:
+    """``configs/eval_ijbc.yaml``: evaluation defaults and the models known by name."""
+
+    data_root: str = "data"  # holds <target>/meta and <target>/loose_crop (or is the <target> folder)
+    target: Literal["IJBC", "IJBB"] = "IJBC"
+    cache_dir: str = "work_dirs/eval"  # features/<model>/<target>.npy + .json fingerprints
+    batch_size: int = 256
+    num_workers: int = 2
+    flip: bool = True  # face feature = f(img) + f(flip(img))
+    models: dict[str, EvalModelConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        for name in self.models:
+            if not _NAME.match(name) or "|" in name:
+                raise _FieldError(f"models.{name}", "a model name is letters, digits, _ . + - "
+                                  "(it names a cache folder)")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model: what to build and which weights to load.
+
+    ``name`` is the catalog name, or for a path a cache-safe name made of the path's stem and a
+    hash of its absolute path (two different runs never share a cache folder).
+    """
+
+    name: str
+    network: str
+    embedding_size: int
+    weights: Path
+    source: str  # what the user named: the catalog entry or the path
+
+    def fingerprint(self) -> dict:
+        """The cache fingerprint keys of this model (weights hash, network, embedding size)."""
+        from facecompat.eval.extract import file_sha1
+
+        return {"checkpoint_sha1": file_sha1(self.weights), "network": self.network,
+                "embedding_size": self.embedding_size}
+
+
+def load_catalog(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> EvalCatalog:
+    """Read an evaluation catalog (``None``: defaults, no named models); ConfigError names file and key."""
+    return load_yaml(EvalCatalog, path, overrides)
+
+
+def resolve_model_spec(path: str | Path, network: str | None = None,
+                       embedding_size: int | None = None) -> tuple[str, int, Path]:
+    """What to build and load for a model given as a path.
+
+    Args:
+        path: a run directory (``model.pt`` + ``config.yaml``) or a weights file.
+        network: backbone name; required for a weights file; for a run directory it replaces
+            the config's ``model.network``.
+        embedding_size: embedding size; for a weights file 512 when ``None``; for a run directory
+            it replaces the config's ``model.embedding_size``.
+
+    Returns:
+        ``(network, embedding_size, weights_path)``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or a run directory lacks a file (names it).
+        ValueError: a weights file without ``network``; a bad ``config.yaml`` (ConfigError).
+    """
+    path = Path(path)
+    if path.is_dir():
+        missing = [name for name in RUN_DIR_FILES if not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path}: not a run directory, it lacks {' and '.join(missing)}")
+        from facecompat.config import load_config
+
+        cfg = load_config(path / "config.yaml")
+        return (network or cfg.model.network, embedding_size or cfg.model.embedding_size, path / "model.pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model not found (expected a run directory or a .pt file)")
+    if not network:
+        raise ValueError(f"{path}: a weights file needs its backbone name (--network, e.g. r50)")
+    return network, embedding_size or 512, path
+
+
+def _path_name(path: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.+-]", "_", path.stem if path.is_file() else path.name) or "model"
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    return f"{stem}-{digest}"
+
+
+def resolve_model(name_or_path: str, catalog: EvalCatalog, catalog_source: str = "the catalog",
+                  network: str | None = None, embedding_size: int | None = None) -> ModelSpec:
+    """A catalog name, else a run directory or weights file (with ``network`` for a weights file).
+
+    Raises:
+        ValueError: neither a catalog name nor an existing path (names both places looked at);
+            a weights file without a network; a bad run directory config.
+        FileNotFoundError: a catalog entry whose path does not exist (names the entry).
+    """
+    entry = catalog.models.get(name_or_path)
+    if entry is not None:
+        try:
+            net, dim, weights = resolve_model_spec(entry.path, entry.network, entry.embedding_size)
+        except (FileNotFoundError, ValueError) as exc:
+            raise type(exc)(f"{catalog_source}: models.{name_or_path}: {exc}") from None
+        return ModelSpec(name_or_path, net, dim, weights, f"{name_or_path} ({entry.path})")
+    path = Path(name_or_path)
+    if not path.exists():
+        known = ", ".join(sorted(catalog.models)) or "none"
+        raise ValueError(f"model {name_or_path!r}: not a name in {catalog_source} (known: {known}) "
+                         "and not an existing run directory or weights file")
+    net, dim, weights = resolve_model_spec(path, network, embedding_size)
+    return ModelSpec(_path_name(path), net, dim, weights, str(path))
+
+
+def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Module:
+    """Build ``spec``'s backbone, load its weights strictly, move it to ``device``, eval mode.
+
+    Raises:
+        ValueError: an unknown network (names the model); WeightsError when the weights do not fit.
+    """
+    from facecompat.models import get_model, load_backbone_weights
+
+    try:
+        model = get_model(spec.network, spec.embedding_size)
+    except ValueError as exc:  # unknown backbone name: say which model it was given for
+        raise ValueError(f"{spec.source}: {exc}") from None
+    load_backbone_weights(model, spec.weights)
+    return model.to(device).eval()
+
+
+__all__ = ["ConfigError", "EvalCatalog", "EvalModelConfig", "ModelSpec", "load_catalog", "load_model",
+           "resolve_model", "resolve_model_spec"]

@@ -1,0 +1,309 @@
+"""Cross-model IJB evaluation: the query x gallery matrix, compatibility verdicts, tables, plots.
+
+    pooled = {name: ijb.pool(meta, feats[name]) for name in feats}        # each model pooled once
+    results, curves = evaluate_cells(meta, pooled, matrix_cells(["old", "new", "bct"]))
+    verdicts = compatibility(results, ["new", "bct"], old="old", independent="new")
+    print(format_matrix(results, ["old", "new", "bct"], "IJBC"))
+
+A cell ``"A|B"`` is the cross-model test of DESIGN §5: model A embeds the first template of every
+1:1 pair and every 1:N probe, model B the second template and the 1:N galleries; ``"A|A"`` is A's
+self test. Compatibility (DESIGN §5): ECC holds for a new model m iff M(m, old) > M(old, old);
+update gain = (M(m, old) - M(old, old)) / (M(new*, new*) - M(old, old)) with new* the
+independently trained new model. M is 1:1 TAR at the ECC FARs (nearest-ROC-point convention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from facecompat.eval import ijb, metrics
+
+HEADLINE_FARS = (1e-4, 1e-5)
+
+
+def cell_key(query: str, gallery: str) -> str:
+    return f"{query}|{gallery}"
+
+
+def scores_file_name(query: str, gallery: str) -> str:
+    """``<query>__<gallery>.npy`` with anything but letters, digits and ``_.+-`` replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{query}__{gallery}") + ".npy"
+
+
+def pair_cells(query: str, gallery: str) -> list[tuple[str, str]]:
+    """``query|gallery``, then the other direction and both self tests (one cell when they are equal)."""
+    if query == gallery:
+        return [(query, query)]
+    return [(query, gallery), (gallery, query), (query, query), (gallery, gallery)]
+
+
+def matrix_cells(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Every (query, gallery) combination of ``names``, row by row."""
+    return [(q, g) for q in names for g in names]
+
+
+# ----------------------------------------------------------------------------------- missing faces
+def drop_faces(meta: ijb.IJBMeta, face_rows: np.ndarray) -> tuple[ijb.IJBMeta, dict[str, int]]:
+    """``meta`` without the faces at ``face_rows`` (e.g. images missing from ``loose_crop/``).
+
+    Templates left without any face leave with their 1:1 pairs and their 1:N rows.
+
+    Returns:
+        the reduced meta (a copy; ``meta`` is unchanged) and counts ``{"faces", "templates",
+        "pairs", "probes", "gallery_templates"}`` of what was dropped.
+    """
+    face_rows = np.asarray(face_rows, np.int64)
+    counts = {"faces": int(face_rows.size), "templates": 0, "pairs": 0, "probes": 0, "gallery_templates": 0}
+    if face_rows.size == 0:
+        return meta, counts
+    template_ids = meta.template_ids.copy()
+    before = np.unique(template_ids[template_ids >= 0])
+    template_ids[face_rows] = -1
+    alive = np.unique(template_ids[template_ids >= 0])
+    counts["templates"] = int(before.size - alive.size)
+    keep = np.isin(meta.pair_t1, alive) & np.isin(meta.pair_t2, alive)
+    counts["pairs"] = int((~keep).sum())
+
+    def subset(subjects: ijb.Subjects, key: str) -> ijb.Subjects:
+        ok = np.isin(subjects.template_ids, alive)
+        counts[key] += int((~ok).sum())
+        return ijb.Subjects(subjects.template_ids[ok], subjects.subject_ids[ok])
+
+    reduced = dataclasses.replace(
+        meta, template_ids=template_ids, pair_t1=meta.pair_t1[keep], pair_t2=meta.pair_t2[keep],
+        pair_labels=meta.pair_labels[keep],
+        galleries={g: subset(s, "gallery_templates") for g, s in meta.galleries.items()},
+        probes=None if meta.probes is None else subset(meta.probes, "probes"))
+    return reduced, counts
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def evaluate_cells(meta: ijb.IJBMeta, pooled: dict[str, ijb.Pooled], cells: Sequence[tuple[str, str]], *,
+                   one_to_one: bool = True, one_to_n: bool | None = None,
+                   fars: Sequence[float] = metrics.DEFAULT_FARS,
+                   fpirs: Sequence[float] = metrics.DEFAULT_FPIRS,
+                   ranks: Sequence[int] = metrics.DEFAULT_RANKS, use_faiss: bool = True,
+                   scores_dir: str | os.PathLike | None = None,
+                   progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:
+    """Run 1:1 and/or 1:N for every (query, gallery) cell from pooled templates.
+
+    Args:
+        pooled: model name -> :class:`~facecompat.eval.ijb.Pooled` (the same object for a self test).
+        cells: (query, gallery) names.
+        one_to_n: None = when the meta has the 1:N files.
+        scores_dir: also write ``<query>__<gallery>.npy`` (float32 1:1 scores in pair order) and
+            ``pairs.npy`` ([M, 3] int64: t1, t2, label) there.
+        progress: called with one line per finished cell.
+
+    Returns:
+        ``({"q|g": {"1:1": {...}, "1:N": {...}}}, {"q|g": (fpr, tpr)})``.
+    """
+    from facecompat.data.recordio import atomic_write
+
+    one_to_n = meta.has_1n if one_to_n is None else one_to_n
+    results: dict[str, dict] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if scores_dir is not None and one_to_one:
+        Path(scores_dir).mkdir(parents=True, exist_ok=True)
+        with atomic_write(Path(scores_dir) / "pairs.npy", "wb") as f:
+            np.save(f, np.stack([meta.pair_t1, meta.pair_t2, meta.pair_labels.astype(np.int64)], axis=1))
+    for index, (query, gallery) in enumerate(cells, 1):
+        start = time.perf_counter()
+        key, cell = cell_key(query, gallery), {}
+        q, g = pooled[query], pooled[gallery]
+        if one_to_one:
+            cell["1:1"], curve = ijb.verify_1to1(meta, q, g, fars, return_curves=True)
+            curves[key] = (curve["fpr"], curve["tpr"])
+            if scores_dir is not None:
+                with atomic_write(Path(scores_dir) / scores_file_name(query, gallery), "wb") as f:
+                    np.save(f, curve["scores"])
+        if one_to_n:
+            cell["1:N"] = ijb.identify_1toN(meta, q, g, ranks, fpirs, use_faiss)
+        results[key] = cell
+        if progress:
+            progress(f"[{index}/{len(cells)}] {key}: {_brief(cell)} ({time.perf_counter() - start:.1f} s)")
+    return results, curves
+
+
+def _brief(cell: dict) -> str:
+    parts = []
+    if "1:1" in cell:
+        tar = cell["1:1"]["tar_at_far"]
+        parts += [f"TAR@{_far_label(f)} {_pct(tar.get(metrics.far_key(f)))}" for f in HEADLINE_FARS]
+    if "1:N" in cell:
+        parts += [f"{g} rank-1 {_pct(r['cmc'].get('1'))}" for g, r in cell["1:N"].items()]
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------- compatibility
+def compatibility(results: dict, candidates: Sequence[str], old: str, independent: str | None = None,
+                  ecc_fars: Sequence[float] = (1e-4,)) -> dict:
+    """ECC verdicts and update gains of ``candidates`` against the ``old`` gallery (1:1 TAR).
+
+    ECC holds for m iff TAR(m|old) > TAR(old|old) at every FAR of ``ecc_fars``. The update gain
+    uses the first FAR of ``ecc_fars``; it is None without ``independent`` or when the independent
+    model is no better than the old one (a zero or negative denominator means nothing).
+
+    Returns:
+        ``{"ecc": {m: bool}, "ecc_detail": {m: {far_key: {"cross", "old", "holds"}}},
+        "update_gain": {m: float | None}, "old", "independent", "ecc_fars"}``.
+    """
+    def tar(q: str, g: str, far: float) -> float:
+        key = cell_key(q, g)
+        if key not in results or "1:1" not in results[key]:
+            raise KeyError(f"cell {key} was not evaluated")
+        return results[key]["1:1"]["tar_at_far"][metrics.far_key(far)]
+
+    out: dict = {"old": old, "independent": independent, "ecc_fars": [metrics.far_key(f) for f in ecc_fars],
+                 "ecc": {}, "ecc_detail": {}, "update_gain": {}}
+    headline = ecc_fars[0]
+    for m in candidates:
+        if m == old:
+            continue
+        detail = {}
+        for far in ecc_fars:
+            cross, base = tar(m, old, far), tar(old, old, far)
+            detail[metrics.far_key(far)] = {"cross": cross, "old": base, "holds": bool(cross > base)}
+        out["ecc_detail"][m] = detail
+        out["ecc"][m] = all(d["holds"] for d in detail.values())
+        gain = None
+        if independent is not None:
+            denominator = tar(independent, independent, headline) - tar(old, old, headline)
+            if denominator > 0:
+                gain = (tar(m, old, headline) - tar(old, old, headline)) / denominator
+        out["update_gain"][m] = gain
+    return out
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _pct(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * 100:.2f}"
+
+
+def _far_label(far: float) -> str:
+    return metrics.far_key(far).replace("e-0", "e-")
+
+
+def _grid(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
+
+
+def format_cells(results: dict, target: str, fars: Sequence[float] = metrics.DEFAULT_FARS) -> str:
+    """One row per cell: 1:1 TAR@FAR (%, nearest-point) + AUC, then 1:N rank-1 and TPIR per gallery."""
+    lines = [f"{target} 1:1 TAR (%) at FAR, ROC point nearest the target (insightface convention)"]
+    has_1to1 = any("1:1" in c for c in results.values())
+    if has_1to1:
+        rows = [["query", "gallery", *[_far_label(f) for f in fars], "AUC"]]
+        for key, cell in results.items():
+            if "1:1" in cell:
+                r = cell["1:1"]
+                rows.append([*key.split("|"), *[_pct(r["tar_at_far"].get(metrics.far_key(f))) for f in fars],
+                             _pct(r["auc"])])
+        lines += _grid(rows)
+    galleries = next((list(c["1:N"]) for c in results.values() if "1:N" in c), [])
+    if galleries:
+        lines += ["", f"{target} 1:N open set (%): CMC rank-k, TPIR at FPIR"]
+        some = next(c["1:N"] for c in results.values() if "1:N" in c)[galleries[0]]
+        rank_keys, fpir_keys = list(some["cmc"]), list(some["tpir_at_fpir"])
+        header = ["query", "gallery"]
+        for g in galleries:
+            header += [f"{g} r{k}" for k in rank_keys] + [f"{g} @{k}" for k in fpir_keys]
+        rows = [header]
+        for key, cell in results.items():
+            if "1:N" in cell:
+                row = key.split("|")
+                for g in galleries:
+                    r = cell["1:N"][g]
+                    row += [_pct(r["cmc"][k]) for k in rank_keys]
+                    row += [_pct(r["tpir_at_fpir"][k]) for k in fpir_keys]
+                rows.append(row)
+        lines += _grid(rows)
+    if not has_1to1:
+        lines.pop(0)
+    return "\n".join(lines)
+
+
+def format_matrix(results: dict, names: Sequence[str], target: str,
+                  fars: Sequence[float] = HEADLINE_FARS) -> str:
+    """Query (rows) x gallery (columns) grids of 1:1 TAR at each FAR and of 1:N rank-1."""
+    blocks = []
+    for far in fars:
+        rows = [[f"TAR@{_far_label(far)}  q \\ g", *names]]
+        for q in names:
+            rows.append([q, *[_pct(results.get(cell_key(q, g), {}).get("1:1", {}).get("tar_at_far", {})
+                                   .get(metrics.far_key(far))) for g in names]])
+        blocks.append("\n".join(_grid(rows)))
+    galleries = next((list(c["1:N"]) for c in results.values() if "1:N" in c), [])
+    for gal in galleries:
+        rows = [[f"{gal} rank-1  q \\ g", *names]]
+        for q in names:
+            rows.append([q, *[_pct(results.get(cell_key(q, g), {}).get("1:N", {}).get(gal, {})
+                                   .get("cmc", {}).get("1")) for g in names]])
+        blocks.append("\n".join(_grid(rows)))
+    title = f"{target} query (rows) x gallery (columns), %"
+    return title + "\n" + "\n\n".join(blocks)
+
+
+def format_verdicts(verdicts: dict) -> str:
+    """Per candidate: cross TAR against the old gallery, old/old, ECC and update gain."""
+    old, fars = verdicts["old"], verdicts["ecc_fars"]
+    header = ["model"]
+    for far in fars:
+        label = far.replace("e-0", "e-")
+        header += [f"m|{old} @{label}", f"{old}|{old} @{label}"]
+    header += ["ECC", "update gain"]
+    rows = [header]
+    for m, detail in verdicts["ecc_detail"].items():
+        row = [m]
+        for far in fars:
+            row += [_pct(detail[far]["cross"]), _pct(detail[far]["old"])]
+        gain = verdicts["update_gain"][m]
+        row += ["holds" if verdicts["ecc"][m] else "fails", "-" if gain is None else f"{gain:+.3f}"]
+        rows.append(row)
+    note = (f"ECC: TAR(m|{old}) > TAR({old}|{old}) at FAR {', '.join(f.replace('e-0', 'e-') for f in fars)}; "
+            f"update gain relative to {verdicts['independent']}|{verdicts['independent']}"
+            if verdicts["independent"] else "")
+    return "\n".join(_grid(rows) + ([note] if note else []))
+
+
+# -------------------------------------------------------------------------------------------- plot
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str) -> Path:
+    """ROC curves (TAR vs FAR, log FAR axis from 1e-6) of the cells, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from facecompat.data.recordio import atomic_write
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    for key, (fpr, tpr) in curves.items():
+        query, gallery = key.split("|")
+        style = "-" if query == gallery else "--"
+        ok = fpr > 0
+        ax.plot(fpr[ok], tpr[ok], style, lw=1.5, label=f"{query} vs {gallery} gallery")
+    ax.set_xscale("log")
+    ax.set_xlim(1e-6, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("FAR (false accept rate)")
+    ax.set_ylabel("TAR (true accept rate)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path

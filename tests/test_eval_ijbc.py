@@ -1,0 +1,373 @@
+"""tools/eval_ijbc.py on the synthetic IJB-C-style folder: models by name, cross cells, the matrix,
+precomputed features, outputs (JSON, ROC PNG, scores) and every bad input -> one line, exit 2."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from facecompat.eval import ijb, matrix, metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "eval_ijbc.py"
+NETWORK, EMBEDDING_SIZE = "r18-w0.125", 32
+
+
+@pytest.fixture(scope="module")
+def tool():
+    """The tool as a module, so main() runs in this process (a subprocess pays seconds of torch import)."""
+    spec = importlib.util.spec_from_file_location("eval_ijbc_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _make_run_dir(path: Path, seed: int) -> Path:
+    from facecompat.config import dump_config, load_config
+    from facecompat.models import get_model
+
+    path.mkdir(parents=True)
+    torch.manual_seed(seed)
+    torch.save(get_model(NETWORK, EMBEDDING_SIZE).state_dict(), path / "model.pt")
+    dump_config(load_config(None, [f"model.network={NETWORK}", f"model.embedding_size={EMBEDDING_SIZE}"]),
+                path / "config.yaml")
+    return path
+
+
+def _catalog(path: Path, data_root: Path, cache: Path, models: dict[str, Path]) -> Path:
+    path.write_text(yaml.safe_dump({
+        "data_root": str(data_root), "target": "IJBC", "cache_dir": str(cache), "batch_size": 64,
+        "num_workers": 0, "models": {name: {"path": str(p)} for name, p in models.items()}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(synthetic_tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_ijbc")
+    runs = {"old": _make_run_dir(root / "runs" / "old", 0), "new": _make_run_dir(root / "runs" / "new", 1)}
+    catalog = _catalog(root / "catalog.yaml", synthetic_tiny, root / "cache", runs)
+    return {"root": root, "catalog": catalog, "runs": runs, "data": synthetic_tiny, "cache": root / "cache"}
+
+
+def _run(tool, argv, capsys) -> tuple[int, str, str]:
+    code = tool.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_error_line(err: str, *names: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ") or ": error: " in ln]
+    assert len(lines) == 1, err
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def _subject_features(meta: ijb.IJBMeta, seed: int = 0, dim: int = 16, noise: float = 0.05) -> np.ndarray:
+    """Face features = subject centre + noise: a near-perfect model."""
+    rng = np.random.default_rng(seed)
+    subject_of = {}
+    for group in (meta.probes, *meta.galleries.values()):
+        subject_of.update(zip(group.template_ids.tolist(), group.subject_ids.tolist()))
+    subjects = np.array([subject_of[t] for t in meta.template_ids.tolist()])
+    centres = rng.standard_normal((subjects.max() + 1, dim))
+    return (centres[subjects] + noise * rng.standard_normal((meta.num_faces, dim))).astype(np.float32)
+
+
+def _reference_scores(meta: ijb.IJBMeta, query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """insightface's eval_ijbc.py, loop for loop: score-weighted faces, media mean, template sum, L2."""
+    def pool(feats):
+        feats = feats.astype(np.float64) * meta.det_scores[:, None]
+        out = {}
+        for t in np.unique(meta.template_ids):
+            ind = np.where(meta.template_ids == t)[0]
+            medias = [feats[ind[meta.media_ids[ind] == m]].mean(0) for m in np.unique(meta.media_ids[ind])]
+            v = np.sum(medias, axis=0)
+            out[t] = v / np.linalg.norm(v)
+        return out
+
+    q, g = pool(query), pool(gallery)
+    return np.array([q[a] @ g[b] for a, b in zip(meta.pair_t1.tolist(), meta.pair_t2.tolist())])
+
+
+@pytest.fixture(scope="module")
+def cross(tool, setup):
+    """One cross test by name (--query new --gallery old) with every output; later tests compare to it."""
+    out_dir = setup["root"] / "cross"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = tool.main(["--config", str(setup["catalog"]), "--query", "new", "--gallery", "old",
+                          "--json", str(out_dir / "r.json"), "--roc", str(out_dir / "roc.png"),
+                          "--save-scores", str(out_dir / "scores")])
+    assert code == 0, stderr.getvalue()
+    return {"dir": out_dir, "json": json.loads((out_dir / "r.json").read_text()), "stdout": stdout.getvalue()}
+
+
+# ------------------------------------------------------------------------------------ by model name
+def test_cross_test_by_name_outputs(tool, setup, cross, capsys):
+    out_dir, res, stdout = cross["dir"], cross["json"], cross["stdout"]
+    # DESIGN §8 shape: the requested cell at the top, every cell in the matrix
+    assert set(res["matrix"]) == {"new|old", "old|new", "new|new", "old|old"}
+    assert (res["query"], res["gallery"]) == ("new", "old")
+    assert res["1:1"] == res["matrix"]["new|old"]["1:1"] and res["1:N"] == res["matrix"]["new|old"]["1:N"]
+    assert list(res["1:1"]["tar_at_far"]) == ["1e-06", "1e-05", "1e-04", "1e-03", "1e-02", "1e-01"]
+    assert all(0.0 <= v <= 1.0 for v in res["1:1"]["tar_at_far"].values())
+    assert set(res["1:N"]) == {"G1", "G2"}
+    for gal in res["1:N"].values():
+        assert set(gal["cmc"]) == {"1", "5", "10"} and set(gal["tpir_at_fpir"]) == {"0.01", "0.1"}
+    assert set(res["ecc"]) == {"new"} and res["models"]["old"]["network"] == NETWORK
+    assert sum(line.split()[:2] == ["new", "old"] for line in stdout.splitlines()) == 2  # 1:1 and 1:N rows
+    assert (out_dir / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # features are cached by name; scores on disk equal a loop-for-loop insightface computation
+    meta = ijb.load_ijb_meta(setup["data"])
+    feats = {n: np.load(setup["cache"] / "features" / n / "IJBC.npy") for n in ("old", "new")}
+    assert feats["old"].shape == (meta.num_faces, EMBEDDING_SIZE)
+    pairs = np.load(out_dir / "scores" / "pairs.npy")
+    assert np.array_equal(pairs[:, 0], meta.pair_t1) and np.array_equal(pairs[:, 2], meta.pair_labels)
+    scores = np.load(out_dir / "scores" / "new__old.npy")
+    np.testing.assert_allclose(scores, _reference_scores(meta, feats["new"], feats["old"]), atol=1e-5)
+    fpr, tpr, _ = metrics.roc_curve(scores, meta.pair_labels)
+    assert res["1:1"]["tar_at_far"] == metrics.tar_at_far(fpr, tpr)
+
+    # a second run reuses the cache (no re-extraction) and gives the same numbers
+    stamp = os.stat(setup["cache"] / "features" / "old" / "IJBC.npy").st_mtime_ns
+    code, _, err = _run(tool, ["--config", setup["catalog"], "--query", "new", "--gallery", "old", "--no-1n",
+                               "--json", out_dir / "again.json"], capsys)
+    assert code == 0, err
+    assert os.stat(setup["cache"] / "features" / "old" / "IJBC.npy").st_mtime_ns == stamp
+    again = json.loads((out_dir / "again.json").read_text())
+    assert again["1:1"] == res["1:1"] and "1:N" not in again
+
+
+def test_matrix_by_name_and_path(tool, setup, cross, capsys):
+    old_path = setup["runs"]["old"]
+    code, stdout, err = _run(tool, ["--config", setup["catalog"], "--matrix", f"{old_path},new",
+                                    "--old", str(old_path), "--json", setup["root"] / "m.json"], capsys)
+    assert code == 0, err
+    res = json.loads((setup["root"] / "m.json").read_text())
+    assert len(res["matrix"]) == 4 and res["old"] == str(old_path) and res["independent"] == "new"
+    assert set(res["ecc"]) == {"new"} and set(res["update_gain"]) == {"new"}
+    assert "q \\ g" in stdout and "ECC" in stdout and "update gain" in stdout
+    # the path-named model has its own cache folder (stem + path hash); same weights -> same numbers
+    assert any(p.name.startswith("old-") for p in (setup["cache"] / "features").iterdir())
+    by_name = cross["json"]
+    assert res["matrix"][f"{old_path}|new"]["1:1"] == by_name["matrix"]["old|new"]["1:1"]
+
+
+# --------------------------------------------------------------------------- precomputed features
+def test_precomputed_features(tool, setup, capsys, tmp_path):
+    meta = ijb.load_ijb_meta(setup["data"])
+    good = _subject_features(meta)
+    np.save(tmp_path / "good.npy", good)
+    np.save(tmp_path / "scaled.npy", good * 3.0)  # cosines do not change with scale
+    np.save(tmp_path / "noise.npy", np.random.default_rng(5).standard_normal(good.shape).astype(np.float32))
+    code, stdout, err = _run(tool, ["--data-root", setup["data"], "--query-features", tmp_path / "good.npy",
+                                    "--gallery-features", tmp_path / "scaled.npy",
+                                    "--json", tmp_path / "r.json", "--no-faiss"], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["1:1"]["tar_at_far_strict"]["1e-02"] == 1.0 and res["1:1"]["auc"] == 1.0
+    assert res["1:1"] == res["matrix"]["good|good"]["1:1"]
+    assert all(g["cmc"]["1"] == 1.0 for g in res["1:N"].values())
+    assert res["ecc"] == {"good": False}  # equal, not better: ECC needs a strict improvement
+
+    code, _, err = _run(tool, ["--data-root", setup["data"], "--query-features", tmp_path / "good.npy",
+                               "--gallery-features", tmp_path / "noise.npy",
+                               "--json", tmp_path / "n.json"], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "n.json").read_text())
+    assert res["1:1"]["auc"] < 0.8 and res["matrix"]["noise|noise"]["1:1"]["auc"] < 0.8
+    assert res["matrix"]["good|good"]["1:1"]["auc"] == 1.0
+
+
+def test_ijbb_target(tool, setup, capsys, tmp_path):
+    src, dst = setup["data"] / "IJBC" / "meta", tmp_path / "IJBB" / "meta"
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        shutil.copy(f, dst / f.name.replace("ijbc_", "ijbb_").replace("_G1", "_S1").replace("_G2", "_S2"))
+    meta = ijb.load_ijb_meta(tmp_path, "IJBB")
+    np.save(tmp_path / "f.npy", _subject_features(meta))
+    code, stdout, err = _run(tool, ["--data-root", tmp_path, "--target", "IJBB", "--query-features",
+                                    tmp_path / "f.npy", "--json", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["target"] == "IJBB" and set(res["1:N"]) == {"S1", "S2"} and "S1 r1" in stdout
+
+
+# ------------------------------------------------------------------------------------- bad inputs
+def _copy_data(src: Path, dst: Path) -> Path:
+    shutil.copytree(src / "IJBC", dst / "IJBC")
+    return dst
+
+
+def test_feature_file_errors(tool, setup, capsys, tmp_path):
+    meta = ijb.load_ijb_meta(setup["data"])
+    good = _subject_features(meta)
+    np.save(tmp_path / "short.npy", good[:-1])
+    np.save(tmp_path / "wide.npy", np.concatenate([good, good], axis=1))
+    bad = good.copy()
+    bad[0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    np.save(tmp_path / "good.npy", good)
+    (tmp_path / "junk.npy").write_bytes(b"not a numpy file")
+    base = ["--data-root", setup["data"], "--query-features"]
+    cases = [([tmp_path / "short.npy"], ("short.npy", str(meta.num_faces - 1), str(meta.num_faces))),
+             ([tmp_path / "good.npy", "--gallery-features", tmp_path / "wide.npy"],
+              ("16-d", "32-d", "wide.npy")),
+             ([tmp_path / "nan.npy"], ("nan", "NaN")),
+             ([tmp_path / "junk.npy"], ("junk.npy",)),
+             ([tmp_path / "absent.npy"], ("absent.npy", "not found"))]
+    for extra, names in cases:
+        code, _, err = _run(tool, base + extra, capsys)
+        assert code == 2, (extra, err)
+        _one_error_line(err, *names)
+
+
+def test_model_and_argument_errors(tool, setup, capsys, tmp_path):
+    catalog = setup["catalog"]
+    code, _, err = _run(tool, ["--config", catalog, "--query", "bct"], capsys)
+    assert code == 2
+    _one_error_line(err, "'bct'", "known: new, old")
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"conv1.weight": torch.zeros(1)}, wrong)
+    code, _, err = _run(tool, ["--config", catalog, "--query", wrong], capsys)
+    assert code == 2
+    _one_error_line(err, "wrong.pt", "--network")
+    code, _, err = _run(tool, ["--config", catalog, "--query", wrong, "--network", "r18-w0.125"], capsys)
+    assert code == 2
+    _one_error_line(err, "wrong.pt")
+    bad_catalog = tmp_path / "bad.yaml"
+    bad_catalog.write_text("models:\n  old: {paht: x}\n")
+    code, _, err = _run(tool, ["--config", bad_catalog, "--query", "old"], capsys)
+    assert code == 2
+    _one_error_line(err, "bad.yaml", "models.old.paht")
+    with pytest.raises(SystemExit) as exc:
+        tool.main(["--config", str(catalog), "--query", "old", "--matrix", "old,new"])
+    assert exc.value.code == 2
+    assert "exactly one of" in capsys.readouterr().err
+
+
+def test_meta_errors_and_allow_missing(tool, setup, capsys, tmp_path):
+    data = _copy_data(setup["data"], tmp_path / "data")
+    meta_dir = data / "IJBC" / "meta"
+    meta = ijb.load_ijb_meta(data)
+    np.save(tmp_path / "f.npy", _subject_features(meta))
+    argv = ["--data-root", data, "--query-features", tmp_path / "f.npy", "--json", tmp_path / "r.json"]
+
+    # a pair naming a template absent from the media file
+    pair_file = meta_dir / "ijbc_template_pair_label.txt"
+    original = pair_file.read_text()
+    pair_file.write_text(original + "999999 11 0\n")
+    code, _, err = _run(tool, argv, capsys)
+    assert code == 2
+    _one_error_line(err, "ijbc_template_pair_label.txt", "999999")
+    code, _, err = _run(tool, [*argv, "--allow-missing"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["skipped"]["pairs_without_faces"] == 1
+    assert "1 pairs without faces" in err
+    pair_file.write_text(original)
+
+    # a face without landmarks; a missing meta file
+    pts = meta_dir / "ijbc_name_5pts_score.txt"
+    lines = pts.read_text().splitlines()
+    pts.write_text("\n".join([lines[0].split()[0]] + lines[1:]) + "\n")
+    code, _, err = _run(tool, argv, capsys)
+    assert code == 2
+    _one_error_line(err, "ijbc_name_5pts_score.txt:1")
+    pts.unlink()
+    code, _, err = _run(tool, argv, capsys)
+    assert code == 2
+    _one_error_line(err, "ijbc_name_5pts_score.txt", "missing")
+
+
+def test_missing_image_with_models(tool, setup, capsys, tmp_path):
+    data = _copy_data(setup["data"], tmp_path / "data")
+    meta = ijb.load_ijb_meta(data)
+    # remove every image of one probe template: that template and its pairs must go
+    probe = int(meta.probes.template_ids[0])
+    faces = np.flatnonzero(meta.template_ids == probe)
+    for i in faces:
+        (data / "IJBC" / "loose_crop" / meta.image_names[i]).unlink()
+    catalog = _catalog(tmp_path / "c.yaml", data, tmp_path / "cache", setup["runs"])
+    argv = ["--config", catalog, "--query", "old", "--json", tmp_path / "r.json"]
+    code, _, err = _run(tool, argv, capsys)
+    assert code == 2
+    _one_error_line(err, meta.image_names[faces[0]], "loose_crop")
+    code, _, err = _run(tool, [*argv, "--allow-missing"], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    pairs_of_probe = int(((meta.pair_t1 == probe) | (meta.pair_t2 == probe)).sum())
+    assert res["skipped"]["images_missing"] == faces.size
+    assert res["skipped"]["templates_without_images"] == 1
+    assert res["skipped"]["pairs_without_images"] == pairs_of_probe
+    assert res["skipped"]["probes_without_images"] == 1
+    assert res["1:1"]["num_pairs"] == meta.pair_t1.size - pairs_of_probe
+    assert res["1:N"]["G1"]["num_probes"] == meta.probes.template_ids.size - 1
+
+
+# ------------------------------------------------------------------------------------ pieces
+def test_compatibility_verdicts_and_gain():
+    def cell(tar):
+        return {"1:1": {"tar_at_far": {"1e-04": tar, "1e-03": tar + 0.05}}}
+
+    results = {"old|old": cell(0.50), "new|new": cell(0.90), "bct|old": cell(0.60), "new|old": cell(0.0),
+               "l2|old": cell(0.50)}
+    v = matrix.compatibility(results, ["old", "new", "bct", "l2"], "old", "new", (1e-4, 1e-3))
+    assert v["ecc"] == {"new": False, "bct": True, "l2": False}
+    assert v["update_gain"]["bct"] == pytest.approx(0.25) and v["update_gain"]["new"] == pytest.approx(-1.25)
+    assert v["ecc_detail"]["bct"]["1e-03"] == {"cross": 0.65, "old": 0.55, "holds": True}
+    table = matrix.format_verdicts(v)
+    assert "holds" in table and "fails" in table and "+0.250" in table
+    # an independent model no better than the old one: no gain, not a division by zero
+    results["new|new"] = cell(0.50)
+    assert matrix.compatibility(results, ["bct"], "old", "new")["update_gain"]["bct"] is None
+    with pytest.raises(KeyError, match="mixbct|old"):
+        matrix.compatibility(results, ["mixbct"], "old", "new")
+
+
+def test_drop_faces_counts(synthetic_tiny):
+    meta = ijb.load_ijb_meta(synthetic_tiny)
+    gallery = meta.galleries["G1"]
+    t = int(gallery.template_ids[0])
+    faces = np.flatnonzero(meta.template_ids == t)
+    reduced, counts = matrix.drop_faces(meta, faces[:1])
+    assert counts["templates"] == (1 if faces.size == 1 else 0) and reduced.num_faces == meta.num_faces
+    reduced, counts = matrix.drop_faces(meta, faces)
+    assert counts == {"faces": faces.size, "templates": 1,
+                      "pairs": int(((meta.pair_t1 == t) | (meta.pair_t2 == t)).sum()), "probes": 0,
+                      "gallery_templates": 1}
+    assert t not in reduced.galleries["G1"].template_ids and t in meta.galleries["G1"].template_ids
+    assert matrix.scores_file_name("a/b", "c d") == "a_b__c_d.npy"
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_two_ranks_equals_one_process(setup, cross, tmp_path):
+    """Extraction split over two gloo ranks: same cache contents and same results as one process."""
+    catalog = _catalog(tmp_path / "c.yaml", setup["data"], tmp_path / "cache", setup["runs"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(TOOL), "--config", str(catalog), "--query", "old", "--no-1n",
+           "--json", str(tmp_path / "r.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = np.load(tmp_path / "cache" / "features" / "old" / "IJBC.npy")
+    one = np.load(setup["cache"] / "features" / "old" / "IJBC.npy")
+    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-4)
+    res = json.loads((tmp_path / "r.json").read_text())
+    single = cross["json"]
+    assert res["1:1"]["num_pairs"] == single["matrix"]["old|old"]["1:1"]["num_pairs"]
+    for key, value in single["matrix"]["old|old"]["1:1"]["tar_at_far_strict"].items():
+        assert res["1:1"]["tar_at_far_strict"][key] == pytest.approx(value, abs=0.02)
