@@ -45,17 +45,23 @@ def test_pool_templates_matches_loop(weighted: bool) -> None:
     assert -1 not in t2
 
 
-@pytest.mark.parametrize("block", [4, 16, 1000])
-def test_score_pairs_matches_direct_dot(block: int) -> None:
+@pytest.mark.parametrize("block", [4, 16, 64, 1000])
+@pytest.mark.parametrize("num_templates", [50, 300])
+def test_score_pairs_matches_direct_dot(block: int, num_templates: int) -> None:
     rng = np.random.default_rng(1)
-    q = rng.standard_normal((50, 8)).astype(np.float32)
-    g = rng.standard_normal((50, 8)).astype(np.float32)
-    i1, i2 = rng.integers(0, 50, 3000), rng.integers(0, 50, 3000)
-    for density in (0.0, 1.0):  # all GEMM buckets, all gather buckets
+    q = rng.standard_normal((num_templates, 8)).astype(np.float32)
+    g = rng.standard_normal((num_templates, 8)).astype(np.float32)
+    i1, i2 = rng.integers(0, num_templates, 3000), rng.integers(0, num_templates, 3000)
+    i1[:10], i2[:10] = 3, 7  # repeated pairs
+    # min_density 0: sampled dot products per band (bands denser than themselves: one GEMM);
+    # min_density 10: row gathers
+    for density in (0.0, 10.0):
         cross = ijb.score_pairs(q, g, i1, i2, block=block, min_density=density)
+        assert cross.dtype == np.float32 and cross.shape == (3000,)
         np.testing.assert_allclose(cross, np.sum(q[i1] * g[i2], axis=1), atol=1e-5)
         self_scores = ijb.score_pairs(q, q, i1, i2, block=block, min_density=density)
         np.testing.assert_allclose(self_scores, np.sum(q[i1] * q[i2], axis=1), atol=1e-5)
+    assert ijb.score_pairs(q, g, i1[:0], i2[:0]).shape == (0,)
 
 
 # ------------------------------------------------------------------------------------- meta files
@@ -196,3 +202,64 @@ def test_ijbb_names(synthetic_tiny: Path, tmp_path: Path) -> None:
     assert ijb.load_ijb_meta(tmp_path / "IJBB", "IJBB").num_faces == meta.num_faces
     with pytest.raises(ijb.IJBMetaError, match="IJBC/meta/ijbc_name_5pts_score.txt: missing"):
         ijb.load_ijb_meta(tmp_path, "IJBC")
+
+
+# ----------------------------------------------------------------------------- fast integer parser
+@pytest.mark.parametrize("text", [
+    b"1 2 0\n30 4000 1\n",
+    b"  1\t2  0  \r\n30 4000 1\r\n",            # odd whitespace, CRLF
+    b"1 2 0\n\n  \n30 4000 1",                    # blank lines, no final LF
+    b"12345678 87654321 1\n0 00000007 0\n",      # 8 digits, leading zeros
+])
+def test_parse_int_table_fast_path(tmp_path: Path, text: bytes) -> None:
+    path = tmp_path / "pairs.txt"
+    path.write_bytes(text)
+    want = np.array([[int(v) for v in ln.split()] for ln in text.decode().splitlines() if ln.split()])
+    fast = ijb._parse_uint_fast(path, 3)
+    assert fast is not None
+    np.testing.assert_array_equal(fast, want)
+    np.testing.assert_array_equal(ijb._parse_int_table(path, 3), want)
+
+
+def test_parse_int_table_chunks_and_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 10**rng.integers(1, 9, (5000, 3)), dtype=np.int64)
+    path = tmp_path / "pairs.txt"
+    path.write_text("".join(f"{a} {b}  {c}\n" for a, b, c in values.tolist()))
+    monkeypatch.setattr(ijb, "_CHUNK_BYTES", 997)  # many chunks, cut inside lines
+    np.testing.assert_array_equal(ijb._parse_uint_fast(path, 3), values)
+    # what the fast path declines, the general path still reads
+    path.write_text("1 123456789012 0\n2 -3 1\n")
+    assert ijb._parse_uint_fast(path, 3) is None
+    np.testing.assert_array_equal(ijb._parse_int_table(path, 3), [[1, 123456789012, 0], [2, -3, 1]])
+    for text in (b"1 2 0\r3 4 1\n", b"1 2 0\x0c\n", b"1 2\n3 4 5 6\n"):  # lone CR, form feed, bad rows
+        path.write_bytes(text)
+        assert ijb._parse_uint_fast(path, 3) is None
+    with pytest.raises(ijb.IJBMetaError, match="pairs.txt:1: expected 3 columns, got 2"):
+        ijb._parse_int_table(path, 3)  # 6 numbers on 2 lines, but not 3 per line
+
+
+@pytest.mark.parametrize("line, match", [
+    ("7 8 x", "not a number"), ("7 8", "columns"), ("7 8 0 1", "columns"), ("7 8 1e3", "not a number"),
+    ("7 8.5 0", "not a number"),
+])
+def test_parse_int_table_bad_token_names_the_line(tmp_path: Path, line: str, match: str) -> None:
+    path = tmp_path / "pairs.txt"
+    path.write_text(f"1 2 0\n3 4 1\n{line}\n5 6 0\n")
+    with pytest.raises(ijb.IJBMetaError, match=f"pairs.txt:3: .*{match}"):
+        ijb._parse_int_table(path, 3)
+
+
+def test_parse_named_table_fast_and_fallback(tmp_path: Path) -> None:
+    path = tmp_path / "tid.txt"
+    path.write_text("a.jpg 1 10\n  b/c.jpg\t2  20\r\n\nd.jpg 3 30")
+    names, values = ijb._parse_named_table(path, 3, int)
+    assert names == ["a.jpg", "b/c.jpg", "d.jpg"]
+    np.testing.assert_array_equal(values, [[1, 10], [2, 20], [3, 30]])
+    path.write_text("ä.jpg 1.5 2\nb.jpg 3 4e1\n")  # non-ASCII name: regex path; floats
+    names, values = ijb._parse_named_table(path, 3, float)
+    assert names == ["ä.jpg", "b.jpg"]
+    np.testing.assert_array_equal(values, [[1.5, 2.0], [3.0, 40.0]])
+    path.write_text("a.jpg 1 2\nb.jpg 3 x\n")
+    with pytest.raises(ijb.IJBMetaError, match="tid.txt:2: not a number"):
+        ijb._parse_named_table(path, 3, int)

@@ -42,6 +42,17 @@ def test_roc_curve_matches_sklearn_algorithm(seed: int) -> None:
     assert thr.dtype == scores.dtype
 
 
+@pytest.mark.parametrize("genuine_share", [0.02, 0.5, 0.95])
+def test_roc_curve_ties_across_labels(genuine_share: float) -> None:
+    rng = np.random.default_rng(11)
+    for n, levels in ((5, 2), (50, 3), (2000, 25), (20000, 400)):
+        scores = rng.integers(0, levels, n).astype(np.float32) / levels
+        labels = rng.random(n) < genuine_share
+        labels[:2] = [True, False]
+        for got, want in zip(metrics.roc_curve(scores, labels), _sklearn_roc_reference(scores, labels)):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_roc_curve_continuous_and_edge_cases() -> None:
     rng = np.random.default_rng(7)
     scores = rng.standard_normal(3000)

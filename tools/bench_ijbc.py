@@ -3,16 +3,22 @@
     python tools/bench_ijbc.py [--data-dir DIR] [--pairs N] [--reference] [--json]
 
 Writes an IJB-C-sized meta folder (469,375 faces, 23,124 templates, 15,658,489 pairs of which
-19,557 genuine; random subjects, templates and media, consistent with each other) into DIR (a
-temporary folder by default; reused when DIR already holds one of the same size), makes random
-512-d float32 features weakly tied to the subjects, then times facecompat's phases:
+19,557 genuine; random subjects, templates and media, consistent with each other; 1:N CSVs with
+1,772 G1 and 1,759 G2 gallery templates of disjoint subjects and 19,593 probe templates) into DIR
+(a temporary folder by default; reused when DIR already holds one of the same size and version),
+makes random 512-d float32 features weakly tied to the subjects, then times facecompat's phases:
 
-  parse_s    load_ijb_meta (the three 1:1 meta files)
+  parse_s    load_ijb_meta (the three 1:1 meta files and the three 1:N CSVs)
   pool_s     pool_templates (detector-score weighting, media mean, template sum, L2)
-  score_s    score_pairs over all pairs
+  score_s    template id -> row lookup and score_pairs over all pairs
   roc_s      roc_curve + tar_at_far + tar_at_far_strict
   total_s    pool + score + roc (what insightface's 124 s in DESIGN §7 covers)
   peak_rss_mb  peak resident memory of this process after those phases
+  one_n_s    identify_1toN on the pooled templates (faiss search of both galleries, CMC, TPIR);
+             reported apart, not part of total_s
+
+torch is imported before timing: facecompat's pair scores and parser use it, and an evaluation
+process has it loaded for feature extraction anyway.
 
 --reference also times an insightface eval_ijbc.py-style implementation in the same run (Python
 loops over templates and media for pooling, pair scores in batches of 100,000 by row gather and
@@ -33,12 +39,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch  # noqa: F401  (loaded before timing; see the module docstring)
 from tqdm import tqdm
 
 from facecompat.eval import ijb, metrics
 
 FULL = {"faces": 469_375, "templates": 23_124, "pairs": 15_658_489, "genuine": 19_557}
 DIM = 512
+META_VERSION = 2  # bump when make_meta's output changes: an older folder is rewritten
+GALLERY_SIZES = {"G1": 1_772, "G2": 1_759}
 
 
 def _int_lines(columns: list[np.ndarray]) -> bytes:
@@ -58,7 +67,7 @@ def _int_lines(columns: list[np.ndarray]) -> bytes:
 
 
 def make_meta(out: Path, num_pairs: int, num_genuine: int, seed: int = 0) -> None:
-    """Write ``out/IJBC/meta`` (1:1 files only) of IJB-C size with ``num_pairs`` pairs."""
+    """Write ``out/IJBC/meta`` (1:1 files and 1:N CSVs) of IJB-C size with ``num_pairs`` pairs."""
     rng = np.random.default_rng(seed)
     meta = out / "IJBC" / "meta"
     meta.mkdir(parents=True, exist_ok=True)
@@ -96,7 +105,36 @@ def make_meta(out: Path, num_pairs: int, num_genuine: int, seed: int = 0) -> Non
             sel = order[s:s + 2_000_000]
             f.write(_int_lines([t1[sel], t2[sel], labels[sel]]))
     np.save(meta / "bench_template_subject.npy", template_subject)
-    (meta / "bench.json").write_text(json.dumps({"pairs": num_pairs, "genuine": num_genuine, "seed": seed}))
+    _write_1n_csvs(meta, rng, template_subject, face_template, names)
+    (meta / "bench.json").write_text(json.dumps({"pairs": num_pairs, "genuine": num_genuine, "seed": seed,
+                                                 "version": META_VERSION}))
+
+
+def _write_1n_csvs(meta: Path, rng: np.random.Generator, template_subject: np.ndarray,
+                   face_template: np.ndarray, names: list[str]) -> None:
+    """IJB-C-shaped 1:N CSVs: G1 and G2 take templates of two disjoint halves of the subjects (each
+    subject's first template before any second one), every other template is a probe; one row per
+    face (TEMPLATE_ID,SUBJECT_ID,FILENAME), ids 1-based like the pair file."""
+    t = template_subject.size
+    half = rng.permutation(template_subject.max() + 1) % 2  # subject -> gallery 0 (G1) or 1 (G2)
+    order = rng.permutation(t)
+    order = order[np.argsort(template_subject[order], kind="stable")]  # random within each subject
+    first_of_subject = np.r_[True, template_subject[order][1:] != template_subject[order][:-1]]
+    group = np.full(t, -1)  # -1 probe, 0 G1, 1 G2
+    for g, size in enumerate(GALLERY_SIZES.values()):
+        mine = order[half[template_subject[order]] == g]
+        firsts = first_of_subject[half[template_subject[order]] == g]
+        chosen = np.r_[mine[firsts], mine[~firsts]][:size]
+        group[chosen] = g
+    face_group = group[face_template]
+    header = "TEMPLATE_ID,SUBJECT_ID,FILENAME\n"
+    files = {0: "ijbc_1N_gallery_G1.csv", 1: "ijbc_1N_gallery_G2.csv", -1: "ijbc_1N_probe_mixed.csv"}
+    for g, name in files.items():
+        faces = np.flatnonzero(face_group == g)
+        tids = face_template[faces]
+        rows = [f"{a},{b},{names[c]}\n" for a, b, c in
+                zip((tids + 1).tolist(), template_subject[tids].tolist(), faces.tolist())]
+        (meta / name).write_text(header + "".join(rows))
 
 
 def make_features(meta: ijb.IJBMeta, subject_of_template: np.ndarray, seed: int = 1) -> np.ndarray:
@@ -167,7 +205,8 @@ def _peak_rss_mb() -> float:
 def run(data_dir: Path, num_pairs: int, reference: bool) -> dict:
     info = data_dir / "IJBC" / "meta" / "bench.json"
     num_genuine = max(1, round(FULL["genuine"] * num_pairs / FULL["pairs"]))
-    if not info.is_file() or json.loads(info.read_text())["pairs"] != num_pairs:
+    stored = json.loads(info.read_text()) if info.is_file() else {}
+    if stored.get("pairs") != num_pairs or stored.get("version") != META_VERSION:
         print(f"writing an IJB-C-sized meta folder with {num_pairs:,} pairs to {data_dir}", file=sys.stderr)
         # in a child process, so that this process's peak RSS is the evaluation's alone
         child = multiprocessing.get_context("fork").Process(target=make_meta,
@@ -185,8 +224,11 @@ def run(data_dir: Path, num_pairs: int, reference: bool) -> dict:
     t0 = time.perf_counter()
     templates, pooled = ijb.pool_templates(feats, meta.template_ids, meta.media_ids, meta.det_scores)
     t1 = time.perf_counter()
-    rows1 = np.searchsorted(templates, meta.pair_t1).astype(np.int32)
-    rows2 = np.searchsorted(templates, meta.pair_t2).astype(np.int32)
+    # template id -> row by a lookup table, as the reference does (a searchsorted of 15.6M unsorted
+    # ids costs ~2 s per pair column here)
+    row_of = np.full(int(templates.max()) + 1, -1, np.int32)
+    row_of[templates] = np.arange(templates.size, dtype=np.int32)
+    rows1, rows2 = row_of[meta.pair_t1], row_of[meta.pair_t2]
     scores = ijb.score_pairs(pooled, pooled, rows1, rows2)
     t2 = time.perf_counter()
     fpr, tpr, _ = metrics.roc_curve(scores, meta.pair_labels)
@@ -195,6 +237,12 @@ def run(data_dir: Path, num_pairs: int, reference: bool) -> dict:
     t3 = time.perf_counter()
     out.update(pool_s=t1 - t0, score_s=t2 - t1, roc_s=t3 - t2, total_s=t3 - t0, tar_at_far=tar,
                genuine=int(meta.pair_labels.sum()), peak_rss_mb=_peak_rss_mb(), rss_before_mb=rss_before)
+    if meta.has_1n:
+        t0 = time.perf_counter()
+        one_n = ijb.identify_1toN(meta, ijb.Pooled(templates, pooled))
+        out["one_n_s"] = time.perf_counter() - t0
+        out["one_n"] = one_n
+        out["peak_rss_1n_mb"] = _peak_rss_mb()
     if reference:
         t0 = time.perf_counter()
         ref_t, ref_feats = reference_pool(feats, meta.template_ids, meta.media_ids, meta.det_scores)
@@ -226,6 +274,12 @@ def _table(res: dict) -> str:
         lines.append(line)
     lines.append(f"peak RSS {res['peak_rss_mb']:.0f} MB (after facecompat phases; "
                  f"{res['rss_before_mb']:.0f} MB before parsing)")
+    if "one_n_s" in res:
+        sizes = ", ".join(f"{g} {r['num_gallery']:,}" for g, r in res["one_n"].items())
+        rank1 = " ".join(f"{g}:{r['cmc']['1']:.4f}" for g, r in res["one_n"].items())
+        probes = next(iter(res["one_n"].values()))["num_probes"]
+        lines.append(f"1:N identify_1toN {res['one_n_s']:.2f} s ({probes:,} probes; galleries {sizes}; "
+                     f"rank-1 {rank1}; not in the total; peak RSS then {res['peak_rss_1n_mb']:.0f} MB)")
     lines.append("TAR@FAR " + " ".join(f"{k}:{v:.4f}" for k, v in res["tar_at_far"].items()))
     if ref:
         lines.append(f"reference agrees: max |TAR diff| {res['tar_agree_abs']:.2e}, "

@@ -40,7 +40,9 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     Same points as sklearn's default ``drop_intermediate=True``: one point per distinct score
     (descending), collinear points dropped by second differences, then (0, 0) prepended with
     threshold ``inf``. Instead of one argsort of all scores, genuine and impostor scores are sorted
-    separately and counted by ``searchsorted`` (the impostors dominate; the counts are exact).
+    separately (a plain sort is vectorised in numpy, an argsort is not) and counted in integers:
+    impostors below each distinct value from the run starts of the sorted impostors, genuine ones
+    by a cumulative count (no search per distinct value); only the kept points become float.
 
     Args:
         scores: [M] float scores (higher = more likely genuine); NaN is rejected.
@@ -61,26 +63,55 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
         scores = scores.astype(np.float64)
     if np.isnan(scores).any():
         raise ValueError("scores contain NaN")
-    genuine = np.sort(scores[labels])
-    impostor = np.sort(scores[~labels])
+    genuine = scores[labels]
+    genuine.sort()
+    impostor = scores[~labels]  # a copy already: sort it in place (numpy's vectorised sort)
+    impostor.sort()
     # distinct values of all scores, ascending: the impostor uniques with the genuine-only values
     # inserted; "#impostors below a value" is the first index of an impostor unique (no search)
-    first = np.flatnonzero(np.r_[True, impostor[1:] != impostor[:-1]]) if impostor.size else \
-        np.zeros(0, np.int64)
+    if impostor.size:
+        is_first = np.empty(impostor.size, bool)
+        is_first[0] = True
+        np.not_equal(impostor[1:], impostor[:-1], out=is_first[1:])
+        first = np.flatnonzero(is_first)
+        del is_first
+    else:
+        first = np.zeros(0, np.int64)
     imp_u = impostor[first]
-    gen_u = genuine[np.r_[True, genuine[1:] != genuine[:-1]]] if genuine.size else genuine
+    gen_first = np.r_[True, genuine[1:] != genuine[:-1]] if genuine.size else np.zeros(0, bool)
+    gen_u = genuine[gen_first]
+    gen_n = np.diff(np.r_[np.flatnonzero(gen_first), genuine.size])  # genuine scores per unique
     pos = np.searchsorted(imp_u, gen_u)
     new = (pos >= imp_u.size) | (imp_u[np.minimum(pos, max(imp_u.size - 1, 0))] != gen_u) \
         if imp_u.size else np.ones(gen_u.size, bool)
-    imp_below = np.insert(first, pos[new], np.searchsorted(impostor, gen_u[new]))
-    distinct = np.insert(imp_u, pos[new], gen_u[new])
-    # descending, as sklearn's thresholds; counts of scores >= each threshold
-    distinct, imp_below = distinct[::-1], imp_below[::-1]
-    fps = (impostor.size - imp_below).astype(np.float64)
+    imp_below = np.insert(first, pos[new], np.searchsorted(impostor, gen_u[new])) if new.any() else first
+    distinct = np.insert(imp_u, pos[new], gen_u[new]) if new.any() else imp_u
+    del first, imp_u
+    # collinear points (sklearn drops them by nonzero second differences of the counts): the second
+    # difference at point i is the change of (impostors, genuine) AT the distinct value from i-1 to
+    # i, so point i is kept where that pair of counts changes. The impostor counts are differences
+    # of imp_below; the genuine counts are nonzero only at the few genuine values, so their changes
+    # are found among those positions and the next ones (no [K] genuine arrays at all).
+    num = distinct.size
+    keep = np.ones(num, bool)
+    if num > 2:
+        imp_n = np.diff(imp_below, append=impostor.size)
+        np.not_equal(imp_n[1:-1], imp_n[:-2], out=keep[1:-1])
+        del imp_n
+        if gen_u.size:
+            gpos = np.searchsorted(distinct, gen_u)  # where each genuine value is (unique, ascending)
+            cand = np.unique(np.r_[gpos, gpos + 1])
+            cand = cand[(cand >= 1) & (cand <= num - 2)]
+            last = gpos.size - 1
+            j = np.minimum(np.searchsorted(gpos, cand), last)  # genuine count at cand and at cand - 1
+            at = np.where(gpos[j] == cand, gen_n[j], 0)
+            j = np.minimum(np.searchsorted(gpos, cand - 1), last)
+            before = np.where(gpos[j] == cand - 1, gen_n[j], 0)
+            keep[cand[at != before]] = True
+    sel = np.flatnonzero(keep)[::-1]  # descending, as sklearn's thresholds
+    fps = (impostor.size - imp_below[sel]).astype(np.float64)
+    distinct = distinct[sel]
     tps = (genuine.size - np.searchsorted(genuine, distinct, side="left")).astype(np.float64)
-    if fps.size > 2:
-        keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
-        fps, tps, distinct = fps[keep], tps[keep], distinct[keep]
     fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
     thresholds = np.r_[np.array([np.inf], dtype=distinct.dtype), distinct]
     with np.errstate(invalid="ignore", divide="ignore"):
