@@ -11,15 +11,12 @@ import argparse
 import json
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from facecompat.cli import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bench_train.py", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="bench_train.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--network", default="r50", help="backbone name (default r50)")
     parser.add_argument("--embedding-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=128, help="per rank (default 128)")

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from facecompat.cli import OneLineParser, positive_int
+
 if TYPE_CHECKING:  # nothing heavy at import time: --help stays fast
     import numpy as np
 
@@ -57,11 +59,6 @@ class EvalError(ValueError):
     """Bad input the tool reports in one line (exit status 2)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line on stderr, exit 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if len(names) < 1 or len(set(names)) != len(names):
@@ -79,19 +76,9 @@ def _fars(text: str) -> list[float]:
     return fars
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="eval_ijbc.py", description=__doc__, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="eval_ijbc.py", description=__doc__, epilog=EPILOG,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to evaluate (one of)")
     what.add_argument("--query", metavar="MODEL", help="query model (catalog name or path); alone: self test")
     what.add_argument("--gallery", metavar="MODEL", help="gallery model for the cross test")
@@ -117,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roc", type=Path, metavar="PNG", help="write the 1:1 ROC curves of every cell")
     p.add_argument("--save-scores", type=Path, metavar="DIR", help="write per-pair 1:1 scores (.npy)")
     p.add_argument("--device", help="torch device for extraction (default: cuda when available, else cpu)")
-    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="faces per forward pass")
+    p.add_argument("--batch-size", type=positive_int, metavar="N", help="faces per forward pass")
     p.add_argument("--workers", type=int, metavar="N", help="DataLoader workers for image decoding")
     p.add_argument("--no-faiss", dest="faiss", action="store_false", help="1:N search with numpy instead")
     return p
@@ -147,22 +134,6 @@ def _load_features(path: Path, num_faces: int, what: str) -> np.ndarray:
         raise EvalError(f"{path}: {feats.shape[0]} {what} feature rows, the face list has {num_faces} faces "
                         "(rows follow meta/*_name_5pts_score.txt)")
     return feats
-
-
-def _resolve_device(name: str | None):
-    import torch
-
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        raise EvalError(f"--device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {name}: CUDA is not available here")
-    if device.type == "cuda" and device.index is None:
-        from facecompat import dist
-
-        device = torch.device("cuda", dist.get_local_rank())
-    return device
 
 
 def _extract(specs: dict, args: argparse.Namespace, catalog, ijb_dir: Path, target: str, device,
@@ -261,7 +232,9 @@ def run(args: argparse.Namespace, log) -> dict | None:
                             f"{dims[names[-1]]}-d ({paths[-1]}): they cannot be compared")
     else:
         specs = _specs(args, catalog, catalog_source, names)
-        device = _resolve_device(args.device)
+        from facecompat.cli import resolve_device
+
+        device = resolve_device(args.device)
         feats, missing_rows = _extract(specs, args, catalog, ijb_dir, target, device, log)
         if rank != 0:
             return None

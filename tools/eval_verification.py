@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from facecompat.cli import OneLineParser, positive_int
 from facecompat.eval.catalog import resolve_model_spec  # light: no torch at import time
 
 if TYPE_CHECKING:  # nothing heavy at import time: --help stays fast
@@ -37,37 +38,22 @@ example:
   python tools/eval_verification.py --model ms1mv3_r50/model.pt --network r50 --bins data/lfw.bin
 """
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line on stderr, exit 2 (argparse adds the usage)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="eval_verification.py", description=__doc__, epilog=EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="eval_verification.py", description=__doc__, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, metavar="PATH",
                         help="model A (query side): run directory or .pt weights")
     parser.add_argument("--network", help="backbone name of --model when it is a .pt (e.g. r50)")
-    parser.add_argument("--embedding-size", type=_positive_int, metavar="D",
+    parser.add_argument("--embedding-size", type=positive_int, metavar="D",
                         help="embedding size of --model when it is a .pt (default 512)")
     parser.add_argument("--gallery-model", type=Path, metavar="PATH",
                         help="model B (gallery side) for the cross-model test")
     parser.add_argument("--gallery-network", help="backbone name of --gallery-model when it is a .pt")
-    parser.add_argument("--gallery-embedding-size", type=_positive_int, metavar="D",
+    parser.add_argument("--gallery-embedding-size", type=positive_int, metavar="D",
                         help="embedding size of --gallery-model when it is a .pt (default 512)")
     parser.add_argument("--bins", required=True, nargs="+", type=Path, metavar="BIN",
                         help="verification sets (lfw.bin, cfp_fp.bin, agedb_30.bin, ...)")
-    parser.add_argument("--batch-size", type=_positive_int, default=256, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=256, metavar="N",
                         help="images per forward pass (default 256)")
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="no flip test-time augmentation")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -138,17 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import json
 
-    import torch
-
+    from facecompat.cli import resolve_device
     from facecompat.data.recordio import atomic_write
 
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        print(f"error: --device: {exc}", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"error: --device {args.device}: CUDA is not available here", file=sys.stderr)
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     specs = {"A": (args.model, args.network, args.embedding_size)}
     if args.gallery_model is not None:

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from facecompat.cli import OneLineParser
+
 EPILOG = """\
 protocols (DESIGN §6):
   opclass  old = first RATIO of the identities; new = the others, relabelled 0..k-1
@@ -35,15 +37,10 @@ def _ratio(text: str) -> float:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line on stderr, exit 2 (argparse adds the usage)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from facecompat.data.splits import list_protocols
 
-    parser = _Parser(
+    parser = OneLineParser(
         prog="split_dataset.py", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rec", help="source .rec, or a folder holding train.rec/train.idx/property")

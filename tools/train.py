@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from facecompat.cli import OneLineParser
+
 EPILOG = """\
 outputs in <train.output>/<train.exp_name or the config's stem>/:
   model.pt       the backbone's state_dict (insightface-compatible), after every epoch
@@ -29,16 +31,11 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from facecompat.config import add_config_args
 
-    parser = _Parser(prog="train.py", description=__doc__, epilog=EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="train.py", description=__doc__, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--output", metavar="DIR", help="parent of the run directory (train.output)")
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON at the end")
