@@ -35,3 +35,26 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def make_run_dir(path, seed: int, network: str = "r18-w0.125", embedding_size: int = 32):
+    """A run directory (``model.pt`` with random weights + ``config.yaml``) as the trainer writes one."""
+    from facecompat.config import dump_config, load_config
+
+    path.mkdir(parents=True)
+    torch.manual_seed(seed)
+    torch.save(get_model(network, embedding_size).state_dict(), path / "model.pt")
+    dump_config(load_config(None, [f"model.network={network}", f"model.embedding_size={embedding_size}"]),
+                path / "config.yaml")
+    return path
+
+
+def load_tool(path, name: str):
+    """A tools/*.py script as a module, so its main() runs in the test process (a subprocess pays
+    seconds of torch import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,6 @@ precomputed features, outputs (JSON, ROC PNG, scores) and every bad input -> one
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _model_util import load_tool, make_run_dir
 
 from facecompat.eval import ijb, matrix, metrics
 
@@ -27,23 +27,11 @@ NETWORK, EMBEDDING_SIZE = "r18-w0.125", 32
 
 @pytest.fixture(scope="module")
 def tool():
-    """The tool as a module, so main() runs in this process (a subprocess pays seconds of torch import)."""
-    spec = importlib.util.spec_from_file_location("eval_ijbc_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(TOOL, "eval_ijbc_tool")
 
 
 def _make_run_dir(path: Path, seed: int) -> Path:
-    from facecompat.config import dump_config, load_config
-    from facecompat.models import get_model
-
-    path.mkdir(parents=True)
-    torch.manual_seed(seed)
-    torch.save(get_model(NETWORK, EMBEDDING_SIZE).state_dict(), path / "model.pt")
-    dump_config(load_config(None, [f"model.network={NETWORK}", f"model.embedding_size={EMBEDDING_SIZE}"]),
-                path / "config.yaml")
-    return path
+    return make_run_dir(path, seed, NETWORK, EMBEDDING_SIZE)
 
 
 def _catalog(path: Path, data_root: Path, cache: Path, models: dict[str, Path]) -> Path:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+from _model_util import load_tool, make_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "eval_verification.py"
@@ -18,23 +17,11 @@ NETWORK, EMBEDDING_SIZE = "r18-w0.125", 32
 
 @pytest.fixture(scope="module")
 def tool():
-    """The tool as a module, so main() runs in this process (a subprocess pays seconds of torch import)."""
-    spec = importlib.util.spec_from_file_location("eval_verification_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(TOOL, "eval_verification_tool")
 
 
 def _make_run_dir(path: Path, seed: int) -> Path:
-    from facecompat.config import dump_config, load_config
-    from facecompat.models import get_model
-
-    path.mkdir(parents=True)
-    torch.manual_seed(seed)
-    torch.save(get_model(NETWORK, EMBEDDING_SIZE).state_dict(), path / "model.pt")
-    dump_config(load_config(None, [f"model.network={NETWORK}", f"model.embedding_size={EMBEDDING_SIZE}"]),
-                path / "config.yaml")
-    return path
+    return make_run_dir(path, seed, NETWORK, EMBEDDING_SIZE)
 
 
 @pytest.fixture(scope="module")
