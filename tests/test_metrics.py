@@ -77,22 +77,29 @@ def test_tar_at_far_nearest_point_and_strict() -> None:
     strict = metrics.tar_at_far_strict(fpr, tpr, (1e-6, 1e-4, 1e-1))
     assert strict == {"1e-06": 0.0, "1e-04": 0.4, "1e-01": 0.7}
     assert metrics.tar_at_far_strict(fpr[1:], tpr[1:], (1e-6,)) == {"1e-06": 0.0}
-    # ties take the first point, as insightface's min(zip(diff, range)) does
-    assert metrics.tar_at_far(np.array([0.0, 2e-4, 2e-4]), np.array([0.1, 0.5, 0.6]), (1e-4,)) == \
-        {"1e-04": 0.1}
+    # several points at one FAR: the top of the vertical segment, as insightface's flipped ROC gives
+    assert metrics.tar_at_far(np.array([0.0, 0.0, 1.0]), np.array([0.0, 1.0, 1.0]), (1e-4, 1e-6)) == \
+        {"1e-04": 1.0, "1e-06": 1.0}
+    assert metrics.tar_at_far(np.array([0.0, 3e-4, 3e-4, 1.0]), np.array([0.1, 0.5, 0.6, 1.0]), (2e-4,)) == \
+        {"2e-04": 0.6}
 
 
-def test_tar_at_far_vs_loop_reference() -> None:
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_tar_at_far_vs_loop_reference(decimals) -> None:
+    """Against insightface's printed convention, written out: flip the ROC, then min(zip(...))."""
     rng = np.random.default_rng(1)
     scores = rng.standard_normal(5000)
     labels = rng.random(5000) < 0.1
     scores[labels] += 2
+    if decimals is not None:  # coarse scores: many ties, vertical ROC segments
+        scores = np.round(scores, decimals)
     fpr, tpr, _ = metrics.roc_curve(scores, labels)
-    fars = (1e-3, 1e-2, 1e-1)
+    fars = (1e-4, 1e-3, 1e-2, 1e-1)
     got = metrics.tar_at_far(fpr, tpr, fars)
+    flipped_fpr, flipped_tpr = np.flipud(fpr), np.flipud(tpr)
     for far in fars:
-        _, best = min(zip(abs(fpr - far), range(len(fpr))))  # insightface's loop
-        assert got[metrics.far_key(far)] == tpr[best]
+        _, best = min(zip(abs(flipped_fpr - far), range(len(flipped_fpr))))
+        assert got[metrics.far_key(far)] == flipped_tpr[best]
         assert metrics.tar_at_far_strict(fpr, tpr, (far,))[metrics.far_key(far)] == \
             max(t for f, t in zip(fpr, tpr) if f <= far)
 
@@ -158,3 +165,31 @@ def test_cmc_tpir_vs_loop_reference() -> None:
                 for i, p in enumerate(np.flatnonzero(mated))]
         assert metrics.tpir_at_fpir(sim, probes, gallery, (fpir,))[metrics.fpir_key(fpir)] == \
             pytest.approx(np.mean(hits))
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 256])
+def test_cmc_tpir_ties_vs_loop_reference(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scores on a coarse grid (many ties), several gallery templates per subject, small row blocks."""
+    rng = np.random.default_rng(8)
+    gallery = rng.integers(0, 30, 45)  # subjects repeat: best true = max over several templates
+    probes = rng.integers(0, 40, 300)
+    sim = np.round(rng.random((300, 45)), 1)  # 11 distinct values
+    before = sim.copy()
+    monkeypatch.setattr(metrics._open_set_scores, "__defaults__", (block_rows,))
+    ranks = _rank_reference(sim, probes, gallery)
+    got = metrics.cmc(sim, probes, gallery, (1, 2, 5))
+    for k in (1, 2, 5):
+        assert got[str(k)] == np.mean(ranks <= k)
+    mated = np.isin(probes, gallery)
+    nonmated = sorted((sim[p].max() for p in np.flatnonzero(~mated)), reverse=True)
+    tpir = metrics.tpir_at_fpir(sim, probes, gallery, (0.01, 0.1, 0.5))
+    for fpir in (0.01, 0.1, 0.5):
+        thr = nonmated[max(int(np.floor(len(nonmated) * fpir)) - 1, 0)]
+        hits = [ranks[i] == 1 and sim[p][gallery == probes[p]].max() > thr
+                for i, p in enumerate(np.flatnonzero(mated))]
+        assert tpir[metrics.fpir_key(fpir)] == np.mean(hits)
+    both = metrics.identification(sim, probes, gallery, (1, 2, 5), (0.01, 0.1, 0.5))
+    assert both == {"cmc": got, "tpir_at_fpir": tpir}
+    np.testing.assert_array_equal(sim, before)  # the input is not modified
+    # integer scores: the same ranks
+    assert metrics.cmc((sim * 10).astype(np.int64), probes, gallery, (1, 2, 5)) == got

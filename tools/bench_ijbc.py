@@ -8,23 +8,28 @@ Writes an IJB-C-sized meta folder (469,375 faces, 23,124 templates, 15,658,489 p
 (a temporary folder by default; reused when DIR already holds one of the same size and version),
 makes random 512-d float32 features weakly tied to the subjects, then times facecompat's phases:
 
-  parse_s    load_ijb_meta (the three 1:1 meta files and the three 1:N CSVs)
-  pool_s     pool_templates (detector-score weighting, media mean, template sum, L2)
-  score_s    template id -> row lookup and score_pairs over all pairs
-  roc_s      roc_curve + tar_at_far + tar_at_far_strict
-  total_s    pool + score + roc (what insightface's 124 s in DESIGN §7 covers)
+  parse_s    load_ijb_meta (the three 1:1 meta files and the three 1:N CSVs); each parser is
+             then timed again on its own (parse_parts_s)
+  pool_s     ijb.pool (detector-score weighting, media mean, template sum, L2)
+  score_s    meta.pair_rows (template id -> row by a lookup table) + score_pairs over all pairs
+  roc_s      roc_curve + tar_at_far + tar_at_far_strict + auc
+  total_s    pool + score + roc (what insightface's 124 s in DESIGN §7 covers): the calls that
+             ijb.verify_1to1(meta, pooled) makes, timed one by one
+  verify_s   ijb.pool + ijb.verify_1to1 called as such (pair-row cache emptied): total_s measured
+             as one call; its result must equal the phases'
   peak_rss_mb  peak resident memory of this process after those phases
-  one_n_s    identify_1toN on the pooled templates (faiss search of both galleries, CMC, TPIR);
-             reported apart, not part of total_s
+  one_n_s    identify_1toN on the pooled templates (similarity matrix per gallery, then CMC and
+             TPIR@FPIR from one pass over it); reported apart, not part of total_s
 
 torch is imported before timing: facecompat's pair scores and parser use it, and an evaluation
 process has it loaded for feature extraction anyway.
 
 --reference also times an insightface eval_ijbc.py-style implementation in the same run (Python
-loops over templates and media for pooling, pair scores in batches of 100,000 by row gather and
-multiply-sum, sklearn's argsort-based ROC algorithm), prints the speed-up and checks that the
-TAR@FAR values agree. --pairs N scales the pair count down for quick checks (genuine pairs
-scaled alike). Exit status 2 with a one-line reason on bad input.
+loops over templates and media for pooling into float64 templates, pair scores in batches of
+100,000 by row gather and multiply-sum, sklearn's argsort-based ROC algorithm, TAR read from the
+flipped ROC by min(zip(...))), prints the speed-up and checks that the TAR@FAR values agree.
+--pairs N scales the pair count down for quick checks (genuine pairs scaled alike).
+Exit status 2 with a one-line reason on bad input.
 """
 
 from __future__ import annotations
@@ -156,10 +161,14 @@ def make_features(meta: ijb.IJBMeta, subject_of_template: np.ndarray, seed: int 
 # ------------------------------------------------------------------- insightface-style reference
 def reference_pool(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray,
                    scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """insightface image2template_feature (with use_detector_score), loop for loop."""
-    feats = feats * scores[:, None]
+    """insightface image2template_feature (with use_detector_score), loop for loop.
+
+    Like insightface, faces are weighted in float32 and the template array is numpy's default
+    float64 (``np.zeros((T, D))``), so templates and pair scores are float64 from here on.
+    """
+    feats = feats * scores.astype(np.float32)[:, None]
     unique_templates = np.unique(templates)
-    template_feats = np.zeros((len(unique_templates), feats.shape[1]), np.float32)
+    template_feats = np.zeros((len(unique_templates), feats.shape[1]))
     for k, uqt in enumerate(tqdm(unique_templates, desc="reference pooling", leave=False, mininterval=5)):
         (ind_t,) = np.where(templates == uqt)
         face_feats, face_medias = feats[ind_t], medias[ind_t]
@@ -185,6 +194,16 @@ def reference_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p
     return score
 
 
+def reference_tar(fpr: np.ndarray, tpr: np.ndarray) -> dict[str, float]:
+    """insightface's printed TAR@FAR: flip the ROC, then the first of min(zip(|fpr - far|, index))."""
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+    out = {}
+    for far in metrics.DEFAULT_FARS:
+        _, best = min(zip(abs(fpr - far), range(len(fpr))))
+        out[metrics.far_key(far)] = float(tpr[best])
+    return out
+
+
 def reference_roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """sklearn's roc_curve algorithm (one mergesort argsort of all scores)."""
     order = np.argsort(scores, kind="mergesort")[::-1]
@@ -200,6 +219,21 @@ def reference_roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
 # ------------------------------------------------------------------------------------------ run
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _parse_parts(meta_dir: Path) -> dict[str, float]:
+    """Seconds of each parser of load_ijb_meta, called again one by one (files in the page cache)."""
+    parts = {}
+    calls = {"5-point file": lambda: ijb._parse_named_table(meta_dir / "ijbc_name_5pts_score.txt", 12, float),
+             "face/template/media file": lambda: ijb._parse_named_table(meta_dir / "ijbc_face_tid_mid.txt",
+                                                                        3, int),
+             "pair file": lambda: ijb._parse_int_table(meta_dir / "ijbc_template_pair_label.txt", 3),
+             "1:N CSVs": lambda: [ijb._parse_subject_csv(p) for p in sorted(meta_dir.glob("ijbc_1N_*.csv"))]}
+    for label, call in calls.items():
+        t0 = time.perf_counter()
+        call()
+        parts[label] = time.perf_counter() - t0
+    return parts
 
 
 def run(data_dir: Path, num_pairs: int, reference: bool) -> dict:
@@ -220,26 +254,34 @@ def run(data_dir: Path, num_pairs: int, reference: bool) -> dict:
     t0 = time.perf_counter()
     meta = ijb.load_ijb_meta(data_dir, "IJBC")
     out["parse_s"] = time.perf_counter() - t0
+    out["parse_parts_s"] = _parse_parts(data_dir / "IJBC" / "meta")
     feats = make_features(meta, np.load(data_dir / "IJBC" / "meta" / "bench_template_subject.npy"))
+    # the phases are the calls of ijb.verify_1to1(meta, pooled), one by one
     t0 = time.perf_counter()
-    templates, pooled = ijb.pool_templates(feats, meta.template_ids, meta.media_ids, meta.det_scores)
+    pooled = ijb.pool(meta, feats)
     t1 = time.perf_counter()
-    # template id -> row by a lookup table, as the reference does (a searchsorted of 15.6M unsorted
-    # ids costs ~2 s per pair column here)
-    row_of = np.full(int(templates.max()) + 1, -1, np.int32)
-    row_of[templates] = np.arange(templates.size, dtype=np.int32)
-    rows1, rows2 = row_of[meta.pair_t1], row_of[meta.pair_t2]
-    scores = ijb.score_pairs(pooled, pooled, rows1, rows2)
+    rows1, rows2 = meta.pair_rows(pooled.templates)  # template id -> row by a lookup table
+    scores = ijb.score_pairs(pooled.feats, pooled.feats, rows1, rows2)
     t2 = time.perf_counter()
     fpr, tpr, _ = metrics.roc_curve(scores, meta.pair_labels)
     tar = metrics.tar_at_far(fpr, tpr)
     out["tar_at_far_strict"] = metrics.tar_at_far_strict(fpr, tpr)
+    out["auc"] = metrics.auc(fpr, tpr)
     t3 = time.perf_counter()
     out.update(pool_s=t1 - t0, score_s=t2 - t1, roc_s=t3 - t2, total_s=t3 - t0, tar_at_far=tar,
                genuine=int(meta.pair_labels.sum()), peak_rss_mb=_peak_rss_mb(), rss_before_mb=rss_before)
+    del rows1, rows2
+    # the real function end to end (pooling included), with the pair-row cache emptied so that it
+    # does the lookup again: the sum of the phases above, measured as one call
+    meta._pair_rows = {}
+    t0 = time.perf_counter()
+    result = ijb.verify_1to1(meta, ijb.pool(meta, feats))
+    out["verify_s"] = time.perf_counter() - t0
+    if result["tar_at_far"] != tar or result["auc"] != out["auc"]:
+        raise RuntimeError("verify_1to1 disagrees with its phases timed one by one")
     if meta.has_1n:
         t0 = time.perf_counter()
-        one_n = ijb.identify_1toN(meta, ijb.Pooled(templates, pooled))
+        one_n = ijb.identify_1toN(meta, pooled)
         out["one_n_s"] = time.perf_counter() - t0
         out["one_n"] = one_n
         out["peak_rss_1n_mb"] = _peak_rss_mb()
@@ -250,28 +292,33 @@ def run(data_dir: Path, num_pairs: int, reference: bool) -> dict:
         ref_scores = reference_scores(ref_feats, ref_t, meta.pair_t1, meta.pair_t2)
         t2 = time.perf_counter()
         ref_fpr, ref_tpr = reference_roc(ref_scores, meta.pair_labels)
-        ref_tar = metrics.tar_at_far(ref_fpr, ref_tpr)
+        ref_tar = reference_tar(ref_fpr, ref_tpr)
         t3 = time.perf_counter()
         out["reference"] = {"pool_s": t1 - t0, "score_s": t2 - t1, "roc_s": t3 - t2, "total_s": t3 - t0,
                             "tar_at_far": ref_tar}
         out["speedup"] = out["reference"]["total_s"] / out["total_s"]
         out["max_score_diff"] = float(np.max(np.abs(ref_scores - scores)))
+        if not np.array_equal(ref_t, pooled.templates):
+            raise RuntimeError("the reference pooled other templates")
         out["tar_agree_abs"] = max(abs(ref_tar[k] - tar[k]) for k in tar)
     return out
 
 
 def _table(res: dict) -> str:
     rows = [("parse meta", "parse_s"), ("pooling", "pool_s"), ("pair scores", "score_s"),
-            ("ROC + TAR@FAR", "roc_s"), ("total after parse", "total_s")]
+            ("ROC + TAR@FAR", "roc_s"), ("total after parse", "total_s"),
+            ("verify_1to1 (end to end)", "verify_s")]
     ref = res.get("reference")
     lines = [f"IJB-C 1:1 bench: {res['faces']:,} faces, {res['templates']:,} templates, "
              f"{res['pairs']:,} pairs ({res['genuine']:,} genuine)",
-             f"{'phase':<20}{'facecompat s':>14}" + (f"{'reference s':>14}{'speed-up':>10}" if ref else "")]
+             f"{'phase':<26}{'facecompat s':>14}" + (f"{'reference s':>14}{'speed-up':>10}" if ref else "")]
     for label, key in rows:
-        line = f"{label:<20}{res[key]:>14.2f}"
+        line = f"{label:<26}{res[key]:>14.2f}"
         if ref and key in ref:
             line += f"{ref[key]:>14.2f}{ref[key] / max(res[key], 1e-9):>9.1f}x"
         lines.append(line)
+    lines.append("parse meta by file (again, one by one): " + ", ".join(
+        f"{k} {v:.2f} s" for k, v in res["parse_parts_s"].items()))
     lines.append(f"peak RSS {res['peak_rss_mb']:.0f} MB (after facecompat phases; "
                  f"{res['rss_before_mb']:.0f} MB before parsing)")
     if "one_n_s" in res:

@@ -6,8 +6,17 @@ The face order of every feature array is the line order of ``meta/<prefix>_name_
 insightface's ``eval_ijbc.py`` (DESIGN §5): face feature (flip-fused, unnormalised) x detector
 score, media = mean of its faces, template = sum of its media, L2-normalised, score = cosine.
 
-Large files have numpy fast paths (``np.fromstring`` over the whole text); when a fast path sees
-anything odd, a line-by-line pass finds the first bad line and :class:`IJBMetaError` names it.
+Large files have vectorised fast paths that read the bytes with numpy in ~1 MB chunks, with no
+per-value Python: the names column is cut off by :func:`_split_names`; integers (pair and
+template/media files) are read 8 digits per gather (:func:`_uint_chunk`); plain decimals (the
+5-point file) as two such digit runs around the dot, giving exactly ``float(token)``
+(:func:`_decimal_chunk`); the 1:N CSVs by cutting fields at commas (:func:`_subject_csv_fast`).
+Anything a fast path does not expect (signs, exponents, quotes, non-ASCII names, wrong column
+counts) goes to a general path (``np.fromstring`` once line widths are checked, or the csv
+module), and a bad line to a line-by-line pass whose :class:`IJBMetaError` names file and line.
+
+1:N computes each gallery's full probe x gallery similarity matrix (faiss on a GPU, else one BLAS
+product) and reads CMC and TPIR@FPIR from one blocked pass over it (:func:`metrics.identification`).
 """
 
 from __future__ import annotations
@@ -136,11 +145,13 @@ def _slow_rows(path: Path, text: str, num_cols: int, first_is_name: bool,
 def _split_names(text: str) -> tuple[list[str], bytes] | None:
     """First field of every line, and the text with those fields blanked to spaces; or None.
 
-    Vectorised over bytes: tokens are runs of non-whitespace, a token is its line's first when no
-    LF lies between it and the previous token (``searchsorted`` of the token starts among the
-    LFs), and the name bytes are blanked through a cumulative sum of +1/-1 marks. Only for plain
-    ASCII text (bytes 32..126 plus tab, CR, LF), where bytes and characters agree and no other
-    whitespace exists; None otherwise (the regex path handles the rest).
+    Vectorised over bytes. Usually every line starts with its name: a name then runs from a line
+    start to the next whitespace byte (one ``searchsorted`` per line, among the whitespace
+    positions). Otherwise (blank lines, leading whitespace) tokens are runs of non-whitespace and a
+    token is its line's first when no LF lies between it and the previous token (``searchsorted``
+    of all token starts among the LFs). The name bytes are blanked through a cumulative sum of
+    +1/-1 marks. Only for plain ASCII text (bytes 32..126 plus tab, CR, LF), where bytes and
+    characters agree and no other whitespace exists; None otherwise (the regex path handles the rest).
     """
     data = text.encode("ascii")  # the caller checked isascii(): byte offsets are character offsets
     raw = np.frombuffer(data, np.uint8)
@@ -148,28 +159,60 @@ def _split_names(text: str) -> tuple[list[str], bytes] | None:
     num_ws = [np.count_nonzero(x) for x in (space, tab, cr, lf)]
     if np.count_nonzero((raw >= 32) & (raw < 127)) + sum(num_ws[1:]) != raw.size:
         return None
-    token = ~(space | tab | cr | lf)
-    token = np.r_[False, token, False]
-    edges = np.flatnonzero(token[1:] != token[:-1])
-    starts, ends = edges[0::2], edges[1::2]
-    line = np.searchsorted(np.flatnonzero(lf), starts)
-    first = np.r_[True, line[1:] != line[:-1]] if line.size else np.zeros(0, bool)
-    name_starts, name_ends = starts[first], ends[first]
-    names = list(map(text.__getitem__, map(slice, name_starts.tolist(), name_ends.tolist())))
+    ws = space
+    for x in (tab, cr, lf):
+        ws |= x
+    del tab, cr
+    lf_pos = np.flatnonzero(lf)
+    line_starts = np.r_[0, lf_pos + 1]
+    if line_starts[-1] == raw.size:  # the text ends with LF
+        line_starts = line_starts[:-1]
+    every_line_named = bool(line_starts.size) and not ws[line_starts].any()
+    if every_line_named:  # every line starts with its name
+        ws_pos = np.r_[np.flatnonzero(ws), raw.size]
+        name_starts, name_ends = line_starts, ws_pos[np.searchsorted(ws_pos, line_starts)]
+    else:
+        token = np.r_[False, ~ws, False]
+        edges = np.flatnonzero(token[1:] != token[:-1])
+        starts, ends = edges[0::2], edges[1::2]
+        line = np.searchsorted(lf_pos, starts)
+        first = np.r_[True, line[1:] != line[:-1]] if line.size else np.zeros(0, bool)
+        name_starts, name_ends = starts[first], ends[first]
     marks = np.zeros(raw.size + 1, np.int8)
     marks[name_starts] = 1
     marks[name_ends] = -1
+    is_name = np.cumsum(marks[:-1], dtype=np.int8).view(bool)
+    if every_line_named:  # the names with their LFs, split by str.split in C (slicing costs ~1 us each)
+        names = raw[is_name | lf].tobytes().decode("ascii").split("\n")
+        if len(names) > name_starts.size:  # the text ends with LF
+            names.pop()
+    else:
+        names = list(map(text.__getitem__, map(slice, name_starts.tolist(), name_ends.tolist())))
     rest = raw.copy()
-    rest[np.cumsum(marks[:-1], dtype=np.int8).view(bool)] = 32
+    rest[is_name] = 32
     return names, rest.tobytes()
+
+
+def _widths_ok(data: bytes, width: int) -> bool:
+    """Whether every line of ``data`` holds 0 or ``width`` whitespace-separated tokens.
+
+    ``np.fromstring`` sees one stream of numbers, so a short line followed by a long one would
+    pass its count check; this vectorised check keeps such files for the line-by-line diagnosis.
+    """
+    raw = np.frombuffer(data + b"\n", np.uint8)
+    token = np.r_[False, (raw != 32) & (raw != 9) & (raw != 10) & (raw != 13) & (raw != 11) & (raw != 12),
+                  False]
+    edges = np.flatnonzero(token[1:] != token[:-1])
+    return _lines_ok(edges[0::2], edges[1::2], np.flatnonzero((raw == 10) | (raw == 13)), width)
 
 
 def _parse_named_table(path: Path, num_cols: int, dtype: type) -> tuple[list[str], np.ndarray]:
     """Rows ``name v1 .. v{num_cols-1}``: names and values [R, num_cols - 1].
 
     Fast path: :func:`_split_names` (vectorised) takes the names off, then the numbers are parsed
-    by :func:`_parse_uint_fast` (integers) or ``np.fromstring`` (floats); a regex split is the
-    fallback for non-ASCII text, and any mismatch goes to the line-by-line diagnosis.
+    by :func:`_parse_uint_fast` (integers) or :func:`_parse_decimal_fast` (plain decimals, else
+    ``np.fromstring``); a regex split is the fallback for non-ASCII text, and any mismatch goes to
+    the line-by-line diagnosis.
     """
     text = _read_text(path)
     width = num_cols - 1
@@ -180,12 +223,15 @@ def _parse_named_table(path: Path, num_cols: int, dtype: type) -> tuple[list[str
             values = _parse_uint_fast(io.BytesIO(rest), width)
             if values is None or values.shape[0] != len(names):
                 return _slow_rows(path, text, num_cols, True, dtype)
-        else:
-            values = _fromstring(rest, dtype)
+        else:  # plain decimals (the 5-point file); signs, exponents, inf/nan go to np.fromstring
+            values = _parse_decimal_fast(io.BytesIO(rest), width) if width else None
+            if values is None or values.shape[0] != len(names):
+                values = _fromstring(rest, dtype) if _widths_ok(rest, width) else None
     else:
         # C-speed passes over the whole text: the first field of every line, then the numbers after it
         names = _FIRST_FIELD.findall(text)
-        values = _fromstring(_FIRST_FIELD.sub("", text), dtype)
+        rest = _FIRST_FIELD.sub("", text).encode("utf-8")
+        values = _fromstring(rest, dtype) if _widths_ok(rest, width) else None
     if values is None or values.size != len(names) * width:
         return _slow_rows(path, text, num_cols, True, dtype)
     return names, values.reshape(-1, width)
@@ -198,40 +244,14 @@ _DIGIT_MASKS = np.array([0] + [(0x0F0F0F0F0F0F0F0F << (8 * (8 - n))) & (2**64 - 
                         np.uint64)
 
 
-def _uint_chunk(buf: np.ndarray, num_cols: int) -> np.ndarray | None:
-    """Values of one chunk of whole lines (``buf``: ``_PAD`` spaces, then lines ending in LF), or None.
+def _run_values(buf: np.ndarray, ends: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """int64 values of digit runs of at most 8 digits ending (exclusive) at ``ends`` in ``buf``.
 
-    Tokens are runs of digits, found where the digit mask changes (starts and ends alternate).
-    Each token is at most 8 digits and ends at byte ``e``, so the little-endian 8-byte word ending
-    there holds it in its top bytes: keep the low nibble of each of the token's bytes (the bytes
-    before it are masked off), and three multiply-shift steps combine neighbouring digits pairwise
-    (1+1 -> 2 -> 4 -> 8 digits); one gather per number and no loop over digits. Every line must
-    hold 0 or ``num_cols`` tokens. None (the caller falls back to the general parsers) for a byte
-    other than digit, space, tab, LF or CR-before-LF, a token over 8 digits, or another column count.
+    The little-endian 8-byte word ending at a run holds it in its top bytes: keep the low nibble of
+    each of the run's bytes (the bytes before it are masked off), and three multiply-shift steps
+    combine neighbouring digits pairwise (1+1 -> 2 -> 4 -> 8 digits); one gather per run and no
+    loop over digits. ``buf`` needs ``_PAD`` bytes before the first run.
     """
-    if sys.byteorder != "little":
-        return None
-    digit = (buf - np.uint8(48)) < 10
-    newline = buf == 10
-    num_lf, num_cr = np.count_nonzero(newline), np.count_nonzero(buf == 13)
-    if np.count_nonzero(digit) + np.count_nonzero(buf == 32) + num_lf + num_cr + \
-            np.count_nonzero(buf == 9) != buf.size:
-        return None
-    if num_cr and (buf[np.flatnonzero(buf == 13) + 1] != 10).any():  # the last byte is LF: in bounds
-        return None
-    edges = np.flatnonzero(digit[1:] != digit[:-1]) + 1  # buf starts and ends with a separator
-    starts, ends = edges[0::2], edges[1::2]  # ends exclusive
-    lengths = ends - starts
-    if lengths.size and lengths.max() > 8:
-        return None
-    lf = np.flatnonzero(newline)
-    if starts.size == lf.size * num_cols:  # no blank lines: line k holds tokens k*num_cols ...
-        ok = bool((starts[num_cols::num_cols] > lf[:-1]).all() and (ends[num_cols - 1::num_cols] <= lf).all())
-    else:
-        per_line = np.diff(np.searchsorted(starts, lf), prepend=0)
-        ok = bool(((per_line == 0) | (per_line == num_cols)).all())
-    if not ok:
-        return None
     import torch  # loaded for score_pairs anyway; its 8-byte row gather beats numpy's unaligned one 3x
 
     windows = torch.as_strided(torch.from_numpy(buf), (buf.size - 7, 8), (1, 1))
@@ -249,13 +269,100 @@ def _uint_chunk(buf: np.ndarray, num_cols: int) -> np.ndarray | None:
     return words.view(np.int64)
 
 
-def _parse_uint_fast(source: Path | io.BufferedIOBase, num_cols: int) -> np.ndarray | None:
-    """Vectorised parse of a file of non-negative integers, ``num_cols`` per line -> [R, num_cols].
+def _lines_ok(starts: np.ndarray, ends: np.ndarray, lf: np.ndarray, num_cols: int) -> bool:
+    """Whether every line (ended by the LFs ``lf``) holds 0 or ``num_cols`` of the tokens."""
+    if starts.size == lf.size * num_cols:  # no blank lines: line k holds tokens k*num_cols ...
+        return bool((starts[num_cols::num_cols] > lf[:-1]).all()
+                    and (ends[num_cols - 1::num_cols] <= lf).all())
+    per_line = np.diff(np.searchsorted(starts, lf), prepend=0)
+    return bool(((per_line == 0) | (per_line == num_cols)).all())
+
+
+def _chunk_bytes_ok(buf: np.ndarray, digit: np.ndarray, extra: int = 0) -> bool:
+    """Only digits, ``extra`` other accepted bytes, space, tab, LF, and CR before LF."""
+    num_cr = np.count_nonzero(buf == 13)
+    if np.count_nonzero(digit) + extra + np.count_nonzero(buf == 32) + np.count_nonzero(buf == 10) + \
+            num_cr + np.count_nonzero(buf == 9) != buf.size:
+        return False
+    return not (num_cr and (buf[np.flatnonzero(buf == 13) + 1] != 10).any())  # the last byte is LF
+
+
+def _uint_chunk(buf: np.ndarray, num_cols: int) -> np.ndarray | None:
+    """Values of one chunk of whole lines (``buf``: ``_PAD`` spaces, then lines ending in LF), or None.
+
+    Tokens are runs of digits, found where the digit mask changes (starts and ends alternate), and
+    converted by :func:`_run_values`. Every line must hold 0 or ``num_cols`` tokens. None (the
+    caller falls back to the general parsers) for a byte other than digit, space, tab, LF or
+    CR-before-LF, a token over 8 digits, or another column count.
+    """
+    if sys.byteorder != "little":
+        return None
+    digit = (buf - np.uint8(48)) < 10
+    if not _chunk_bytes_ok(buf, digit):
+        return None
+    edges = np.flatnonzero(digit[1:] != digit[:-1]) + 1  # buf starts and ends with a separator
+    starts, ends = edges[0::2], edges[1::2]  # ends exclusive
+    lengths = ends - starts
+    if lengths.size and lengths.max() > 8:
+        return None
+    if not _lines_ok(starts, ends, np.flatnonzero(buf == 10), num_cols):
+        return None
+    return _run_values(buf, ends, lengths)
+
+
+_POW10 = 10.0 ** np.arange(9)  # exact in float64
+_POW10_INT = 10 ** np.arange(9, dtype=np.int64)
+
+
+def _decimal_chunk(buf: np.ndarray, num_cols: int) -> np.ndarray | None:
+    """float64 values of one chunk of plain decimals (``123``, ``84.213``, ``0.99998``), or None.
+
+    The dot is a separator between two digit runs: a run after a dot is a fraction. With ``M`` the
+    integer of all the number's digits and ``k`` its fraction digits, the value is ``M / 10**k``:
+    for ``M <= 2**53`` both operands are exact doubles and IEEE division rounds correctly, so the
+    result is exactly ``float(token)`` (the classic exact fast path of decimal conversion). None --
+    and the caller's general parser -- for anything else: a sign, an exponent, inf/nan, a dot
+    without digits on both sides, two dots, a run over 8 digits, ``M > 2**53``, another column count.
+    """
+    if sys.byteorder != "little":
+        return None
+    digit = (buf - np.uint8(48)) < 10
+    dots = np.flatnonzero(buf == 46)
+    if not _chunk_bytes_ok(buf, digit, dots.size):
+        return None
+    if dots.size and not (digit[dots - 1].all() and digit[dots + 1].all()):  # _PAD before, LF last
+        return None
+    edges = np.flatnonzero(digit[1:] != digit[:-1]) + 1
+    starts, ends = edges[0::2], edges[1::2]
+    lengths = ends - starts
+    if lengths.size and lengths.max() > 8:
+        return None
+    after_dot, before_dot = buf[starts - 1] == 46, buf[ends] == 46
+    if (after_dot & before_dot).any():  # 1.2.3
+        return None
+    whole = np.flatnonzero(~after_dot)  # the integer part of every number
+    has_frac = before_dot[whole]
+    if not _lines_ok(starts[whole], ends[whole + has_frac], np.flatnonzero(buf == 10), num_cols):
+        return None
+    runs = _run_values(buf, ends, lengths)
+    frac = whole + has_frac  # the fraction run, or the integer run itself (then weighted by 0)
+    digits = lengths[frac] * has_frac
+    mantissa = runs[whole] * _POW10_INT[digits] + runs[frac] * has_frac
+    if mantissa.size and mantissa.max() > 2**53:
+        return None
+    values = mantissa.astype(np.float64)
+    values /= _POW10[digits]
+    return values
+
+
+def _parse_fast(source: Path | io.BufferedIOBase, num_cols: int, chunk_parser) -> np.ndarray | None:
+    """Vectorised parse of a numeric file, ``num_cols`` per line -> [R, num_cols], or None.
 
     Reads ~1 MB chunks into one reused buffer, each cut after its last LF (the rest is carried
-    into the next chunk), and converts each with :func:`_uint_chunk` -- numpy passes over bytes and
-    tokens, no per-number work in Python. CRLF, tabs, repeated spaces, blank lines and a missing
-    final LF are accepted; anything else returns None and the caller's general path decides.
+    into the next chunk), and converts each with ``chunk_parser`` (:func:`_uint_chunk`,
+    :func:`_decimal_chunk`) -- numpy passes over bytes and tokens, no per-number work in Python.
+    CRLF, tabs, repeated spaces, blank lines and a missing final LF are accepted; anything else
+    returns None and the caller's general path decides.
     """
     parts = []
     buf = np.empty(_PAD + 2 * _CHUNK_BYTES + 1, np.uint8)
@@ -282,13 +389,25 @@ def _parse_uint_fast(source: Path | io.BufferedIOBase, num_cols: int) -> np.ndar
             if data[cut - 1] != ord("\n"):  # the last line lacks its LF
                 buf[size] = ord("\n")
                 size += 1
-            values = _uint_chunk(buf[:size], num_cols)
+            values = chunk_parser(buf[:size], num_cols)
             if values is None:
                 return None
             parts.append(values)
             if at_end:
                 break
-    return np.concatenate(parts).reshape(-1, num_cols) if parts else np.zeros((0, num_cols), np.int64)
+    if not parts:
+        return np.zeros((0, num_cols), np.float64 if chunk_parser is _decimal_chunk else np.int64)
+    return np.concatenate(parts).reshape(-1, num_cols)
+
+
+def _parse_uint_fast(source: Path | io.BufferedIOBase, num_cols: int) -> np.ndarray | None:
+    """Non-negative integers of up to 8 digits, ``num_cols`` per line -> [R, num_cols] int64, or None."""
+    return _parse_fast(source, num_cols, _uint_chunk)
+
+
+def _parse_decimal_fast(source: Path | io.BufferedIOBase, num_cols: int) -> np.ndarray | None:
+    """Plain decimals, ``num_cols`` per line -> [R, num_cols] float64 equal to ``float(token)``, or None."""
+    return _parse_fast(source, num_cols, _decimal_chunk)
 
 
 def _parse_int_table(path: Path, num_cols: int) -> np.ndarray:
@@ -306,9 +425,63 @@ def _parse_int_table(path: Path, num_cols: int) -> np.ndarray:
     return _slow_rows(path, _read_text(path), num_cols, False, int)[1]
 
 
-def _parse_subject_csv(path: Path) -> dict[int, int]:
-    """TEMPLATE_ID -> SUBJECT_ID of a 1:N CSV (one row per face; a template has one subject)."""
-    reader = csv.reader(io.StringIO(_read_text(path)))
+def _subject_csv_fast(text: str) -> Subjects | None:
+    """The common 1:N CSV (no quotes, integer TEMPLATE_ID/SUBJECT_ID of <= 8 digits) vectorised, or None.
+
+    Fields are cut at the commas (every line must have as many as the header; blank lines are
+    declined), the two id fields are kept and every other byte blanked to a space, and
+    :func:`_parse_uint_fast` reads the ids two per line. A template's rows must agree on the
+    subject. None for anything else, and :func:`_subject_csv_rows` (the csv module) reads or
+    diagnoses the file.
+    """
+    if '"' in text or not text.isascii():
+        return None
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+        if "\r" in text:
+            return None
+    first_lf = text.find("\n")
+    if first_lf < 0:
+        return None
+    header = [h.strip().upper() for h in text[:first_lf].split(",")]
+    if "TEMPLATE_ID" not in header or "SUBJECT_ID" not in header:
+        return None
+    it, isub = header.index("TEMPLATE_ID"), header.index("SUBJECT_ID")
+    raw = np.frombuffer(text.encode("ascii"), np.uint8)[first_lf + 1:]
+    if raw.size and raw[-1] != 10:
+        raw = np.r_[raw, np.uint8(10)]
+    lf = np.flatnonzero(raw == 10)
+    commas = np.flatnonzero(raw == 44)
+    ncomma = len(header) - 1
+    if commas.size != lf.size * ncomma:
+        return None
+    cuts = np.concatenate([np.r_[-1, lf[:-1]][:, None], commas.reshape(-1, ncomma), lf[:, None]], axis=1) \
+        if lf.size else np.zeros((0, ncomma + 2), np.int64)
+    if (np.diff(cuts, axis=1) <= 0).any():  # a comma outside its line
+        return None
+    if (cuts[:, [it + 1, isub + 1]] - cuts[:, [it, isub]] < 2).any():  # an empty id field
+        return None
+    keep = np.zeros(raw.size + 1, np.int8)  # +1 where an id field starts, -1 after it: all distinct
+    for col in (it, isub):
+        keep[cuts[:, col] + 1] = 1
+        keep[cuts[:, col + 1]] = -1
+    ids = np.where(np.cumsum(keep[:-1], dtype=np.int8).view(bool), raw, np.uint8(32))
+    ids[lf] = 10
+    values = _parse_uint_fast(io.BytesIO(ids.tobytes()), 2)
+    if values is None or values.shape[0] != lf.size:
+        return None
+    tids, sids = (values[:, 0], values[:, 1]) if it < isub else (values[:, 1], values[:, 0])
+    order = np.argsort(tids, kind="stable")
+    tids, sids = tids[order], sids[order]
+    first = np.r_[True, tids[1:] != tids[:-1]] if tids.size else np.zeros(0, bool)
+    if (sids != sids[np.maximum.accumulate(np.where(first, np.arange(tids.size), 0))]).any():
+        return None  # a template with two subjects: the csv path names the line
+    return Subjects(tids[first], sids[first])
+
+
+def _subject_csv_rows(path: Path, text: str) -> dict[int, int]:
+    """TEMPLATE_ID -> SUBJECT_ID through the csv module (general path; names the first bad line)."""
+    reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
     if header is None:
         raise IJBMetaError(f"{path}: empty file (expected a header with TEMPLATE_ID,SUBJECT_ID)")
@@ -331,6 +504,17 @@ def _parse_subject_csv(path: Path) -> dict[int, int]:
             raise IJBMetaError(f"{path}:{lineno}: template {tid} has two subjects "
                                f"({subject_of[tid]} and {sid})")
     return subject_of
+
+
+def _parse_subject_csv(path: Path) -> Subjects:
+    """The templates of a 1:N CSV (one row per face; a template has one subject), sorted by id.
+
+    IJB-C's probe CSV has ~400k rows, which the csv module and a dict take ~2 s over; the common
+    shape takes :func:`_subject_csv_fast`, anything else (quotes, odd rows, errors) the csv module.
+    """
+    text = _read_text(path)
+    fast = _subject_csv_fast(text)
+    return fast if fast is not None else _subjects(_subject_csv_rows(path, text))
 
 
 def _subjects(subject_of: dict[int, int]) -> Subjects:
@@ -418,8 +602,8 @@ def load_ijb_meta(root: str | Path, target: str = "IJBC", allow_missing: bool = 
     csvs = {g: meta_dir / f"{prefix}_1N_gallery_{g}.csv" for g in GALLERY_NAMES[target]}
     probe_csv = meta_dir / f"{prefix}_1N_probe_mixed.csv"
     if all(p.is_file() for p in (*csvs.values(), probe_csv)):
-        meta.galleries = {g: _subjects(_parse_subject_csv(p)) for g, p in csvs.items()}
-        meta.probes = _subjects(_parse_subject_csv(probe_csv))
+        meta.galleries = {g: _parse_subject_csv(p) for g, p in csvs.items()}
+        meta.probes = _parse_subject_csv(probe_csv)
     return meta
 
 
@@ -533,11 +717,13 @@ def score_pairs(query_feats: np.ndarray, gallery_feats: np.ndarray, index1: np.n
         min_density: below ``min_density * block**2`` pairs, score by row gathers.
 
     Returns:
-        [M] float32 scores, in pair order.
+        [M] scores in pair order: float64 when either input is float64, float32 otherwise.
     """
     self_test = query_feats is gallery_feats
-    query_feats = np.ascontiguousarray(query_feats, np.float32)
-    gallery_feats = query_feats if self_test else np.ascontiguousarray(gallery_feats, np.float32)
+    dtype = np.float64 if np.float64 in (np.asarray(query_feats).dtype, np.asarray(gallery_feats).dtype) \
+        else np.float32
+    query_feats = np.ascontiguousarray(query_feats, dtype)
+    gallery_feats = query_feats if self_test else np.ascontiguousarray(gallery_feats, dtype)
     if query_feats.shape != gallery_feats.shape:
         raise ValueError(f"query {query_feats.shape} and gallery {gallery_feats.shape} feats differ")
     # int32 indices: at IJB-C size every [M] int64 temporary is 125 MB
@@ -549,7 +735,7 @@ def score_pairs(query_feats: np.ndarray, gallery_feats: np.ndarray, index1: np.n
     num_bands = -(-num_templates // block)
     if num_pairs < max(min_density * block * block, 1) or num_pairs >= 2**32 or \
             num_bands * num_templates >= 2**31:
-        scores = np.empty(num_pairs, np.float32)
+        scores = np.empty(num_pairs, dtype)
         for s in range(0, num_pairs, 65_536):
             e = min(s + 65_536, num_pairs)
             np.einsum("ij,ij->i", query_feats[index1[s:e]], gallery_feats[index2[s:e]], out=scores[s:e])
@@ -568,7 +754,7 @@ def score_pairs(query_feats: np.ndarray, gallery_feats: np.ndarray, index1: np.n
     key.sort()
     bounds = np.searchsorted(key, (np.arange(num_bands + 1, dtype=np.int64) * num_templates) << 32).tolist()
     query_t, gallery_t = torch.from_numpy(query_feats), torch.from_numpy(gallery_feats)
-    scores = np.empty(num_pairs, np.float32)
+    scores = np.empty(num_pairs, dtype)
     scores_t = torch.from_numpy(scores)
     with warnings.catch_warnings():  # torch's note that beta=0 still multiplies (hence zero values)
         warnings.simplefilter("ignore", UserWarning)
@@ -588,7 +774,7 @@ def score_pairs(query_feats: np.ndarray, gallery_feats: np.ndarray, index1: np.n
             crow = torch.zeros(num_templates + 1, dtype=torch.int64)
             torch.cumsum(torch.bincount(torch.from_numpy(rows), minlength=num_templates), 0, out=crow[1:])
             pattern = torch.sparse_csr_tensor(crow, torch.from_numpy(cols.astype(np.int64)),
-                                              torch.zeros(e - s, dtype=torch.float32),  # 0 * NaN is NaN
+                                              torch.zeros(e - s, dtype=query_t.dtype),  # 0 * NaN is NaN
                                               size=(num_templates, width))
             values = torch.sparse.sampled_addmm(pattern, query_t, gallery_t[c0:c0 + width].T, beta=0.0)
             scores_t.index_copy_(0, torch.from_numpy(pair), values.values())  # faster than numpy's
@@ -696,29 +882,35 @@ def evaluate_1to1(meta: IJBMeta, query_features: np.ndarray, gallery_features: n
 
 
 def _similarity(probe_feats: np.ndarray, gallery_feats: np.ndarray, use_faiss: bool) -> np.ndarray:
-    """[P, G] inner products, through a faiss flat index (GPU when available) or numpy."""
+    """[P, G] float32 inner products: faiss's all-pairs product (on a GPU when faiss has one) or numpy.
+
+    1:N needs every probe x gallery score (ranks count all templates above the true one), so the
+    tool is one matrix product, not a k-nearest search: a flat-index search with k = the whole
+    gallery spends ~10x the product's time selecting and sorting k results that are then scattered
+    back. With faiss and a GPU, faiss's ``pairwise_distance_gpu`` computes the matrix there; on the
+    CPU the BLAS product is what faiss's own ``pairwise_distances`` runs for inner products (plus a
+    copy), so numpy runs it directly and both settings agree bit for bit.
+    """
+    probe_feats = np.ascontiguousarray(probe_feats, np.float32)
+    gallery_feats = np.ascontiguousarray(gallery_feats, np.float32)
+    faiss = None
     if use_faiss:
         try:
             import faiss
         except ImportError:
-            use_faiss = False
-    if not use_faiss:
-        return probe_feats @ gallery_feats.T
-    index = faiss.IndexFlatIP(gallery_feats.shape[1])
-    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(np.ascontiguousarray(gallery_feats, np.float32))
-    dist, idx = index.search(np.ascontiguousarray(probe_feats, np.float32), gallery_feats.shape[0])
-    sim = np.empty((probe_feats.shape[0], gallery_feats.shape[0]), np.float32)
-    np.put_along_axis(sim, idx, dist, axis=1)
-    return sim
+            faiss = None
+    if faiss is not None and hasattr(faiss, "pairwise_distance_gpu") and faiss.get_num_gpus() > 0:
+        return faiss.pairwise_distance_gpu(faiss.StandardGpuResources(), probe_feats, gallery_feats,
+                                           metric=faiss.METRIC_INNER_PRODUCT)
+    return probe_feats @ gallery_feats.T
 
 
 def identify_1toN(meta: IJBMeta, query: Pooled, gallery: Pooled | None = None,
                   ranks: Sequence[int] = metrics.DEFAULT_RANKS,
                   fpirs: Sequence[float] = metrics.DEFAULT_FPIRS, use_faiss: bool = True) -> dict:
     """1:N from pooled templates: probes from ``query``, galleries from ``gallery`` (None = same).
-    See :func:`evaluate_1toN`."""
+    See :func:`evaluate_1toN`. Per gallery: one similarity matrix, then CMC and TPIR from one
+    blocked pass over it (:func:`metrics.identification`)."""
     if not meta.has_1n:
         raise IJBMetaError(f"{meta.target}: no 1:N meta files (gallery and probe CSVs)")
     gallery = query if gallery is None else gallery
@@ -730,11 +922,10 @@ def identify_1toN(meta: IJBMeta, query: Pooled, gallery: Pooled | None = None,
         gallery_feats = gallery.feats[gallery.rows(subjects.template_ids, f"1:N gallery {name} CSV")]
         sim = _similarity(probe_feats, gallery_feats, use_faiss)
         mated = np.isin(probes.subject_ids, subjects.subject_ids)
-        ids = (probes.subject_ids, subjects.subject_ids)
-        out[name] = {"cmc": metrics.cmc(sim, *ids, ranks),
-                     "tpir_at_fpir": metrics.tpir_at_fpir(sim, *ids, fpirs),
+        out[name] = {**metrics.identification(sim, probes.subject_ids, subjects.subject_ids, ranks, fpirs),
                      "num_probes": int(probes.template_ids.size), "num_mated": int(mated.sum()),
                      "num_gallery": int(subjects.template_ids.size)}
+        del sim
     return out
 
 

@@ -123,11 +123,15 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
 def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars: Sequence[float] = DEFAULT_FARS) -> dict[str, float]:
     """TAR at the ROC point whose FAR is nearest each target (insightface's printed convention).
 
-    Ties in ``|fpr - far|`` take the first point, as ``np.argmin`` (and insightface's
-    ``min(zip(diff, range))``) do. Returns ``{far_key(far): tar}``.
+    insightface flips the ROC (``np.flipud``, "select largest tpr at same fpr") and then takes
+    ``min(zip(|fpr - far|, range))``: among points equally near it takes the LAST one in ascending
+    order. That matters on vertical ROC segments (several points at one FAR): the top of the
+    segment is reported, e.g. TAR 1.0, not 0.0, for a perfectly separated ROC at small FARs.
+    Returns ``{far_key(far): tar}``.
     """
     fpr, tpr = np.asarray(fpr), np.asarray(tpr)
-    return {far_key(far): float(tpr[int(np.argmin(np.abs(fpr - far)))]) for far in fars}
+    last = fpr.size - 1
+    return {far_key(far): float(tpr[last - int(np.argmin(np.abs(fpr[::-1] - far)))]) for far in fars}
 
 
 def tar_at_far_strict(fpr: np.ndarray, tpr: np.ndarray,
@@ -147,19 +151,77 @@ def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
 
 
-def _mated_scores(similarity: np.ndarray, probe_subjects: np.ndarray,
-                  gallery_subjects: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per probe: is it mated, best score over its subject's gallery templates, best other score."""
-    similarity = np.asarray(similarity)
-    probe_subjects, gallery_subjects = np.asarray(probe_subjects), np.asarray(gallery_subjects)
-    if similarity.shape != (probe_subjects.size, gallery_subjects.size):
-        raise ValueError(f"similarity {similarity.shape} does not match {probe_subjects.size} probes "
+def _open_set_scores(similarity: np.ndarray, probe_subjects: np.ndarray, gallery_subjects: np.ndarray,
+                     block: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per probe: is it mated, best true score, best other-subject score, rank (DESIGN §5).
+
+    One pass over ``similarity`` in row blocks small enough to stay in cache (IJB-C's matrix is
+    ~140 MB per gallery; the former [P, G] masks and ``np.where`` copies cost seconds): each block
+    is copied once, its true entries set to -inf, then a row max gives the best other score and a
+    compare-and-count the rank. The true entries themselves are few (a probe's subject has a
+    handful of gallery templates) and are gathered directly, never through a [P, G] mask. The
+    input is not modified.
+
+    Returns:
+        mated [P] bool; best_true [P] (-inf when not mated); best_other [P] (-inf without other
+        subjects); rank [P] int64 = 1 + other-subject templates strictly above best_true.
+    """
+    sim = np.asarray(similarity)
+    probe_subjects = np.asarray(probe_subjects).ravel()
+    gallery_subjects = np.asarray(gallery_subjects).ravel()
+    if sim.shape != (probe_subjects.size, gallery_subjects.size):
+        raise ValueError(f"similarity {sim.shape} does not match {probe_subjects.size} probes "
                          f"x {gallery_subjects.size} gallery templates")
-    same = probe_subjects[:, None] == gallery_subjects[None, :]  # [P, G]
-    mated = same.any(axis=1)
-    best_true = np.where(same, similarity, -np.inf).max(axis=1, initial=-np.inf)
-    best_other = np.where(same, -np.inf, similarity).max(axis=1, initial=-np.inf)
-    return mated, best_true, best_other
+    if not np.issubdtype(sim.dtype, np.floating):
+        sim = sim.astype(np.float64)
+    num_probes = probe_subjects.size
+    # the gallery columns of every probe's subject: a run of the subject-sorted columns
+    by_subject = np.argsort(gallery_subjects, kind="stable")
+    sorted_subjects = gallery_subjects[by_subject]
+    low = np.searchsorted(sorted_subjects, probe_subjects, "left")
+    count = np.searchsorted(sorted_subjects, probe_subjects, "right") - low
+    mated = count > 0
+    true_rows = np.repeat(np.arange(num_probes), count)  # ascending: blocks are contiguous runs
+    offset = np.arange(true_rows.size) - np.repeat(np.cumsum(count) - count, count)
+    true_cols = by_subject[np.repeat(low, count) + offset]
+    best_true = np.full(num_probes, -np.inf, sim.dtype)
+    np.maximum.at(best_true, true_rows, sim[true_rows, true_cols])
+    best_other = np.empty(num_probes, sim.dtype)
+    rank = np.ones(num_probes, np.int64)
+    buf = np.empty((min(block, num_probes), sim.shape[1]), sim.dtype)
+    bounds = np.searchsorted(true_rows, np.arange(0, num_probes + block, block)).tolist()
+    for b, s in enumerate(range(0, num_probes, block)):
+        e = min(s + block, num_probes)
+        work = buf[:e - s]
+        work[...] = sim[s:e]
+        work[true_rows[bounds[b]:bounds[b + 1]] - s, true_cols[bounds[b]:bounds[b + 1]]] = -np.inf
+        work.max(axis=1, initial=-np.inf, out=best_other[s:e])
+        above = work > best_true[s:e, None]  # ties count in the probe's favour
+        rank[s:e] += above.sum(axis=1)
+    return mated, best_true, best_other, rank
+
+
+def _cmc_from(mated: np.ndarray, rank: np.ndarray, ranks: Sequence[int]) -> dict[str, float]:
+    if not mated.any():
+        return {str(k): float("nan") for k in ranks}
+    mated_rank = rank[mated]
+    return {str(k): float(np.mean(mated_rank <= k)) for k in ranks}
+
+
+def _tpir_from(mated: np.ndarray, best_true: np.ndarray, best_other: np.ndarray, rank: np.ndarray,
+               fpirs: Sequence[float]) -> dict[str, float]:
+    if not mated.any():
+        return {fpir_key(fpir): float("nan") for fpir in fpirs}
+    nonmated_best = np.sort(best_other[~mated])[::-1]  # a non-mated probe's best other = its best
+    rank1, true_score = rank[mated] == 1, best_true[mated]
+    out = {}
+    for fpir in fpirs:
+        if nonmated_best.size:
+            threshold = nonmated_best[max(int(np.floor(nonmated_best.size * fpir)) - 1, 0)]
+        else:
+            threshold = -np.inf
+        out[fpir_key(fpir)] = float(np.mean(rank1 & (true_score > threshold)))
+    return out
 
 
 def cmc(similarity: np.ndarray, probe_subjects: np.ndarray, gallery_subjects: np.ndarray,
@@ -177,13 +239,8 @@ def cmc(similarity: np.ndarray, probe_subjects: np.ndarray, gallery_subjects: np
     Returns:
         ``{str(k): share of mated probes with rank <= k}`` (NaN if no probe is mated).
     """
-    mated, best_true, _ = _mated_scores(similarity, probe_subjects, gallery_subjects)
-    if not mated.any():
-        return {str(k): float("nan") for k in ranks}
-    sim = np.asarray(similarity)[mated]
-    same = np.asarray(probe_subjects)[mated][:, None] == np.asarray(gallery_subjects)[None, :]
-    rank = 1 + np.sum((sim > best_true[mated][:, None]) & ~same, axis=1)
-    return {str(k): float(np.mean(rank <= k)) for k in ranks}
+    mated, _, _, rank = _open_set_scores(similarity, probe_subjects, gallery_subjects)
+    return _cmc_from(mated, rank, ranks)
 
 
 def tpir_at_fpir(similarity: np.ndarray, probe_subjects: np.ndarray, gallery_subjects: np.ndarray,
@@ -198,17 +255,14 @@ def tpir_at_fpir(similarity: np.ndarray, probe_subjects: np.ndarray, gallery_sub
     Returns:
         ``{fpir_key(fpir): tpir}`` (NaN if no probe is mated).
     """
-    mated, best_true, best_other = _mated_scores(similarity, probe_subjects, gallery_subjects)
-    nonmated_best = np.sort(best_other[~mated])[::-1]
-    rank1 = best_true[mated] >= best_other[mated]
-    out = {}
-    for fpir in fpirs:
-        if not mated.any():
-            out[fpir_key(fpir)] = float("nan")
-            continue
-        if nonmated_best.size:
-            threshold = nonmated_best[max(int(np.floor(nonmated_best.size * fpir)) - 1, 0)]
-        else:
-            threshold = -np.inf
-        out[fpir_key(fpir)] = float(np.mean(rank1 & (best_true[mated] > threshold)))
-    return out
+    return _tpir_from(*_open_set_scores(similarity, probe_subjects, gallery_subjects), fpirs)
+
+
+def identification(similarity: np.ndarray, probe_subjects: np.ndarray, gallery_subjects: np.ndarray,
+                   ranks: Sequence[int] = DEFAULT_RANKS,
+                   fpirs: Sequence[float] = DEFAULT_FPIRS) -> dict[str, dict[str, float]]:
+    """:func:`cmc` and :func:`tpir_at_fpir` from one pass over ``similarity``:
+    ``{"cmc": {...}, "tpir_at_fpir": {...}}`` (the pass is the cost; the two share it)."""
+    mated, best_true, best_other, rank = _open_set_scores(similarity, probe_subjects, gallery_subjects)
+    return {"cmc": _cmc_from(mated, rank, ranks),
+            "tpir_at_fpir": _tpir_from(mated, best_true, best_other, rank, fpirs)}
