@@ -193,3 +193,31 @@ def test_cmc_tpir_ties_vs_loop_reference(block_rows: int, monkeypatch: pytest.Mo
     np.testing.assert_array_equal(sim, before)  # the input is not modified
     # integer scores: the same ranks
     assert metrics.cmc((sim * 10).astype(np.int64), probes, gallery, (1, 2, 5)) == got
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_refine_tar_at_far_equals_the_exact_roc(seed) -> None:
+    """Approximate scores (exact + error <= eps, as float32 arithmetic gives) refined to the exact answer."""
+    rng = np.random.default_rng(seed)
+    n = 40_000
+    labels = (rng.random(n) < 0.02).astype(np.int8)
+    # coarse exact scores: many ties and near-ties across labels, where float32 error matters
+    exact = np.round(rng.normal(0.0, 0.1, n) + 0.25 * labels, 4 if seed % 2 else 6)
+    eps = 3e-5
+    approx = (exact + rng.uniform(-eps, eps, n)).astype(np.float32)
+    fpr, tpr, thr = metrics.roc_curve(approx, labels)
+    calls = []
+
+    def exact_scores(idx):
+        calls.append(idx.size)
+        return exact[idx]
+
+    fars = (1e-4, 1e-3, 1e-2, 1e-1, 0.5)
+    nearest, strict = metrics.refine_tar_at_far(approx, labels, fpr, thr, exact_scores, eps, fars)
+    efpr, etpr, _ = metrics.roc_curve(exact, labels)
+    assert nearest == metrics.tar_at_far(efpr, etpr, fars)
+    assert strict == metrics.tar_at_far_strict(efpr, etpr, fars)
+    assert sum(calls) < 5 * n  # local re-scoring, not the whole set each time
+    if seed == 0:  # the approximate scores alone do not give the exact answer here
+        assert metrics.tar_at_far(fpr, tpr, fars) != nearest or \
+            metrics.tar_at_far_strict(fpr, tpr, fars) != strict

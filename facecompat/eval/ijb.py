@@ -641,7 +641,8 @@ def _segment_sum(rows_of: np.ndarray, starts: np.ndarray, sizes: np.ndarray, val
 
 
 def pool_templates(features: np.ndarray, template_ids: np.ndarray, media_ids: np.ndarray,
-                   weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   weights: np.ndarray | None = None,
+                   dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Template features, insightface style: weighted faces -> media mean -> template sum -> L2.
 
     Vectorised: faces are ordered by (template, media) once; media sums and template sums are
@@ -652,9 +653,12 @@ def pool_templates(features: np.ndarray, template_ids: np.ndarray, media_ids: np
         features: [N, D] face features (flip-fused, not normalised).
         template_ids, media_ids: [N] ints; faces with a negative template id are skipped.
         weights: [N] per-face weights (detector scores) or None.
+        dtype: of the normalised templates. Weighting, media means and template sums are float32
+            either way (as insightface computes them); float64 normalises as insightface does
+            (its template array is float64), float32 saves memory.
 
     Returns:
-        templates [T] sorted unique template ids (int64), feats [T, D] float32, L2-normalised
+        templates [T] sorted unique template ids (int64), feats [T, D] ``dtype``, L2-normalised
         (a zero template stays zero).
     """
     features = np.asarray(features)
@@ -685,6 +689,7 @@ def pool_templates(features: np.ndarray, template_ids: np.ndarray, media_ids: np
     pooled = np.empty_like(template_sum)
     pooled[template_perm] = template_sum
     templates = tid_sorted[media_start[first_media]].astype(np.int64)
+    pooled = pooled.astype(dtype, copy=False)
     norms = np.linalg.norm(pooled, axis=1, keepdims=True)
     np.divide(pooled, norms, out=pooled, where=norms > 0)
     return templates, pooled
@@ -809,13 +814,16 @@ def _template_rows(templates: np.ndarray, ids: np.ndarray, what: str) -> np.ndar
 
 @dataclass
 class Pooled:
-    """Template features of one model: ``templates`` [T] sorted ids, ``feats`` [T, D] L2-normalised.
+    """Template features of one model: ``templates`` [T] sorted ids, ``feats`` [T, D] float32
+    L2-normalised (fast scoring, 1:N), ``exact`` the same in float64 as insightface holds them
+    (pairs near each target FAR are re-scored from it, so TAR@FAR equals insightface's).
 
     Pool each model once (:func:`pool`) and score any query/gallery combination from the results.
     """
 
     templates: np.ndarray
     feats: np.ndarray
+    exact: np.ndarray | None = None
 
     def rows(self, ids: np.ndarray, what: str) -> np.ndarray:
         """Row of every template id in ``ids``; :class:`IJBMetaError` naming ``what`` if one is absent."""
@@ -828,7 +836,8 @@ def pool(meta: IJBMeta, features: np.ndarray, score_weighting: bool = True) -> P
         raise ValueError(f"features have {features.shape[0]} rows (shape {features.shape}), the meta lists "
                          f"{meta.num_faces} faces")
     weights = meta.det_scores if score_weighting else None
-    return Pooled(*pool_templates(features, meta.template_ids, meta.media_ids, weights))
+    templates, exact = pool_templates(features, meta.template_ids, meta.media_ids, weights, np.float64)
+    return Pooled(templates, exact.astype(np.float32), exact)
 
 
 def _check_pair(query: Pooled, gallery: Pooled) -> None:
@@ -837,6 +846,22 @@ def _check_pair(query: Pooled, gallery: Pooled) -> None:
                          f"{gallery.feats.shape[1]}-d: they cannot be compared")
     if not np.array_equal(query.templates, gallery.templates):
         raise ValueError("query and gallery were pooled from different face lists")
+
+
+def _exact_scorer(query: np.ndarray, gallery: np.ndarray, i1: np.ndarray, i2: np.ndarray):
+    """Pair indices -> float64 scores from the float64 templates (as insightface computes them)."""
+    def exact_scores(idx: np.ndarray) -> np.ndarray:
+        return np.einsum("ij,ij->i", query[i1[idx]], gallery[i2[idx]])
+    return exact_scores
+
+
+def _float32_score_error(query: np.ndarray, gallery: np.ndarray) -> float:
+    """Bound on |float32 score - float64 score|: rounding both templates to float32 (2u) plus a
+    D-term float32 dot product in any order (gamma_D), relative to |q| |g| (u = 2**-24)."""
+    unit = 2.0 ** -24
+    dim = query.shape[1]
+    largest = [float(np.linalg.norm(t, axis=1).max(initial=0.0)) for t in (query, gallery)]
+    return 1.01 * ((dim + 3) * unit) * max(largest[0] * largest[1], 1.0)
 
 
 def verify_1to1(meta: IJBMeta, query: Pooled, gallery: Pooled | None = None,
@@ -849,9 +874,14 @@ def verify_1to1(meta: IJBMeta, query: Pooled, gallery: Pooled | None = None,
     i1, i2 = meta.pair_rows(query.templates)
     gallery_feats = query.feats if gallery is query else gallery.feats
     scores = score_pairs(query.feats, gallery_feats, i1, i2)
-    fpr, tpr, _ = metrics.roc_curve(scores, meta.pair_labels)
-    result = {"tar_at_far": metrics.tar_at_far(fpr, tpr, fars),
-              "tar_at_far_strict": metrics.tar_at_far_strict(fpr, tpr, fars),
+    fpr, tpr, thresholds = metrics.roc_curve(scores, meta.pair_labels)
+    if query.exact is not None and gallery.exact is not None:
+        tar, strict = metrics.refine_tar_at_far(scores, meta.pair_labels, fpr, thresholds,
+                                                _exact_scorer(query.exact, gallery.exact, i1, i2),
+                                                _float32_score_error(query.exact, gallery.exact), fars)
+    else:
+        tar, strict = metrics.tar_at_far(fpr, tpr, fars), metrics.tar_at_far_strict(fpr, tpr, fars)
+    result = {"tar_at_far": tar, "tar_at_far_strict": strict,
               "auc": metrics.auc(fpr, tpr), "num_pairs": int(scores.size),
               "num_genuine": int(meta.pair_labels.sum())}
     if return_curves:

@@ -15,7 +15,7 @@ Result keys: FARs are formatted by :func:`far_key` (``format(x, ".0e")``: ``"1e-
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -130,8 +130,7 @@ def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars: Sequence[float] = DEFAULT
     Returns ``{far_key(far): tar}``.
     """
     fpr, tpr = np.asarray(fpr), np.asarray(tpr)
-    last = fpr.size - 1
-    return {far_key(far): float(tpr[last - int(np.argmin(np.abs(fpr[::-1] - far)))]) for far in fars}
+    return {far_key(far): float(tpr[_nearest_index(fpr, far)]) for far in fars}
 
 
 def tar_at_far_strict(fpr: np.ndarray, tpr: np.ndarray,
@@ -143,6 +142,151 @@ def tar_at_far_strict(fpr: np.ndarray, tpr: np.ndarray,
         ok = fpr <= far
         out[far_key(far)] = float(tpr[ok].max()) if ok.any() else 0.0
     return out
+
+
+def _nearest_index(fpr: np.ndarray, far: float) -> int:
+    """Index :func:`tar_at_far` reads: nearest FAR, the last of equally near points."""
+    return fpr.size - 1 - int(np.argmin(np.abs(fpr[::-1] - far)))
+
+
+def _local_roc(scores: np.ndarray, labels: np.ndarray, exact_scores: Callable[[np.ndarray], np.ndarray],
+               lo: float, hi: float, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Exact ROC points (after sklearn's dropping) whose thresholds lie in [lo, hi], as counts.
+
+    Pairs whose approximate score is above ``hi + 2 eps`` have exact scores above ``hi + eps``
+    and are counted as above every threshold here; those below ``lo - 2 eps`` are below all of
+    them; the pairs between are re-scored exactly. A point's keep decision needs both neighbours,
+    so only points whose neighbours are also in range are returned (plus the global first/last
+    point and sklearn's prepended (0, 0) when the range reaches them).
+
+    Returns:
+        (fps, tps, trusted_to_end) of the kept points in threshold-descending order;
+        ``trusted_to_end`` is (starts at the global top, ends at the global bottom).
+    """
+    top, bottom = hi == np.inf, lo == -np.inf
+    upper, lower = hi + 2 * eps, lo - 2 * eps
+    above = scores > upper
+    above_g = int(np.count_nonzero(above & labels))
+    above_i = int(np.count_nonzero(above)) - above_g
+    idx = np.flatnonzero(~above & (scores >= lower))
+    exact = np.asarray(exact_scores(idx), np.float64)
+    y = labels[idx]
+    order = np.argsort(-exact, kind="stable")
+    exact, y = exact[order], y[order]
+    if exact.size == 0:
+        return None
+    last = np.r_[np.flatnonzero(exact[1:] != exact[:-1]), exact.size - 1]  # last pair of each value
+    cum_g = np.cumsum(y)[last]
+    tps = above_g + cum_g
+    fps = above_i + (last + 1) - cum_g
+    thr = exact[last]
+    inside = (thr >= lo) & (thr <= hi)
+    n = thr.size
+    keep = np.zeros(n, bool)
+    trusted = np.zeros(n, bool)
+    if n > 2:
+        d2 = (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0)
+        keep[1:-1] = d2
+        trusted[1:-1] = inside[:-2] & inside[1:-1] & inside[2:]
+    if top:  # the global first point is always kept
+        keep[0], trusted[0] = True, bool(inside[0])
+    if bottom:
+        keep[-1], trusted[-1] = True, bool(inside[-1])
+    sel = keep & trusted
+    fps, tps = fps[sel], tps[sel]
+    if top:  # sklearn prepends (0, 0) after dropping
+        fps, tps = np.r_[0, fps], np.r_[0, tps]
+    return fps, tps, np.array([top, bottom])
+
+
+def refine_tar_at_far(scores: np.ndarray, labels: np.ndarray, fpr: np.ndarray, thresholds: np.ndarray,
+                      exact_scores: Callable[[np.ndarray], np.ndarray], eps: float,
+                      fars: Sequence[float] = DEFAULT_FARS) -> tuple[dict[str, float], dict[str, float]]:
+    """TAR@FAR (nearest point, and strict) of the EXACT scores, from fast approximate ones.
+
+    The pair scores are computed in float32 for speed, while insightface computes them in
+    float64; near a target FAR, a genuine and an impostor score 1e-7 apart may swap, and the
+    ROC's dropped points may differ, so the reported TAR would differ by a pair or two. Here,
+    for each target, the float32 ROC locates the few points around it; every pair whose float32
+    score is within ``2 eps`` of that span is re-scored by ``exact_scores`` (float64), and the
+    exact ROC points there are rebuilt, counting all other pairs as above or below. The answer
+    is accepted only when the rebuilt points bracket the chosen point on both sides (so no point
+    outside could be nearer); otherwise the span widens, ending with all pairs if need be.
+
+    Args:
+        scores: [M] approximate scores with ``|scores - exact| <= eps`` for every pair.
+        labels: [M] genuine where == 1.
+        fpr, thresholds: :func:`roc_curve` of ``scores`` (its tpr is not needed).
+        exact_scores: pair indices -> their exact float64 scores.
+        eps: the bound on the approximation error.
+
+    Returns:
+        ``({far_key: tar}, {far_key: strict tar})``, equal to :func:`tar_at_far` and
+        :func:`tar_at_far_strict` of ``roc_curve(exact scores)``.
+    """
+    scores = np.asarray(scores)
+    labels = np.asarray(labels)
+    labels = labels if labels.dtype == bool else labels == 1
+    n_gen = int(np.count_nonzero(labels))
+    n_imp = labels.size - n_gen
+    num = thresholds.size
+
+    points = {far: (_nearest_index(fpr, far), max(int(np.searchsorted(fpr, far, side="right")) - 1, 0))
+              for far in fars}  # where the approximate ROC answers (nearest, strict)
+
+    def bounds(far: float, span: int) -> tuple[float, float]:
+        j, k = points[far]
+        first, last = min(j, k) - span, max(j, k) + span
+        hi = np.inf if first <= 1 else float(thresholds[first])  # thresholds[0] is inf
+        lo = -np.inf if last >= num - 1 else float(thresholds[last])
+        return lo, hi
+
+    # Every first window lies above the lowest of them: one pass keeps only those pairs (about the
+    # largest target FAR's share of the impostors), and the windows are cut from that subset.
+    floor = min(bounds(far, 8)[0] for far in fars) - 2 * eps if len(fars) else np.inf
+    subset = np.flatnonzero(scores >= floor) if floor > -np.inf else None
+    sub_scores = scores if subset is None else scores[subset]
+    sub_labels = labels if subset is None else labels[subset]
+    sub_exact = exact_scores if subset is None else (lambda idx: exact_scores(subset[idx]))
+    nearest, strict = {}, {}
+    for far in fars:
+        key = far_key(far)
+        span = 2
+        while True:
+            lo, hi = bounds(far, span)
+            if lo - 2 * eps >= floor:
+                got = _local_roc(sub_scores, sub_labels, sub_exact, lo, hi, eps)
+            else:
+                got = _local_roc(scores, labels, exact_scores, lo, hi, eps)
+            if got is not None and got[0].size:
+                answer = _read_local(got, far, n_gen, n_imp)
+                if answer is not None:
+                    nearest[key], strict[key] = answer
+                    break
+            if hi == np.inf and lo == -np.inf:
+                raise RuntimeError(f"exact ROC around FAR {far} could not be rebuilt")  # cannot happen
+            span *= 4
+    return nearest, strict
+
+
+def _read_local(local: tuple[np.ndarray, np.ndarray, np.ndarray], far: float, n_gen: int,
+                n_imp: int) -> tuple[float, float] | None:
+    """(nearest TAR, strict TAR) from exact local points, or None when the points do not prove it."""
+    fps, tps, (top, bottom) = local
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fpr = fps / n_imp if n_imp else np.full(fps.size, np.nan)
+        tpr = tps / n_gen if n_gen else np.full(tps.size, np.nan)
+    j = _nearest_index(fpr, far)
+    low, high = min(fpr[j], far), max(fpr[j], far)
+    if not (top or (fpr < low).any()) or not (bottom or (fpr > high).any()):
+        return None
+    ok = np.flatnonzero(fpr <= far)
+    if ok.size == 0:  # only possible without the global top; the (0, 0) point is missing
+        return None
+    s = ok[-1]
+    if not (bottom or s + 1 < fpr.size):
+        return None
+    return float(tpr[j]), float(tpr[s])
 
 
 def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
