@@ -55,6 +55,11 @@ def _run(tool, argv, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def _data(root: Path, tmp_path: Path) -> list:
+    """--data-root ROOT with a feature/meta cache of the test's own (not the repo's work_dirs/eval)."""
+    return ["--data-root", root, "--cache-dir", tmp_path / "cache"]
+
+
 def _one_error_line(err: str, *names: str) -> str:
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ") or ": error: " in ln]
     assert len(lines) == 1, err
@@ -162,7 +167,8 @@ def test_precomputed_features(tool, setup, capsys, tmp_path):
     np.save(tmp_path / "good.npy", good)
     np.save(tmp_path / "scaled.npy", good * 3.0)  # cosines do not change with scale
     np.save(tmp_path / "noise.npy", np.random.default_rng(5).standard_normal(good.shape).astype(np.float32))
-    code, stdout, err = _run(tool, ["--data-root", setup["data"], "--query-features", tmp_path / "good.npy",
+    code, stdout, err = _run(tool, [*_data(setup["data"], tmp_path),
+                                    "--query-features", tmp_path / "good.npy",
                                     "--gallery-features", tmp_path / "scaled.npy",
                                     "--json", tmp_path / "r.json", "--no-faiss"], capsys)
     assert code == 0, err
@@ -172,7 +178,7 @@ def test_precomputed_features(tool, setup, capsys, tmp_path):
     assert all(g["cmc"]["1"] == 1.0 for g in res["1:N"].values())
     assert res["ecc"] == {"good": False}  # equal, not better: ECC needs a strict improvement
 
-    code, _, err = _run(tool, ["--data-root", setup["data"], "--query-features", tmp_path / "good.npy",
+    code, _, err = _run(tool, [*_data(setup["data"], tmp_path), "--query-features", tmp_path / "good.npy",
                                "--gallery-features", tmp_path / "noise.npy",
                                "--json", tmp_path / "n.json"], capsys)
     assert code == 0, err
@@ -188,7 +194,7 @@ def test_ijbb_target(tool, setup, capsys, tmp_path):
         shutil.copy(f, dst / f.name.replace("ijbc_", "ijbb_").replace("_G1", "_S1").replace("_G2", "_S2"))
     meta = ijb.load_ijb_meta(tmp_path, "IJBB")
     np.save(tmp_path / "f.npy", _subject_features(meta))
-    code, stdout, err = _run(tool, ["--data-root", tmp_path, "--target", "IJBB", "--query-features",
+    code, stdout, err = _run(tool, [*_data(tmp_path, tmp_path), "--target", "IJBB", "--query-features",
                                     tmp_path / "f.npy", "--json", tmp_path / "r.json"], capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "r.json").read_text())
@@ -211,7 +217,7 @@ def test_feature_file_errors(tool, setup, capsys, tmp_path):
     np.save(tmp_path / "nan.npy", bad)
     np.save(tmp_path / "good.npy", good)
     (tmp_path / "junk.npy").write_bytes(b"not a numpy file")
-    base = ["--data-root", setup["data"], "--query-features"]
+    base = [*_data(setup["data"], tmp_path), "--query-features"]
     cases = [([tmp_path / "short.npy"], ("short.npy", str(meta.num_faces - 1), str(meta.num_faces))),
              ([tmp_path / "good.npy", "--gallery-features", tmp_path / "wide.npy"],
               ("16-d", "32-d", "wide.npy")),
@@ -253,7 +259,7 @@ def test_meta_errors_and_allow_missing(tool, setup, capsys, tmp_path):
     meta_dir = data / "IJBC" / "meta"
     meta = ijb.load_ijb_meta(data)
     np.save(tmp_path / "f.npy", _subject_features(meta))
-    argv = ["--data-root", data, "--query-features", tmp_path / "f.npy", "--json", tmp_path / "r.json"]
+    argv = [*_data(data, tmp_path), "--query-features", tmp_path / "f.npy", "--json", tmp_path / "r.json"]
 
     # a pair naming a template absent from the media file
     pair_file = meta_dir / "ijbc_template_pair_label.txt"

@@ -429,3 +429,34 @@ def test_identify_faiss_and_numpy_agree_with_ties(monkeypatch: pytest.MonkeyPatc
         assert plain[name]["cmc"] == metrics.cmc(sim, meta.probes.subject_ids, sub.subject_ids, ranks)
         assert plain[name]["tpir_at_fpir"] == metrics.tpir_at_fpir(sim, meta.probes.subject_ids,
                                                                    sub.subject_ids, fpirs)
+
+
+def test_meta_cache_reuses_and_notices_edits(meta_copy: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    parsed = ijb.load_ijb_meta(meta_copy)
+    first = ijb.load_ijb_meta(meta_copy, cache_dir=cache)
+    files = list((cache / "meta").glob("IJBC-*.npz"))
+    assert len(files) == 1
+    cached = ijb.load_ijb_meta(meta_copy, cache_dir=cache)
+    for meta in (first, cached):
+        for name in ("image_names", "landmarks", "det_scores", "template_ids", "media_ids", "pair_t1",
+                     "pair_t2", "pair_labels"):
+            assert np.array_equal(getattr(meta, name), getattr(parsed, name)), name
+        assert set(meta.galleries) == set(parsed.galleries)
+        assert np.array_equal(meta.probes.subject_ids, parsed.probes.subject_ids)
+        assert np.array_equal(meta.galleries["G2"].template_ids, parsed.galleries["G2"].template_ids)
+    # an edited meta file (new size and time) is parsed again; the stale cache file goes
+    pair_file = meta_copy / "IJBC" / "meta" / "ijbc_template_pair_label.txt"
+    lines = pair_file.read_text().splitlines()
+    pair_file.write_text("\n".join(lines[:-1]) + "\n")
+    edited = ijb.load_ijb_meta(meta_copy, cache_dir=cache)
+    assert edited.pair_t1.size == parsed.pair_t1.size - 1
+    assert files[0].exists() is False and len(list((cache / "meta").glob("IJBC-*.npz"))) == 1
+    # a damaged cache file is parsed again, not trusted
+    damaged = next((cache / "meta").glob("IJBC-*.npz"))
+    damaged.write_bytes(b"garbage")
+    assert ijb.load_ijb_meta(meta_copy, cache_dir=cache).pair_t1.size == edited.pair_t1.size
+    # a bad file is still an error with a cache
+    (meta_copy / "IJBC" / "meta" / "ijbc_face_tid_mid.txt").write_text("x.jpg 1\n")
+    with pytest.raises(ijb.IJBMetaError, match="ijbc_face_tid_mid.txt:1"):
+        ijb.load_ijb_meta(meta_copy, cache_dir=cache)

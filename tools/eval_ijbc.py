@@ -210,7 +210,8 @@ def run(args: argparse.Namespace, log) -> dict | None:
     meta, problem = None, None
     if rank == 0:  # parse the meta files before the long extraction; every rank learns if it failed
         try:
-            meta = ijb.load_ijb_meta(ijb_dir, target, allow_missing=args.allow_missing)
+            meta = ijb.load_ijb_meta(ijb_dir, target, allow_missing=args.allow_missing,
+                                     cache_dir=args.cache_dir or Path(catalog.cache_dir))
         except ijb.IJBMetaError as exc:
             problem = str(exc)
     if world > 1:
