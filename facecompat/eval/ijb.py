@@ -711,21 +711,30 @@ def _segment_sum(rows_of: np.ndarray, starts: np.ndarray, sizes: np.ndarray, val
         sums [G, D] float32 in largest-first order, and ``perm`` [G]: ``sums[i]`` is group
         ``perm[i]``.
     """
+    import torch
+
     perm = np.argsort(-sizes, kind="stable")
     starts, sizes = starts[perm], sizes[perm]
     out = np.empty((starts.size, values.shape[1]), np.float32)
-    rows = rows_of[starts]
-    np.take(values, rows, axis=0, out=out)
-    if weights is not None:
-        out *= weights[rows, None]
     buf = np.empty((int(np.count_nonzero(sizes > 1)), values.shape[1]), np.float32)
+    # torch's row gather runs on every core (numpy's np.take on one); the adds are elementwise, so
+    # the sums are the same float32 numbers in the same order either way
+    with warnings.catch_warnings():  # a read-only memory-mapped cache file: torch only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        values_t = torch.from_numpy(values)
+    out_t, buf_t = torch.from_numpy(out), torch.from_numpy(buf)
+    weights_t = torch.from_numpy(weights) if weights is not None else None
+    rows = torch.from_numpy(rows_of[starts])
+    torch.index_select(values_t, 0, rows, out=out_t)
+    if weights_t is not None:
+        out_t.mul_(weights_t[rows, None])
     for k in range(1, int(sizes.max(initial=1))):
         n = int(np.count_nonzero(sizes > k))  # sizes descend: groups with a k-th member are a prefix
-        rows = rows_of[starts[:n] + k]
-        np.take(values, rows, axis=0, out=buf[:n])
-        if weights is not None:
-            buf[:n] *= weights[rows, None]
-        out[:n] += buf[:n]
+        rows = torch.from_numpy(rows_of[starts[:n] + k])
+        torch.index_select(values_t, 0, rows, out=buf_t[:n])
+        if weights_t is not None:
+            buf_t[:n].mul_(weights_t[rows, None])
+        out_t[:n].add_(buf_t[:n])
     return out, perm
 
 
