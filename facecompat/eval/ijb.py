@@ -896,11 +896,10 @@ def _template_rows(templates: np.ndarray, ids: np.ndarray, what: str) -> np.ndar
             raise IJBMetaError(f"{what}: templates without faces: {_preview(np.unique(ids).tolist())}")
         return np.zeros(0, np.int32)
     low, high = int(templates[0]), int(templates[-1])
-    if low >= 0 and high < max(1 << 24, 4 * ids.size):
-        table = np.full(high + 2, -1, np.int32)  # the last slot answers every id out of range
+    if low >= 0 and high < max(1 << 24, 4 * ids.size) and (ids.size == 0 or ids.min() >= 0):
+        table = np.full(high + 2, -1, np.int32)  # the last slot answers every id above the range
         table[templates] = np.arange(templates.size, dtype=np.int32)
-        rows = table[np.clip(ids, 0, high + 1)]
-        rows[ids < 0] = -1
+        rows = np.take(table, ids, mode="clip")
         bad = rows < 0
     else:  # ids too spread for a table
         rows = np.minimum(np.searchsorted(templates, ids), templates.size - 1).astype(np.int32)
