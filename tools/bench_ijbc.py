@@ -13,7 +13,7 @@ makes random 512-d float32 features weakly tied to the subjects, then times face
   pool_s     ijb.pool (detector-score weighting, media mean, template sum, L2)
   score_s    meta.pair_rows (template id -> row by a lookup table) + score_pairs over all pairs
   roc_s      roc_curve, then TAR@FAR (nearest and strict) with the pairs near each target FAR
-             re-scored in float64 (refine_tar_at_far) + auc
+             re-scored in float64 (ijb.tar_from_scores) + auc
   total_s    pool + score + roc (what insightface's 124 s in DESIGN §7 covers): the calls that
              ijb.verify_1to1(meta, pooled) makes, timed one by one
   verify_s   ijb.pool + ijb.verify_1to1 called as such (pair-row cache emptied): total_s measured
@@ -272,10 +272,8 @@ def run(data_dir: Path, num_pairs: int, reference: bool) -> dict:
     t2 = time.perf_counter()
     fpr, tpr, thresholds = metrics.roc_curve(scores, meta.pair_labels)
     # float32 scores, then the pairs near each target FAR re-scored in float64 (insightface's values)
-    tar, out["tar_at_far_strict"] = metrics.refine_tar_at_far(
-        scores, meta.pair_labels, fpr, thresholds,
-        ijb._exact_scorer(pooled.exact, pooled.exact, rows1, rows2),
-        ijb._float32_score_error(pooled.exact, pooled.exact))
+    tar, out["tar_at_far_strict"] = ijb.tar_from_scores(meta, pooled, pooled, scores, rows1, rows2,
+                                                         fpr, tpr, thresholds)
     out["auc"] = metrics.auc(fpr, tpr)
     t3 = time.perf_counter()
     out.update(pool_s=t1 - t0, score_s=t2 - t1, roc_s=t3 - t2, total_s=t3 - t0, tar_at_far=tar,
@@ -283,7 +281,7 @@ def run(data_dir: Path, num_pairs: int, reference: bool) -> dict:
     del rows1, rows2
     # the real function end to end (pooling included), with the pair-row cache emptied so that it
     # does the lookup again: the sum of the phases above, measured as one call
-    meta._pair_rows = {}
+    meta.clear_cache()
     t0 = time.perf_counter()
     result = ijb.verify_1to1(meta, ijb.pool(meta, feats))
     out["verify_s"] = time.perf_counter() - t0

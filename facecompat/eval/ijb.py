@@ -22,6 +22,7 @@ product) and reads CMC and TPIR@FPIR from one blocked pass over it (:func:`metri
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import re
@@ -83,6 +84,10 @@ class IJBMeta:
     num_missing_pairs: int = 0
     # pair template rows per template list (every model of one meta pools to the same list)
     _pair_rows: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def clear_cache(self) -> None:
+        """Forget the cached pair rows (a benchmark that times the lookup again)."""
+        self._pair_rows = {}
 
     def pair_rows(self, templates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows of the pairs' first and second templates in ``templates`` (sorted ids), cached."""
@@ -926,6 +931,12 @@ class Pooled:
         """Row of every template id in ``ids``; :class:`IJBMetaError` naming ``what`` if one is absent."""
         return _template_rows(self.templates, ids, what)
 
+    @functools.cached_property
+    def max_norm(self) -> float:
+        """Largest template norm (1.0 for pooled templates; computed once, used by every cell)."""
+        feats = self.exact if self.exact is not None else self.feats
+        return float(np.sqrt(np.einsum("ij,ij->i", feats, feats).max(initial=0.0)))
+
 
 def pool(meta: IJBMeta, features: np.ndarray, score_weighting: bool = True) -> Pooled:
     """Pool one model's [N, D] face features (face order of ``meta``) into templates."""
@@ -945,20 +956,30 @@ def _check_pair(query: Pooled, gallery: Pooled) -> None:
         raise ValueError("query and gallery were pooled from different face lists")
 
 
-def _exact_scorer(query: np.ndarray, gallery: np.ndarray, i1: np.ndarray, i2: np.ndarray):
-    """Pair indices -> float64 scores from the float64 templates (as insightface computes them)."""
-    def exact_scores(idx: np.ndarray) -> np.ndarray:
-        return np.einsum("ij,ij->i", query[i1[idx]], gallery[i2[idx]])
-    return exact_scores
-
-
-def _float32_score_error(query: np.ndarray, gallery: np.ndarray) -> float:
+def _float32_score_error(query: Pooled, gallery: Pooled) -> float:
     """Bound on |float32 score - float64 score|: rounding both templates to float32 (2u) plus a
     D-term float32 dot product in any order (gamma_D), relative to |q| |g| (u = 2**-24)."""
     unit = 2.0 ** -24
-    dim = query.shape[1]
-    largest = [float(np.linalg.norm(t, axis=1).max(initial=0.0)) for t in (query, gallery)]
-    return 1.01 * ((dim + 3) * unit) * max(largest[0] * largest[1], 1.0)
+    dim = query.feats.shape[1]
+    return 1.01 * ((dim + 3) * unit) * max(query.max_norm * gallery.max_norm, 1.0)
+
+
+def tar_from_scores(meta: IJBMeta, query: Pooled, gallery: Pooled, scores: np.ndarray, rows1: np.ndarray,
+                    rows2: np.ndarray, fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray,
+                    fars: Sequence[float] = metrics.DEFAULT_FARS) -> tuple[dict, dict]:
+    """TAR@FAR (nearest point, strict) of float32 pair ``scores`` and their ROC, as insightface's
+    float64 arithmetic gives them: pairs near each target FAR are re-scored from the float64
+    templates (:func:`~facecompat.eval.metrics.refine_tar_at_far`). Without float64 templates the
+    float32 ROC is read directly."""
+    if query.exact is None or gallery.exact is None:
+        return metrics.tar_at_far(fpr, tpr, fars), metrics.tar_at_far_strict(fpr, tpr, fars)
+    q64, g64 = query.exact, gallery.exact
+
+    def exact_scores(idx: np.ndarray) -> np.ndarray:
+        return np.einsum("ij,ij->i", q64[rows1[idx]], g64[rows2[idx]])
+
+    return metrics.refine_tar_at_far(scores, meta.pair_labels, fpr, thresholds, exact_scores,
+                                     _float32_score_error(query, gallery), fars)
 
 
 def verify_1to1(meta: IJBMeta, query: Pooled, gallery: Pooled | None = None,
@@ -972,12 +993,7 @@ def verify_1to1(meta: IJBMeta, query: Pooled, gallery: Pooled | None = None,
     gallery_feats = query.feats if gallery is query else gallery.feats
     scores = score_pairs(query.feats, gallery_feats, i1, i2)
     fpr, tpr, thresholds = metrics.roc_curve(scores, meta.pair_labels)
-    if query.exact is not None and gallery.exact is not None:
-        tar, strict = metrics.refine_tar_at_far(scores, meta.pair_labels, fpr, thresholds,
-                                                _exact_scorer(query.exact, gallery.exact, i1, i2),
-                                                _float32_score_error(query.exact, gallery.exact), fars)
-    else:
-        tar, strict = metrics.tar_at_far(fpr, tpr, fars), metrics.tar_at_far_strict(fpr, tpr, fars)
+    tar, strict = tar_from_scores(meta, query, gallery, scores, i1, i2, fpr, tpr, thresholds, fars)
     result = {"tar_at_far": tar, "tar_at_far_strict": strict,
               "auc": metrics.auc(fpr, tpr), "num_pairs": int(scores.size),
               "num_genuine": int(meta.pair_labels.sum())}
