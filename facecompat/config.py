@@ -131,12 +131,13 @@ class HeadConfig:
 class OldModelConfig:
     """The frozen old model a compatibility method is trained against."""
 
-    checkpoint: str | None = None  # its exported backbone (model.pt)
-    network: str = "r18"
-    embedding_size: int = 512
+    checkpoint: str | None = None  # its run directory, or its exported backbone (model.pt)
+    network: str | None = None  # None: the run directory's model.network (required for a .pt file)
+    embedding_size: int | None = None  # None: the run directory's (512 for a .pt file)
 
     def __post_init__(self) -> None:
-        _at_least(self, 0, "embedding_size", strict=True)
+        if self.embedding_size is not None:
+            _at_least(self, 0, "embedding_size", strict=True)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class CompatConfig:
     method: str = "none"
     old: OldModelConfig = field(default_factory=OldModelConfig)
     weight: float = 1.0  # lambda on the method's loss terms
-    params: dict[str, float] = field(default_factory=dict)  # method hyper-parameters (alpha, tau, ...)
+    params: dict[str, Any] = field(default_factory=dict)  # method hyper-parameters, checked by the method
     bank_dir: str | None = None  # cache of old features; None: under train.output
 
     def __post_init__(self) -> None:

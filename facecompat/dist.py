@@ -213,6 +213,24 @@ def all_reduce_(t: torch.Tensor, op: str = "sum", group: tdist.ProcessGroup | No
     return t
 
 
+def average_gradients(params: list[torch.Tensor], group: tdist.ProcessGroup | None = None) -> None:
+    """Average the ``.grad`` of replicated parameters over the ranks, in one flat all-reduce
+    (parameters outside DDP, e.g. a compatibility method's discriminator). A no-op in one process;
+    a parameter without a gradient counts as zeros."""
+    world = get_world_size(group)
+    if not is_initialized() or world == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
+    tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, group=group)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).clone() if p.grad is None else p.grad.copy_(
+            flat[offset:offset + n].view_as(g))
+        offset += n
+
+
 def all_reduce_flag(flag: bool, group: tdist.ProcessGroup | None = None) -> bool:
     """True on every rank if ``flag`` is True on any rank (e.g. agree to skip a step with inf grads)."""
     if not is_initialized() or get_world_size(group) == 1:

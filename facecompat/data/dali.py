@@ -139,7 +139,8 @@ class DaliLoader(ShardedLoader):
             for out in batches:
                 enc = pending.popleft()
                 yield Batch(self._to_device(out[0]["images"]), self._put(enc.labels),
-                            self._put(enc.record_ids), self._put(enc.flipped))
+                            self._put(enc.record_ids), self._put(enc.flipped),
+                            self._inputs(enc.record_ids, enc.flipped, enc.labels))
         finally:
             del batches, pipe
 
@@ -202,7 +203,7 @@ class DaliLoader(ShardedLoader):
             j = int(bad[0])
             raise label_mismatch(records.path, int(record_ids[j]), int(offsets[j]), stored[j], expected[j])
         return Batch(self._to_device(out["images"][:batch]), self._put(labels), self._put(record_ids),
-                     self._put(flipped))
+                     self._put(flipped), self._inputs(record_ids, flipped, labels))
 
     def _build_mxnet_pipeline(self, index: EpochIndex, epoch: int, feed: Iterator):
         """fn.readers.mxnet over ``[rec] * steps`` (copy ``s`` = step ``s``), put in planned order

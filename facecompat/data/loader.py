@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import cv2
@@ -46,12 +46,19 @@ class Batch(NamedTuple):
         labels: int64 ``[B]``: the view's labels (after ``subset(..., relabel=True)``).
         record_ids: int64 ``[B]``: the images' keys in the rec.
         flipped: bool ``[B]``: whether the image was mirrored horizontally.
+        inputs: per-sample extras from the loader's ``batch_inputs`` hook (a compatibility
+            method's old-feature lookups), or None.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     record_ids: torch.Tensor
     flipped: torch.Tensor
+    inputs: dict[str, torch.Tensor] | None = None
+
+
+# (record_ids, flipped, labels) of one batch on the host -> named CPU tensors [B, ...]
+BatchInputs = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, torch.Tensor]]
 
 
 class BatchKey(NamedTuple):
@@ -279,6 +286,19 @@ class ShardedLoader:
         if self.sampler.steps == 0:
             raise ValueError(f"{records.path}: {records.num_images} images cannot fill one batch of "
                              f"{batch_size} on each of {self.world_size} ranks")
+        # Set by a trainer whose compatibility method reads per-sample data (the old-feature bank):
+        # called in this process on the host copies of each batch's ids, so that no device-to-host
+        # synchronisation is needed, and the results travel to the device with the batch.
+        self.batch_inputs: BatchInputs | None = None
+
+    def _inputs(self, record_ids: np.ndarray, flipped: np.ndarray,
+                labels: np.ndarray) -> dict[str, torch.Tensor] | None:
+        if self.batch_inputs is None:
+            return None
+        non_blocking = self.device.type == "cuda"
+        host = self.batch_inputs(np.asarray(record_ids), np.asarray(flipped), np.asarray(labels))
+        return {name: t.pin_memory().to(self.device, non_blocking=True) if non_blocking else t
+                for name, t in host.items()}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -335,7 +355,8 @@ class TorchLoader(ShardedLoader):
             yield Batch(normalize_images(images),
                         host.labels.to(self.device, non_blocking=non_blocking),
                         host.record_ids.to(self.device, non_blocking=non_blocking),
-                        host.flipped.to(self.device, non_blocking=non_blocking))
+                        host.flipped.to(self.device, non_blocking=non_blocking),
+                        self._inputs(host.record_ids.numpy(), host.flipped.numpy(), host.labels.numpy()))
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:

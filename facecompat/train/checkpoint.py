@@ -255,3 +255,33 @@ def _check_classes(path: Path, state: dict, num_classes: int) -> None:
     if state["num_classes"] != num_classes:
         raise CheckpointError(f"{path}: head has {state['num_classes']} classes, "
                               f"this run's data has {num_classes}")
+
+
+def load_head_rows(path: Path, classes: np.ndarray) -> tuple[torch.Tensor, int]:
+    """Class-centre rows ``classes`` (int64 ``[n]``, each in ``[0, num_classes)``) of a checkpoint's
+    head, whatever world size wrote it; shards are memory-mapped, only the rows asked for are read.
+
+    Returns (float32 ``[n, D]`` rows, the checkpoint head's ``num_classes``).
+    """
+    meta = read_meta(path)
+    classes = np.asarray(classes, dtype=np.int64)
+    rows: torch.Tensor | None = None
+    filled = np.zeros(classes.shape, dtype=bool)
+    num_classes = None
+    for r in range(int(meta["world_size"])):
+        shard = _load(path / f"rank_{r:03d}.pt", mmap=True)
+        num_classes = int(shard["num_classes"])
+        weight = shard["head_weight"]
+        if rows is None:
+            rows = torch.zeros(classes.size, weight.shape[1], dtype=torch.float32)
+        start, n = int(shard["class_start"]), int(shard["num_local"])
+        mine = (classes >= start) & (classes < start + n)
+        if mine.any():
+            rows[torch.from_numpy(np.flatnonzero(mine))] = weight[torch.from_numpy(classes[mine] - start)].float()
+            filled |= mine
+    if rows is None or num_classes is None:
+        raise CheckpointError(f"{path}: no head shards")
+    if not filled.all():
+        bad = int(classes[~filled][0])
+        raise CheckpointError(f"{path}: head has no row for class {bad} (num_classes {num_classes})")
+    return rows, num_classes

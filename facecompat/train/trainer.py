@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from facecompat import dist
+from facecompat.compat.build import build_compat
 from facecompat.config import Config, ConfigError, dump_config
 from facecompat.data.loader import Batch, build_train_loader
 from facecompat.heads import build_head
@@ -74,8 +75,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.log = setup_logging(self.run_dir, self.rank)
-        if cfg.compat.method != "none":
-            raise ConfigError(f"compat.method: {cfg.compat.method!r} is not available yet (valid: 'none')")
         self._seed_everything()
 
         self.records, self.loader = build_train_loader(cfg.data, rank=self.rank, world_size=self.world_size,
@@ -96,6 +95,11 @@ class Trainer:
         self.head = build_head(cfg.head, num_classes=self.num_classes,
                                embedding_size=cfg.model.embedding_size, seed=cfg.train.seed,
                                check_labels=self.device.type == "cpu").to(self.device)
+        # Built after the head (a method may read its shard layout); may extract the old-feature bank.
+        self.compat = build_compat(cfg, self.records, self.head, rank=self.rank, world_size=self.world_size,
+                                   device=self.device, log=self.log)
+        if self.compat is not None:
+            self.loader.batch_inputs = self.compat.batch_inputs
         if self.world_size > 1:
             # Buffers (BN statistics) stay per rank, as in insightface; rank 0's are saved.
             self.model = DistributedDataParallel(
@@ -103,14 +107,14 @@ class Trainer:
                 forward_sync_buffers=False, gradient_as_bucket_view=True)
         else:
             self.model = self.backbone
-        self.optimizer = build_optimizer(self.backbone, self.head, cfg.optim, self.device)
+        self.optimizer = build_optimizer(self.backbone, self.head, cfg.optim, self.device, compat=self.compat)
         self.scheduler = PolyWarmupScheduler(
             self.optimizer, total_steps=self.total_steps,
             warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch), power=cfg.optim.poly_power)
         self.scaler = LossScaler(enabled=self.precision == "fp16")
         self.step = TrainStep(self.model, self.backbone, self.head, self.optimizer, self.scaler,
                               amp_dtype=self.amp_dtype, grad_clip=cfg.optim.grad_clip,
-                              world_size=self.world_size,
+                              world_size=self.world_size, compat=self.compat,
                               channels_last=cfg.model.channels_last and self.device.type == "cuda")
         self.position = Position()
         self.last_checkpoint: Path | None = None
@@ -118,6 +122,7 @@ class Trainer:
         self.throughput = Throughput()
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_count = 0
+        self._term_sums: dict[str, torch.Tensor] = {}
         self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         # The same decision on every rank: rank 0 evaluates, the others wait for it.
         self.val_enabled = bool(cfg.data.val_targets) and cfg.train.val_every > 0
@@ -189,7 +194,9 @@ class Trainer:
 
     def train_step(self, batches: Sequence[Batch]) -> None:
         """One optimiser step over ``grad_accum`` micro-batches; no host synchronisation outside fp16."""
-        losses, _ = self.step([(b.images, b.labels) for b in batches])
+        losses, _ = self.step([(b.images, b.labels, b.inputs) for b in batches])
+        if self.compat is not None:
+            losses = self._average_over_ranks(losses)
         for loss in losses:
             self._track_loss(loss)
         self.scheduler.step()
@@ -199,6 +206,18 @@ class Trainer:
             raise TrainingError(f"step {self.position.step}: {MAX_CONSECUTIVE_SKIPS} consecutive fp16 steps "
                                 f"had inf/NaN gradients (loss scale {self.scaler.scale_value:g}); "
                                 f"{self._resume_hint()}")
+
+    def _average_over_ranks(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A method's terms may be per-rank means: average losses and terms over ranks (one small
+        all-reduce, no host sync) so that every rank logs, checks and stops on the same values."""
+        names = list(self.step.last_terms[0])
+        stacked = torch.stack([torch.stack([loss, *(t[n] for n in names)])
+                               for loss, t in zip(losses, self.step.last_terms)])
+        stacked = dist.all_reduce_(stacked, "sum").div_(self.world_size)
+        for j, name in enumerate(names):
+            total = stacked[:, j + 1].sum()
+            self._term_sums[name] = self._term_sums[name] + total if name in self._term_sums else total
+        return list(stacked[:, 0])
 
     def _track_loss(self, loss: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss)
@@ -273,12 +292,16 @@ class Trainer:
                 f"{self.num_classes} classes; world size {self.world_size}, batch {c.data.batch_size}x"
                 f"{self.world_size}x{self.accum}; {self.steps_per_epoch} steps/epoch, {self.total_steps} "
                 f"steps; head ρ={c.head.sample_rate}, shard {self.head.num_local} classes; "
+                f"compat {c.compat.method if self.compat is None else self.compat!r}; "
                 f"from step {self.position.step}")
 
     def _log_progress(self, start_time: float, start_step: int) -> None:
         self._check_finite()
         pos = self.position
-        loss = float((self._loss_sum / max(self._loss_count, 1)).item())
+        count = max(self._loss_count, 1)
+        loss = float((self._loss_sum / count).item())
+        terms = {name: float(total.item()) / count for name, total in self._term_sums.items()}
+        self._term_sums = {}
         self._loss_sum.zero_()
         self._loss_count = 0
         self._last_loss = loss
@@ -287,10 +310,12 @@ class Trainer:
         per_step = elapsed / max(pos.step - start_step, 1)
         eta = format_eta(per_step * (self.total_steps - pos.step))
         lr = self.optimizer.param_groups[0]["lr"]
-        self.log.info("epoch %d step %d/%d loss %.4f lr %.5f %.1f samples/s eta %s%s", pos.epoch, pos.step,
-                      self.total_steps, loss, lr, rate, eta,
+        parts = "".join(f" {name} {value:.4f}" for name, value in terms.items())
+        self.log.info("epoch %d step %d/%d loss %.4f%s lr %.5f %.1f samples/s eta %s%s", pos.epoch, pos.step,
+                      self.total_steps, loss, f" ({parts.strip()})" if parts else "", lr, rate, eta,
                       f" scale {self.scaler.scale_value:g}" if self.scaler.enabled else "")
-        self.metrics.write("train", pos.step, {"epoch": pos.epoch, "loss": loss, "lr": lr,
+        self.metrics.write("train", pos.step, {"epoch": pos.epoch, "loss": loss,
+                                               **{f"loss_{k}": v for k, v in terms.items()}, "lr": lr,
                                                "samples_per_s": round(rate, 2)})
 
     def evaluate(self) -> dict[str, float]:
@@ -323,12 +348,16 @@ class Trainer:
                       "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                       "position": vars(pos).copy(), "config": self.cfg.to_dict(),
                       "num_classes": self.num_classes}
+            if self.compat is not None:
+                common["compat"] = self.compat.state_dict()
         shard = self.head.shard_state()
         rank_state = {"class_start": shard["class_start"], "num_local": shard["num_local"],
                       "num_classes": shard["num_classes"], "head_weight": shard["weight"],
                       "head_optim": {k: v.detach().cpu() if torch.is_tensor(v) else v
                                      for k, v in head_optim.items()},
                       "rng": ckpt.rng_state(self.head.generator)}
+        if self.compat is not None:  # per rank: its sampling streams
+            rank_state["compat"] = self.compat.state_dict()
         self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, pos.step, common, rank_state)
         if pos.step_in_epoch == 0 and self.rank == 0:
             ckpt.export_backbone(self.backbone, self.run_dir / "model.pt")
@@ -369,6 +398,12 @@ class Trainer:
         self.position = Position(**common["position"])
         if state.get("rng") is not None:
             ckpt.set_rng_state(state["rng"], self.head.generator)
+        if self.compat is not None:
+            saved = state.get("compat") or common.get("compat")
+            if saved is None:
+                raise TrainingError(f"{path}: checkpoint has no state of compat.method "
+                                    f"{self.cfg.compat.method!r} (it was written by another run)")
+            self.compat.load_state_dict(saved)
         self.last_checkpoint = path
         how = "" if same_layout else f" (re-sharded from world size {common['world_size']})"
         self.log.info("resumed from %s at step %d%s", path, self.position.step, how)

@@ -1,0 +1,1 @@
+"""Compatibility methods (BCT, L2, MixBCT, LCE, AdvBCT) and the old-feature bank they read."""
