@@ -48,7 +48,8 @@ def old_run(tmp_path_factory, synthetic_tiny) -> Path:
 
 def new_config(tmp: Path, root: Path, old_run: Path, method: str, protocol: str = "exclass", **sets):
     values = {"data.protocol": protocol, "data.part": "new", "data.val_targets": [],
-              "model.embedding_size": DIM, "compat.method": method, "compat.old": {"checkpoint": str(old_run)},
+              "model.embedding_size": DIM, "compat.method": method,
+              "compat.old": {"checkpoint": str(old_run)},
               "compat.bank_dir": str(tmp.parent / f"bank-{protocol}"), "train.epochs": 1, **sets}
     return load_config(write_config(tmp, root, method, **values))
 
@@ -194,7 +195,8 @@ def _arcface_loss(emb, weight, labels, margins, scale):
     return F.cross_entropy(logits, labels)
 
 
-def test_bct_influence_loss_goes_through_the_old_classifier_with_its_margin(tmp_path, synthetic_tiny, old_run):
+def test_bct_influence_loss_goes_through_the_old_classifier_with_its_margin(tmp_path, synthetic_tiny,
+                                                                           old_run):
     cfg = new_config(tmp_path, synthetic_tiny, old_run, "bct")
     view = build_dataset(cfg.data)
     bank = random_bank(tmp_path / "bank", view)
@@ -203,7 +205,8 @@ def test_bct_influence_loss_goes_through_the_old_classifier_with_its_margin(tmp_
     method = BCT(context(view, head, bank, weight=0.5, old_run_dir=old_run, old_config=old_cfg))
     rows, seen = method.old_head.weight.detach(), method.from_old_classifier
     # identities of the old part: the old run's class centres; the others: old class means
-    old_rows, _ = ckpt.load_head_rows(ckpt.latest_checkpoint(old_run), old_labels_of(view_classes(view), build_dataset(old_cfg.data))[seen.numpy()])
+    old_labels = old_labels_of(view_classes(view), build_dataset(old_cfg.data))
+    old_rows, _ = ckpt.load_head_rows(ckpt.latest_checkpoint(old_run), old_labels[seen.numpy()])
     assert int(seen.sum()) == 9 and torch.equal(rows[seen], old_rows)
     stats = bank.class_stats()
     means = torch.from_numpy(np.asarray(stats.means[bank.class_rows(view_classes(view))]))
@@ -273,7 +276,8 @@ def test_trainer_runs_each_method_logs_its_terms_and_resumes(tmp_path, synthetic
     assert bank.meta["model"]["network"] == "r18-w0.125" and len(bank) == build_dataset(cfg.data).num_images
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in records if r["kind"] == "train"]
-    expected = {"bct": {"loss_bct"}, "l2": {"loss_l2"}, "mixbct": set(), "lce": {"loss_lce_align", "loss_lce_boundary"},
+    expected = {"bct": {"loss_bct"}, "l2": {"loss_l2"}, "mixbct": set(),
+                "lce": {"loss_lce_align", "loss_lce_boundary"},
                 "advbct": {"loss_advbct_boundary", "loss_advbct_adv"}}[method]
     assert {"loss_arcface", *expected} <= set(train_rows[0]), train_rows[0]
     for r in train_rows:
@@ -301,7 +305,8 @@ def test_trainer_rejects_a_bad_old_model_in_one_line(tmp_path, synthetic_tiny, o
         train(new_config(tmp_path, synthetic_tiny, old_run, "l2", **{"compat.old": {"checkpoint": None}}),
               tmp_path / "r1")
     with pytest.raises(ConfigError, match=r"compat.old.embedding_size: the old model's embeddings are 32-d"):
-        train(new_config(tmp_path, synthetic_tiny, old_run, "l2", **{"model.embedding_size": 64}), tmp_path / "r2")
+        train(new_config(tmp_path, synthetic_tiny, old_run, "l2", **{"model.embedding_size": 64}),
+              tmp_path / "r2")
     with pytest.raises(ConfigError, match=r"compat.old.checkpoint: .*nowhere"):
         train(new_config(tmp_path, synthetic_tiny, old_run, "l2",
                          **{"compat.old": {"checkpoint": str(tmp_path / "nowhere")}}), tmp_path / "r3")

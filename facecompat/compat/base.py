@@ -142,7 +142,7 @@ def resolve_params(method: str, defaults: Mapping[str, Any], given: Mapping[str,
             known = ", ".join(sorted(defaults)) or "none"
             raise ConfigError(f"compat.params.{key}: not a parameter of method {method!r} (known: {known})")
         want = defaults[key]
-        if isinstance(want, bool) or isinstance(want, str):
+        if isinstance(want, (bool, str)):
             ok = type(value) is type(want)
         elif isinstance(want, (int, float)):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -172,7 +172,8 @@ def register_method(cls: type[CompatMethod]) -> type[CompatMethod]:
         raise ValueError(f"compatibility method name {cls.name!r} is empty, reserved or taken")
     unknown = cls.needs - NEEDS
     if unknown:
-        raise ValueError(f"method {cls.name!r} needs unknown artefacts {sorted(unknown)} (valid: {sorted(NEEDS)})")
+        raise ValueError(f"method {cls.name!r} needs unknown artefacts {sorted(unknown)} "
+                         f"(valid: {sorted(NEEDS)})")
     _METHODS[cls.name] = cls
     return cls
 
@@ -187,7 +188,8 @@ def get_method(name: str) -> type[CompatMethod]:
     """The class registered as ``name``; ConfigError listing the valid names otherwise."""
     _import_builtin()
     if name not in _METHODS:
-        raise ConfigError(f"compat.method: unknown method {name!r} (valid: none, {', '.join(sorted(_METHODS))})")
+        valid = ", ".join(sorted(_METHODS))
+        raise ConfigError(f"compat.method: unknown method {name!r} (valid: none, {valid})")
     return _METHODS[name]
 
 

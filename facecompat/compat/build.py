@@ -31,7 +31,8 @@ def resolve_old_model(cfg: Config) -> tuple[ModelSpec, Path | None, Config | Non
         raise ConfigError(f"compat.old.checkpoint: {exc}") from None
     if dim != cfg.model.embedding_size:
         raise ConfigError(f"compat.old.embedding_size: the old model's embeddings are {dim}-d but "
-                          f"model.embedding_size is {cfg.model.embedding_size}: compatible models share one space")
+                          f"model.embedding_size is {cfg.model.embedding_size} "
+                          "(compatible models share one space)")
     run_dir = path if path.is_dir() else None
     name = path.name if run_dir is not None else f"{path.parent.name}-{path.stem}"
     run_cfg = load_config(run_dir / "config.yaml") if run_dir is not None else None
@@ -63,5 +64,6 @@ def build_compat(cfg: Config, view, head, *, rank: int, world_size: int, device:
                            autocast_dtype=torch.float16 if device.type == "cuda" else None)
     ctx = CompatContext(params=params, weight=cfg.compat.weight, view=view, head=head,
                         embedding_size=cfg.model.embedding_size, rank=rank, world_size=world_size,
-                        device=device, seed=cfg.train.seed, bank=bank, old_run_dir=run_dir, old_config=run_cfg)
+                        device=device, seed=cfg.train.seed, bank=bank, old_run_dir=run_dir,
+                        old_config=run_cfg)
     return cls(ctx).to(device)

@@ -277,7 +277,8 @@ def load_head_rows(path: Path, classes: np.ndarray) -> tuple[torch.Tensor, int]:
         start, n = int(shard["class_start"]), int(shard["num_local"])
         mine = (classes >= start) & (classes < start + n)
         if mine.any():
-            rows[torch.from_numpy(np.flatnonzero(mine))] = weight[torch.from_numpy(classes[mine] - start)].float()
+            wanted = torch.from_numpy(classes[mine] - start)
+            rows[torch.from_numpy(np.flatnonzero(mine))] = weight[wanted].float()
             filled |= mine
     if rows is None or num_classes is None:
         raise CheckpointError(f"{path}: no head shards")

@@ -90,7 +90,8 @@ class TrainStep:
         return torch.autocast(device_type, dtype=self.amp_dtype)
 
     def forward_loss(self, images: torch.Tensor, labels: torch.Tensor,
-                     inputs: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     inputs: dict[str, torch.Tensor] | None = None,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, named terms) of one micro-batch; the head's term is the mean over the global
         batch (the same on every rank), a method's terms may be this rank's means."""
         if self.channels_last:

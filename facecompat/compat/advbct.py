@@ -1,0 +1,170 @@
+"""AdvBCT: an elastic boundary around the old classes plus adversarial alignment (Pan et al., CVPR 2023).
+
+Two terms on top of the new model's ArcFace loss, with φ̂ the L2-normalised embedding and m_c the
+old class centre (unit mean of the old features of class c, from the bank):
+
+- elastic boundary: the old radius of class c is ``r_c = 2 sin(θmax_c / 2)``, the largest Euclidean
+  distance between a unit old feature of the class and m_c (θmax_c from the bank). Its elastic
+  radius moves it towards a threshold T by a learnable share: ``ρ_c = r_c + σ(w_c) · (T − r_c)``
+  (w_c one trainable scalar per class, initialised U(−1, 1)). Per sample
+  ``e_i = relu(‖φ̂_new(x_i) − m_{y_i}‖ − ρ_{y_i})`` and the term is the mean of e_i over the samples
+  that violate their boundary (e_i > 0; zero when none does). Classes whose old statistics come
+  from fewer than two images carry no boundary and are skipped.
+- adversarial: a discriminator D (Linear D→h, BatchNorm, ReLU, Linear h→1) tells old features
+  (the bank's feature of the same image and flip, normalised; label 1) from new embeddings
+  (normalised, label 0). New embeddings reach D through a gradient-reversal layer, so minimising
+  the total loss trains D to separate the two while the backbone learns to make them
+  indistinguishable: ``adv = BCE(D(GRL(φ̂_new)), 0) + BCE(D(φ̂_old), 1)`` (each a mean over this
+  rank's samples).
+
+Terms: ``advbct_boundary = λ · boundary_weight · boundary`` and ``advbct_adv = λ · adv_weight · adv``.
+D and the w_c are ordinary trainable submodules: the trainer optimises them (gradients averaged over
+ranks); they are initialised from ``train.seed`` alone, so every rank starts identical.
+
+Checked against the public implementation (``Ashespt/AdvBCT``: ``trainer/trainer.py``
+``bct_limit`` with ``ELASTIC_BOUNDARY``, ``models/modules.py`` ``ElasticBoundary``,
+``models/base_model.py``), whose boundary is written as ``r ± |r − T| σ(w)`` (+ below T, − above),
+the same as ρ_c above; default T = 1.0. Differences:
+
+- the reference's discriminator has 100 hidden units and two log-softmax outputs (NLL, new = 0,
+  old = 1); one logit with BCE is the same model family. Default ``disc_hidden`` follows it (100).
+- the reference feeds D the unnormalised (BatchNorm) features and runs it on the new and the old
+  batch in two calls (so its BatchNorm standardises each domain separately, hiding a mean shift
+  between them); here D sees unit vectors and one joint batch of new and old rows.
+- the reference ramps the reversal factor as ``2 / (1 + exp(−10 p)) − 1`` (p = training progress)
+  and weights the adversarial loss by ``(E − e + 1) / E`` (epoch e of E); a method has no view of
+  the schedule, so ``grl_factor`` and ``adv_weight`` are constants here.
+- the reference's radii are distances to a normalised class centre stored per class; ours are
+  derived from the bank's largest angle (same quantity: chord of the angle between unit vectors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from facecompat.compat.base import (
+    CompatContext,
+    CompatMethod,
+    CompatOutput,
+    grad_reverse,
+    param_error,
+    register_method,
+)
+from facecompat.compat.lce import view_class_rows
+
+_STREAM = 0xAD7B_C7E1
+
+
+def chord(angle: np.ndarray) -> np.ndarray:
+    """Euclidean distance between unit vectors ``angle`` radians apart: ``2 sin(angle / 2)``."""
+    return 2.0 * np.sin(np.clip(angle, 0.0, math.pi) / 2.0)
+
+
+def elastic_radius(radius: Tensor, logit: Tensor, threshold: float) -> Tensor:
+    """``radius + sigmoid(logit) · (threshold − radius)``: the old radius moved towards the threshold."""
+    return radius + torch.sigmoid(logit) * (threshold - radius)
+
+
+def boundary_loss(emb: Tensor, centres: Tensor, radius: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``relu(‖normalize(emb_i) − centres_i‖ − radius_i)`` over the violating valid samples.
+
+    Args:
+        emb: ``[b, D]`` new embeddings; centres: ``[b, D]`` unit old class centres of their labels;
+        radius: ``[b]`` each sample's boundary radius; valid: bool ``[b]`` samples with a boundary.
+    Returns:
+        A scalar; 0 when no valid sample lies outside its boundary.
+    """
+    dist = (F.normalize(emb, dim=1) - centres.to(emb.dtype)).norm(dim=1)
+    excess = F.relu(dist - radius.to(emb.dtype)) * valid.to(emb.dtype)
+    # The count is a tensor: no host synchronisation.
+    return excess.sum() / (excess > 0).sum().clamp_min(1)
+
+
+def build_discriminator(embedding_size: int, hidden: int, seed: int, device: torch.device) -> nn.Sequential:
+    """Linear(D, h) - BatchNorm1d(h) - ReLU - Linear(h, 1), drawn from a local generator seeded with
+    ``seed`` (PyTorch's default Linear ranges, ``U(±1/sqrt(fan_in))``), not from the global stream."""
+    disc = nn.Sequential(
+        nn.utils.skip_init(nn.Linear, embedding_size, hidden, device=device),
+        nn.BatchNorm1d(hidden, device=device),
+        nn.ReLU(inplace=True),
+        nn.utils.skip_init(nn.Linear, hidden, 1, device=device),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in (disc[0], disc[3]):
+            bound = 1.0 / math.sqrt(layer.in_features)
+            for p in (layer.weight, layer.bias):
+                p.copy_(torch.rand(p.shape, generator=gen).mul_(2 * bound).sub_(bound))
+    return disc
+
+
+def adversarial_loss(disc: nn.Module, emb: Tensor, old: Tensor, grl_factor: float) -> Tensor:
+    """``BCE(D(GRL(normalize(emb))), 0) + BCE(D(normalize(old)), 1)``, one joint batch through D."""
+    b = emb.shape[0]
+    new_unit = grad_reverse(F.normalize(emb, dim=1), grl_factor)
+    old_unit = F.normalize(old.to(emb.dtype), dim=1)
+    logits = disc(torch.cat([new_unit, old_unit])).squeeze(1)
+    return (F.binary_cross_entropy_with_logits(logits[:b], torch.zeros_like(logits[:b]))
+            + F.binary_cross_entropy_with_logits(logits[b:], torch.ones_like(logits[b:])))
+
+
+@register_method
+class AdvBCT(CompatMethod):
+    """Params: ``boundary_weight`` (1.0), ``adv_weight`` (1.0), ``grl_factor`` (1.0), ``disc_hidden``
+    (100), ``threshold`` (T of the elastic radius, 1.0), ``elastic`` (learn the radius, true; false:
+    the old radius as is)."""
+
+    name = "advbct"
+    needs = frozenset({"bank", "class_stats"})
+    defaults = {"boundary_weight": 1.0, "adv_weight": 1.0, "grl_factor": 1.0, "disc_hidden": 100,
+                "threshold": 1.0, "elastic": True}
+
+    def __init__(self, ctx: CompatContext):
+        super().__init__(ctx)
+        p = self.params
+        for key in ("boundary_weight", "adv_weight", "grl_factor"):
+            if p[key] < 0.0:
+                raise param_error(key, p[key], "must be >= 0")
+        if p["disc_hidden"] < 1:
+            raise param_error("disc_hidden", p["disc_hidden"], "must be >= 1")
+        if not 0.0 <= p["threshold"] <= 2.0:
+            raise param_error("threshold", p["threshold"], "must be in [0, 2] (distances of unit vectors)")
+        self.boundary_weight, self.adv_weight = float(p["boundary_weight"]), float(p["adv_weight"])
+        self.grl_factor, self.threshold = float(p["grl_factor"]), float(p["threshold"])
+        self.elastic = bool(p["elastic"])
+        self.bank = ctx.bank
+        self.stats = ctx.bank.class_stats()
+        self.rows = view_class_rows(ctx)  # view label -> class-stats row
+        self.radius = chord(np.asarray(self.stats.angle_max)[self.rows].astype(np.float64)).astype(np.float32)
+        self.has_boundary = np.asarray(self.stats.count)[self.rows] >= 2
+
+        seed = (int(ctx.seed) * 1_000_003 + _STREAM) % (2**63)  # the same on every rank
+        self.discriminator = build_discriminator(ctx.embedding_size, p["disc_hidden"], seed, ctx.device)
+        if self.elastic:  # one trainable scalar per view class, U(-1, 1) as the reference
+            gen = torch.Generator().manual_seed(seed + 1)
+            logit = torch.rand(len(self.rows), generator=gen).mul_(2.0).sub_(1.0)
+            self.boundary_logit = nn.Parameter(logit.to(ctx.device))
+
+    def batch_inputs(self, record_ids: np.ndarray, flipped: np.ndarray,
+                     labels: np.ndarray) -> dict[str, Tensor]:
+        centres = np.asarray(self.stats.means[self.rows[labels]], dtype=np.float32)
+        return {"old": torch.from_numpy(np.asarray(self.bank.lookup(record_ids, flipped), dtype=np.float32)),
+                "centre": torch.from_numpy(centres),
+                "radius": torch.from_numpy(self.radius[labels]),
+                "valid": torch.from_numpy(self.has_boundary[labels])}
+
+    def forward(self, emb: Tensor, labels: Tensor, inputs: Mapping[str, Tensor]) -> CompatOutput:
+        radius = inputs["radius"]
+        if self.elastic:
+            radius = elastic_radius(radius, self.boundary_logit[labels], self.threshold)
+        bound = boundary_loss(emb, inputs["centre"], radius, inputs["valid"])
+        adv = adversarial_loss(self.discriminator, emb, inputs["old"], self.grl_factor)
+        terms = {"advbct_boundary": (self.weight * self.boundary_weight) * bound,
+                 "advbct_adv": (self.weight * self.adv_weight) * adv}
+        return CompatOutput(emb, labels, terms)

@@ -1,0 +1,319 @@
+"""Old-feature bank: on-disk format, statistics against their definitions, building (resumed, 2 ranks)
+on generated data with a real backbone, mismatch errors, and tools/extract_features.py."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _dist_util import run_distributed
+from _model_util import load_tool, make_run_dir, single_thread
+
+from facecompat.compat.bank import BankError, FeatureBank, build_bank, default_bank_dir, ensure_bank
+from facecompat.data.faces import FaceRecords, to_tensor
+from facecompat.eval.catalog import ModelSpec, load_model, resolve_model_spec
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [2, 5, 7, 11, 13, 20, 28]  # the view the builds use (relabelled to 0..6)
+BUILD_KW = dict(batch_size=16, num_workers=0, chunk_rows=20, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from single_thread()
+
+
+def _model_dict(name: str = "m") -> dict:
+    return {"checkpoint_sha1": "ab" * 20, "network": "r18", "embedding_size": 8, "name": name}
+
+
+def _small_bank(directory: Path, seed: int = 0, n: int = 40, dim: int = 8):
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(1000)[:n] + 1
+    labels = rng.integers(0, 5, n)
+    feats = rng.standard_normal((n, 2, dim)).astype(np.float32)
+    return FeatureBank.from_arrays(directory, ids, labels, feats, model=_model_dict()), ids, labels, feats
+
+
+# --- format ------------------------------------------------------------------------------------------
+
+
+def test_from_arrays_round_trip_and_lookup(tmp_path):
+    bank, ids, labels, feats = _small_bank(tmp_path / "bank")
+    order = np.argsort(ids)
+    again = FeatureBank.open(tmp_path / "bank")
+    for b in (bank, again):
+        np.testing.assert_array_equal(b.record_ids, ids[order])
+        np.testing.assert_array_equal(b.labels, labels[order])
+        np.testing.assert_array_equal(b.features, feats[order].astype(np.float16))
+        assert b.embedding_size == 8 and b.meta["model"] == _model_dict() and b.meta["complete"] is True
+    assert not again.features.flags.writeable
+    pick = np.array([5, 0, 17, 5])
+    flipped = np.array([True, False, False, False])
+    got = again.lookup(ids[pick], flipped)
+    assert got.dtype == np.float32 and got.shape == (4, 8)
+    np.testing.assert_array_equal(got, feats[pick, flipped.astype(int)].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(again.rows(ids[pick]), np.searchsorted(ids[order], ids[pick]))
+    absent = int(np.setdiff1d(np.arange(1, 2000), ids)[0])
+    with pytest.raises(BankError, match=f"record id {absent} is not in the bank"):
+        again.rows([ids[0], absent])
+    with pytest.raises(BankError, match="not empty"):
+        _small_bank(tmp_path / "bank")
+    with pytest.raises(BankError, match="appears twice"):
+        FeatureBank.from_arrays(tmp_path / "dup", [3, 1, 3], [0, 0, 0], np.zeros((3, 2, 4)), model={})
+
+
+def _truncate(d: Path) -> None:
+    path = d / "features.npy"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _incomplete(d: Path) -> None:
+    meta = json.loads((d / "bank.json").read_text())
+    (d / "bank.json").write_text(json.dumps({**meta, "complete": False}))
+
+
+DAMAGE = {
+    "truncated features": (_truncate, "features.npy is damaged"),
+    "no bank.json": (lambda d: (d / "bank.json").unlink(), "no readable bank.json"),
+    "complete false": (_incomplete, "not a complete"),
+    "unsorted ids": (lambda d: np.save(d / "record_ids.npy", np.load(d / "record_ids.npy")[::-1].copy()),
+                     "not strictly ascending"),
+    "float32 features": (lambda d: np.save(d / "features.npy", np.load(d / "features.npy").astype("f4")),
+                         "features.npy holds float32"),
+    "labels missing": (lambda d: (d / "labels.npy").unlink(), "labels missing"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_banks_are_refused(tmp_path, damage):
+    _small_bank(tmp_path / "bank")
+    spoil, message = DAMAGE[damage]
+    spoil(tmp_path / "bank")
+    with pytest.raises(BankError, match=message) as err:
+        FeatureBank.open(tmp_path / "bank")
+    assert str(tmp_path / "bank") in str(err.value) and "\n" not in str(err.value)
+
+
+# --- statistics -----------------------------------------------------------------------------------------
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _reference(ids: np.ndarray, labels: np.ndarray, feats: np.ndarray, ratios: list[float]):
+    """The module docstring's definitions, record by record (float64 except the stored float16)."""
+    f = feats.astype(np.float64)
+    u = _unit(_unit(f[:, 0]) + _unit(f[:, 1]))
+    classes = np.unique(labels)
+    means, angle_mean, angle_max, count = [], [], [], []
+    angles = np.zeros(len(ids))
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        m = _unit(u[members].mean(axis=0))
+        a = np.arccos(np.clip(u[members] @ m, -1, 1))
+        angles[members] = a
+        means.append(m)
+        angle_mean.append(a.mean())
+        angle_max.append(a.max())
+        count.append(members.size)
+    credible = {}
+    for ratio in ratios:
+        mask = np.zeros(len(ids), bool)
+        for c in classes:
+            members = np.flatnonzero(labels == c)
+            k = max(1, int(np.floor(ratio * members.size + 0.5)))
+            ranked = sorted(members, key=lambda i: (round(angles[i], 5), ids[i]))
+            mask[ranked[:k]] = True
+        credible[ratio] = mask
+    return classes, np.array(means), np.array(count), np.array(angle_mean), np.array(angle_max), credible
+
+
+def test_statistics_match_their_definitions(tmp_path):
+    rng = np.random.default_rng(1)
+    dim = 8
+    sizes = {7: 5, 3: 1, 11: 2, 4: 6, 9: 13}
+    labels = np.concatenate([np.full(n, c) for c, n in sizes.items()])
+    feats = rng.standard_normal((labels.size, 2, dim)).astype(np.float32)
+    feats[labels == 4] = 0.0
+    feats[labels == 4, :, 0] = 3.0  # class 4: six identical records, every angle ties at 0
+    feats[np.flatnonzero(labels == 9)[[2, 7]]] = feats[np.flatnonzero(labels == 9)[4]]  # a three-way tie
+    ids = rng.permutation(500)[:labels.size] + 10
+    bank = FeatureBank.from_arrays(tmp_path / "bank", ids, labels, feats, model={}, chunk_rows=7)
+    order = np.argsort(ids)
+    ratios = [0.9, 0.5, 0.25, 0.1, 1.0]
+    classes, means, count, angle_mean, angle_max, credible = _reference(
+        ids[order], labels[order], np.asarray(bank.features), ratios)
+    stats = bank.class_stats()
+    np.testing.assert_array_equal(stats.class_ids, classes)
+    np.testing.assert_array_equal(stats.count, count)
+    np.testing.assert_allclose(stats.means, means, atol=2e-6)
+    np.testing.assert_allclose(stats.angle_mean, angle_mean, atol=2e-3)  # arccos near 1 amplifies float32
+    np.testing.assert_allclose(stats.angle_max, angle_max, atol=2e-3)
+    for ratio in ratios:
+        np.testing.assert_array_equal(bank.credible(ratio), credible[ratio], err_msg=f"ratio {ratio}")
+    assert bank.credible(1.0).all()
+    class4 = np.flatnonzero(bank.labels == 4)
+    np.testing.assert_array_equal(bank.credible(0.5)[class4], [True] * 3 + [False] * 3)  # lower ids win ties
+    np.testing.assert_array_equal(bank.class_rows([11, 3, 9]), [4, 0, 3])
+    with pytest.raises(BankError, match="dataset class 5 has no record"):
+        bank.class_rows([3, 5])
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        bank.credible(0.0)
+    # written once, memory-mapped by a later open
+    again = FeatureBank.open(tmp_path / "bank")
+    assert isinstance(again.class_stats().means, np.memmap)
+    np.testing.assert_array_equal(again.class_stats().angle_max, stats.angle_max)
+    assert isinstance(again.credible(0.9), np.memmap) and (tmp_path / "bank" / "credible_0.9.npy").is_file()
+
+
+# --- building on generated data ---------------------------------------------------------------------------
+
+
+def _view(root: Path, classes: list[int] = CLASSES) -> FaceRecords:
+    """A relabelled subset in a shuffled record order (the bank must sort it)."""
+    view = FaceRecords(root / "train", flip=True, seed=1).subset(classes=classes, relabel=True)
+    perm = np.random.default_rng(0).permutation(view.num_images)
+    view.record_ids, view.labels = view.record_ids[perm], view.labels[perm]
+    return view
+
+
+def _spec(run_dir: Path) -> ModelSpec:
+    return ModelSpec(run_dir.name, *resolve_model_spec(run_dir), str(run_dir))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bank_runs")
+    return make_run_dir(tmp / "old", seed=0), make_run_dir(tmp / "other", seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, synthetic_tiny, runs):
+    directory = tmp_path_factory.mktemp("bank_ref") / "bank"
+    bank = build_bank(_view(synthetic_tiny), _spec(runs[0]), directory, **BUILD_KW)
+    return bank
+
+
+def test_built_features_are_the_old_models_on_image_and_flip(reference, synthetic_tiny, runs):
+    view = _view(synthetic_tiny)
+    bank = reference
+    assert len(bank) == view.num_images and bank.num_extracted == len(bank) and bank.embedding_size == 32
+    np.testing.assert_array_equal(bank.record_ids, np.sort(view.record_ids))
+    by_id = dict(zip(view.record_ids.tolist(), view.label_map[view.labels].tolist()))
+    np.testing.assert_array_equal(bank.labels, [by_id[i] for i in bank.record_ids.tolist()])
+    assert set(np.unique(bank.labels)) == set(CLASSES)
+    assert bank.meta["num_records"] > bank.meta["chunk_rows"] * 2  # several chunks
+    model = load_model(_spec(runs[0]))
+    images = torch.stack([to_tensor(view.read_image(i), False) for i in bank.record_ids.tolist()])
+    with torch.inference_mode():
+        direct = torch.stack([model(images), model(images.flip(3))], dim=1).numpy()
+    stored = np.asarray(bank.features, dtype=np.float32)
+    np.testing.assert_allclose(stored, direct, rtol=2e-3, atol=2e-3 * np.abs(direct).max())
+    flipped = np.arange(len(bank)) % 2 == 1
+    np.testing.assert_array_equal(bank.lookup(bank.record_ids, flipped),
+                                  stored[np.arange(len(bank)), flipped * 1])
+
+
+def _same_files(a: Path, b: Path) -> None:
+    for name in ("features.npy", "record_ids.npy", "labels.npy"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    meta_a, meta_b = (json.loads((d / "bank.json").read_text()) for d in (a, b))
+    assert meta_a == meta_b
+
+
+def test_killed_build_resumes_to_the_same_bytes(reference, synthetic_tiny, runs, tmp_path):
+    directory = tmp_path / "bank"
+    with pytest.raises(BankError, match="unfinished build"):
+        build_bank(_view(synthetic_tiny), _spec(runs[0]), directory, max_chunks=1, **BUILD_KW)
+    assert not (directory / "bank.json").exists()
+    assert np.load(directory / "progress.npy").tolist()[:2] == [1, 0]
+    with pytest.raises(BankError, match="no readable bank.json"):
+        FeatureBank.open(directory)
+    bank = ensure_bank(_view(synthetic_tiny), _spec(runs[0]), directory, **BUILD_KW)
+    assert bank.num_extracted == len(bank) - BUILD_KW["chunk_rows"]
+    _same_files(reference.directory, directory)
+    # a partial build of another model in the directory is refused, not mixed in
+    other = tmp_path / "other"
+    with pytest.raises(BankError, match="unfinished"):
+        build_bank(_view(synthetic_tiny), _spec(runs[1]), other, max_chunks=1, **BUILD_KW)
+    with pytest.raises(BankError, match="unfinished build of another model or dataset .*model"):
+        ensure_bank(_view(synthetic_tiny), _spec(runs[0]), other, **BUILD_KW)
+
+
+def _two_rank_build(rank: int, world: int, root: str, run_dir: str, directory: str) -> tuple:
+    bank = ensure_bank(_view(Path(root)), _spec(Path(run_dir)), directory, credible_ratios=(0.9,), **BUILD_KW)
+    return bank.num_extracted, int(np.asarray(bank.credible(0.9)).sum())
+
+
+def test_two_ranks_resume_a_one_process_build_to_the_same_bytes(reference, synthetic_tiny, runs, tmp_path):
+    directory = tmp_path / "bank"
+    with pytest.raises(BankError, match="unfinished"):
+        build_bank(_view(synthetic_tiny), _spec(runs[0]), directory, max_chunks=1, **BUILD_KW)
+    results = run_distributed(_two_rank_build, 2, str(synthetic_tiny), str(runs[0]), str(directory))
+    expected = (len(reference) - BUILD_KW["chunk_rows"], int(reference.credible(0.9).sum()))
+    assert results == [expected, expected]
+    _same_files(reference.directory, directory)
+    assert (directory / "credible_0.9.npy").is_file() and (directory / "class_means.npy").is_file()
+
+
+def test_mismatching_banks_are_errors_not_rebuilds(reference, synthetic_tiny, runs):
+    directory = reference.directory
+    before = (directory / "features.npy").stat().st_mtime_ns
+    with pytest.raises(BankError, match="another model .*checkpoint_sha1"):
+        ensure_bank(_view(synthetic_tiny), _spec(runs[1]), directory, **BUILD_KW)
+    with pytest.raises(BankError, match=r"of the training view are not in the bank \(first: record id"):
+        ensure_bank(_view(synthetic_tiny, CLASSES + [29]), _spec(runs[0]), directory, **BUILD_KW)
+    relabelled = copy.copy(_view(synthetic_tiny))
+    relabelled.label_map = relabelled.label_map[[1, 0, 2, 3, 4, 5, 6]]  # classes 2 and 5 swapped
+    with pytest.raises(BankError, match="have another class in the bank .*class 5 in the view, 2 in the bank|"
+                                        "class 2 in the view, 5 in the bank"):
+        ensure_bank(relabelled, _spec(runs[0]), directory, **BUILD_KW)
+    smaller = _view(synthetic_tiny, CLASSES[:3])  # a sub-view of the bank's records is fine
+    assert len(ensure_bank(smaller, _spec(runs[0]), directory, **BUILD_KW)) == len(reference)
+    assert (directory / "features.npy").stat().st_mtime_ns == before
+    name = default_bank_dir("out", _spec(runs[0]), _view(synthetic_tiny)).name
+    assert name.startswith("old-") and len(name) == len("old-") + 12
+    assert default_bank_dir("out", _spec(runs[1]), _view(synthetic_tiny)).name[4:] != name[4:]
+
+
+# --- the tool ------------------------------------------------------------------------------------------
+
+
+def _write_config(tmp: Path, root: Path, old: Path) -> Path:
+    import yaml
+
+    tree = {"_base_": str(REPO / "configs" / "base.yaml"),
+            "data": {"rec": str(root / "train"), "protocol": "opclass", "part": "old", "num_workers": 0},
+            "model": {"network": "r18-w0.125", "embedding_size": 32},
+            "compat": {"old": {"checkpoint": str(old)}},
+            "train": {"output": str(tmp / "runs")},
+            "eval": {"batch_size": 32}}
+    path = tmp / "extract.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_extract_features_tool(tmp_path, synthetic_tiny, runs, capsys):
+    tool = load_tool(REPO / "tools" / "extract_features.py", "extract_features_tool")
+    config = _write_config(tmp_path, synthetic_tiny, runs[0])
+    assert tool.main([str(config), "--device", "cpu", "--credible", "0.9", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert Path(out["path"]).parent == tmp_path / "runs" / "banks" and out["dims"] == 32
+    assert out["records"] == out["extracted"] == out["view_records"] > 0 and out["images_per_s"] > 0
+    assert (Path(out["path"]) / "credible_0.9.npy").is_file()
+    # the same bank claimed for another model: one line, exit 2, the bank untouched
+    bad = ["--set", f"compat.old.checkpoint={runs[1]}", "--out", out["path"]]
+    assert tool.main([str(config), *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another model" in err
+    assert tool.main([str(config), "--set", "compat.old.checkpoint=null"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "compat.old.checkpoint: not set" in err
+    shutil.rmtree(out["path"])
