@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from facecompat import dist
 from facecompat.compat import base
 from facecompat.compat.bank import FeatureBank
 from facecompat.compat.bct import BCT, old_labels_of, view_classes
@@ -242,7 +243,21 @@ def _bct_two_ranks(rank, world, bank_dir, old_run, cfg_path):
     mine = emb[rank * 8:(rank + 1) * 8].clone().requires_grad_(True)
     term = method(mine, labels[rank * 8:(rank + 1) * 8], {}).terms["bct"]
     term.backward()
-    return term.detach(), mine.grad
+    # a replicated trainable part (a discriminator): gradients averaged over ranks
+    layer = _replicated_layer()
+    _layer_loss(layer, rank).backward()
+    dist.average_gradients(list(layer.parameters()))
+    return term.detach(), mine.grad, [p.grad for p in layer.parameters()]
+
+
+def _replicated_layer() -> torch.nn.Module:
+    torch.manual_seed(7)
+    return torch.nn.Linear(4, 1)
+
+
+def _layer_loss(layer: torch.nn.Module, rank: int) -> torch.Tensor:
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4) * (rank + 1)
+    return layer(x).square().mean()
 
 
 def test_bct_two_ranks_equal_one_process(tmp_path, synthetic_tiny, old_run):
@@ -257,10 +272,14 @@ def test_bct_two_ranks_equal_one_process(tmp_path, synthetic_tiny, old_run):
     emb = torch.randn(16, DIM, requires_grad=True)
     term = single(emb, torch.as_tensor(view.labels[:16]), {}).terms["bct"]
     term.backward()
-    for rank, (value, grad) in enumerate(results):
+    layer = _replicated_layer()
+    ((_layer_loss(layer, 0) + _layer_loss(layer, 1)) / 2).backward()
+    for rank, (value, grad, layer_grads) in enumerate(results):
         assert value.item() == pytest.approx(term.item(), rel=1e-6)
         # each rank's gradient is scaled by the world size; DDP's average divides it back
         assert torch.allclose(grad / 2, emb.grad[rank * 8:(rank + 1) * 8], atol=1e-7)
+        for got, want in zip(layer_grads, layer.parameters()):
+            assert torch.allclose(got, want.grad, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the trainer
