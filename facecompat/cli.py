@@ -6,10 +6,16 @@ Light on purpose: importing it (for ``--help``) does not import torch.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     import torch
+
+
+T = TypeVar("T")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -46,3 +52,23 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.get_local_rank())
     return device
+
+
+def run_collective(work: Callable[[], T],
+                   errors: tuple[type[BaseException], ...]) -> tuple[int, int, T | None]:
+    """Join the torchrun group (or none in one process), run ``work``, leave the group.
+
+    Returns ``(exit status, rank, result)``: 0 and ``work``'s result, or 2 and None when it
+    raised one of ``errors``, which is printed as one line (prefixed with the rank on ranks > 0).
+    """
+    from facecompat import dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        rank, _ = dist.init_distributed()
+        return 0, rank, work()
+    except errors as exc:
+        print(f"{'' if rank == 0 else f'[rank {rank}] '}error: {exc}", file=sys.stderr)
+        return 2, rank, None
+    finally:
+        dist.destroy()

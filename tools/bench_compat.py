@@ -60,7 +60,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from facecompat import dist
+    from facecompat.cli import run_collective
     from facecompat.compat.bench import bench_compat_step
 
     if args.threads:
@@ -68,19 +68,13 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
-    rank = 0
-    try:
-        rank, _ = dist.init_distributed()
-        result = bench_compat_step(
-            methods, network=args.network, embedding_size=args.embedding_size, batch_size=args.batch_size,
-            num_classes=args.num_classes, num_records=args.num_records, sample_rate=args.sample_rate,
-            precision=args.precision, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-            device=args.device, workdir=args.workdir)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        dist.destroy()
+    status, rank, result = run_collective(lambda: bench_compat_step(
+        methods, network=args.network, embedding_size=args.embedding_size, batch_size=args.batch_size,
+        num_classes=args.num_classes, num_records=args.num_records, sample_rate=args.sample_rate,
+        precision=args.precision, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+        device=args.device, workdir=args.workdir), (ValueError,))
+    if status:
+        return status
     if rank == 0:
         print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -34,21 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from facecompat import dist
+    from facecompat.cli import run_collective
     from facecompat.train.bench import StepBenchSpec, bench_train_step
 
     spec = StepBenchSpec(network=args.network, embedding_size=args.embedding_size, batch_size=args.batch_size,
                          num_classes=args.num_classes, sample_rate=args.sample_rate, precision=args.precision,
                          channels_last=args.channels_last, steps=args.steps, warmup=args.warmup)
-    rank = 0
-    try:
-        rank, _ = dist.init_distributed()
-        result = bench_train_step(spec, args.device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        dist.destroy()
+    status, rank, result = run_collective(lambda: bench_train_step(spec, args.device), (ValueError,))
+    if status:
+        return status
     if rank == 0:
         if args.json:
             print(json.dumps(result))

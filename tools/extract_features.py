@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -89,21 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.workers is not None and args.workers < 0:
         build_parser().error(f"--workers must be >= 0, got {args.workers}")
-    from facecompat import dist
+    from facecompat.cli import run_collective
     from facecompat.compat.bank import BankError
     from facecompat.config import ConfigError, config_from_args
     from facecompat.train.errors import USER_ERRORS
 
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        cfg = config_from_args(args)
-        rank, _ = dist.init_distributed()
-        summary = run(cfg, args)
-    except (ConfigError, BankError, ValueError, OSError, *USER_ERRORS) as exc:
-        print(f"{'' if rank == 0 else f'[rank {rank}] '}error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        dist.destroy()
+    status, rank, summary = run_collective(lambda: run(config_from_args(args), args),
+                                           (ConfigError, BankError, ValueError, OSError, *USER_ERRORS))
+    if status:
+        return status
     if rank == 0:
         if args.json:
             print(json.dumps(summary, indent=1))

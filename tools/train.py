@@ -44,24 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from facecompat import dist
+    from facecompat.cli import run_collective
     from facecompat.config import ConfigError, config_from_args
     from facecompat.train import TrainingError, run_dir_for, train
     from facecompat.train.errors import USER_ERRORS
 
     if args.output:
         args.overrides = [f"train.output={args.output}", *args.overrides]
-    rank = 0
-    try:
+
+    def work() -> dict:
         cfg = config_from_args(args)
-        rank, _ = dist.init_distributed()
-        summary = train(cfg, run_dir_for(cfg, args.config))
-    except (ConfigError, TrainingError, *USER_ERRORS) as exc:
-        prefix = "" if rank == 0 else f"[rank {rank}] "
-        print(f"{prefix}error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        dist.destroy()
+        return train(cfg, run_dir_for(cfg, args.config))
+
+    status, rank, summary = run_collective(work, (ConfigError, TrainingError, *USER_ERRORS))
+    if status:
+        return status
     if rank == 0:
         if args.json:
             print(json.dumps(summary, indent=1))
