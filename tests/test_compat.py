@@ -80,6 +80,8 @@ def test_registry_lists_every_method_and_rejects_unknown_names():
 def test_params_unknown_key_and_wrong_type_name_the_key():
     with pytest.raises(ConfigError, match=r"compat.params.alpah: not a parameter of method 'mixbct'"):
         base.resolve_params("mixbct", MixBCT.defaults, {"alpah": 0.3})
+    with pytest.raises(ConfigError, match=r"compat.params.alpha: expected float, got 'high'"):
+        base.resolve_params("mixbct", MixBCT.defaults, {"alpha": "high"})
     with pytest.raises(ConfigError, match=r"compat.params.prototype: expected str, got 3"):
         base.resolve_params("bct", BCT.defaults, {"prototype": 3})
     assert base.resolve_params("mixbct", MixBCT.defaults, {"alpha": 1}) == {"alpha": 1.0, "keep_ratio": 0.9}

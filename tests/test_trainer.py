@@ -244,6 +244,8 @@ def test_two_rank_checkpoint_resumes_resharded_in_one_process(two_rank_reference
     assert trainer.optimizer.state[trainer.head.weight]["momentum_buffer"].shape == head.shape
 
 
+@pytest.mark.skipif(not os.environ.get("FACECOMPAT_SLOW"), reason="c10d rendezvous of two agents takes "
+                    "~40 s; the two-rank and restart tests cover the collectives; FACECOMPAT_SLOW=1 runs it")
 def test_two_nodes_on_loopback_train_one_model(two_rank_reference):
     tmp, cfg, ref_dir = two_rank_reference
     port = free_port()
