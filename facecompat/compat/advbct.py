@@ -154,7 +154,7 @@ class AdvBCT(CompatMethod):
     def batch_inputs(self, record_ids: np.ndarray, flipped: np.ndarray,
                      labels: np.ndarray) -> dict[str, Tensor]:
         centres = np.asarray(self.stats.means[self.rows[labels]], dtype=np.float32)
-        return {"old": torch.from_numpy(np.asarray(self.bank.lookup(record_ids, flipped), dtype=np.float32)),
+        return {"old": torch.from_numpy(self.bank.lookup(record_ids, flipped)),
                 "centre": torch.from_numpy(centres),
                 "radius": torch.from_numpy(self.radius[labels]),
                 "valid": torch.from_numpy(self.has_boundary[labels])}

@@ -274,7 +274,10 @@ class FeatureBank:
                flipped: np.ndarray | Sequence[bool]) -> np.ndarray:
         """float32 ``[b, D]`` old features of the images as the batch holds them: the flip's row where
         ``flipped`` is True, the image's otherwise."""
-        rows = self.rows(record_ids)
+        return self.features_at(self.rows(record_ids), flipped)
+
+    def features_at(self, rows: np.ndarray, flipped: np.ndarray | Sequence[bool]) -> np.ndarray:
+        """:meth:`lookup` by bank rows (from :meth:`rows`), for callers that need the rows too."""
         column = np.asarray(flipped, dtype=bool).astype(np.int64)
         if column.shape != rows.shape:
             raise ValueError(f"record_ids {rows.shape} and flipped {column.shape} differ in shape")

@@ -77,7 +77,7 @@ class MixBCT(CompatMethod):
     def batch_inputs(self, record_ids: np.ndarray, flipped: np.ndarray,
                      labels: np.ndarray) -> dict[str, Tensor]:
         rows = self.bank.rows(record_ids)
-        return {"old": torch.from_numpy(self.bank.lookup(record_ids, flipped)),
+        return {"old": torch.from_numpy(self.bank.features_at(rows, flipped)),
                 "credible": torch.from_numpy(np.asarray(self.credible[rows], dtype=bool))}
 
     def forward(self, emb: Tensor, labels: Tensor, inputs: Mapping[str, Tensor]) -> CompatOutput:
