@@ -270,6 +270,8 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+@pytest.mark.skipif(not os.environ.get("FACECOMPAT_SLOW"), reason="a torchrun restart after SIGKILL takes "
+                    "~35 s; in-process kill/resume determinism is tested above; FACECOMPAT_SLOW=1 runs it")
 def test_killed_worker_restarts_from_the_last_checkpoint(two_rank_reference):
     tmp, cfg, ref_dir = two_rank_reference
     run_dir = tmp / "runs" / "fault"
