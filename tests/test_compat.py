@@ -291,21 +291,26 @@ def test_bct_two_ranks_equal_one_process(tmp_path, synthetic_tiny, old_run):
 def method_runs(tmp_path_factory, synthetic_tiny, old_run) -> dict:
     """Every registered method trained for one epoch by the trainer (one shared bank)."""
     tmp = tmp_path_factory.mktemp("methods")
-    runs = {}
-    for method in base.list_methods():
-        # Partial FC sampling (ρ < 1) for the methods that read the head's classes or shard
-        rho = 0.5 if method in ("bct", "lce", "mixbct") else 1.0
-        cfg = new_config(tmp, synthetic_tiny, old_run, method, protocol="opclass",
-                         **{"train.checkpoint_every": 3, "train.log_every": 1, "head.sample_rate": rho})
-        run_dir = tmp / "runs" / method
-        runs[method] = (cfg, run_dir, train(cfg, run_dir))
+    runs, progress = {}, []
+    with pytest.MonkeyPatch.context() as mp:  # what the trainer tells methods that keep the default
+        mp.setattr(base.CompatMethod, "set_progress", lambda self, p: progress.append(p))
+        for method in base.list_methods():
+            # Partial FC sampling (ρ < 1) for the methods that read the head's classes or shard
+            rho = 0.5 if method in ("bct", "lce", "mixbct") else 1.0
+            cfg = new_config(tmp, synthetic_tiny, old_run, method, protocol="opclass",
+                             **{"train.checkpoint_every": 3, "train.log_every": 1, "head.sample_rate": rho})
+            run_dir = tmp / "runs" / method
+            progress.clear()
+            runs[method] = (cfg, run_dir, train(cfg, run_dir), list(progress))
     return runs
 
 
 @pytest.mark.parametrize("method", ["bct", "l2", "mixbct", "lce", "advbct"])
 def test_trainer_runs_each_method_and_logs_its_terms(method_runs, method):
-    cfg, run_dir, summary = method_runs[method]
+    cfg, run_dir, summary, progress = method_runs[method]
     assert math.isfinite(summary["loss"])
+    if method != "advbct":  # the trainer reported the share of training done before every step
+        assert progress == [step / summary["step"] for step in range(summary["step"])]
     bank = FeatureBank.open(cfg.compat.bank_dir)
     assert bank.meta["model"]["network"] == "r18-w0.125" and len(bank) == build_dataset(cfg.data).num_images
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -329,7 +334,7 @@ def test_trainer_runs_each_method_and_logs_its_terms(method_runs, method):
                                                 reason="stateless method: FACECOMPAT_SLOW=1 runs it"))
       for m in ("bct", "l2", "lce"))])
 def test_resume_mid_epoch_reproduces_the_uninterrupted_run(method_runs, tmp_path, synthetic_tiny, method):
-    cfg, run_dir, _ = method_runs[method]
+    cfg, run_dir, *_ = method_runs[method]
     first = ckpt.list_checkpoints(run_dir)[0]
     again = tmp_path / "runs" / f"{method}-again"
     train(load_config(write_config(tmp_path, synthetic_tiny, f"{method}-again", **_sets(cfg, first))), again)

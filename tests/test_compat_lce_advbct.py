@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facecompat.compat.advbct import AdvBCT, adversarial_loss, chord
+from facecompat.compat.advbct import AdvBCT, adversarial_loss, chord, grl_ramp
 from facecompat.compat.advbct import boundary_loss as adv_boundary_loss
 from facecompat.compat.bank import FeatureBank
 from facecompat.compat.base import CompatContext
@@ -333,7 +333,9 @@ def plain_bce(disc: torch.nn.Module, emb: torch.Tensor, old: torch.Tensor) -> to
 
 
 def test_advbct_gradient_reversal(bank):
-    method = AdvBCT(make_ctx(bank, {"grl_factor": 0.5, "adv_weight": 2.0}, weight=1.5))
+    method = AdvBCT(make_ctx(bank, {"grl_factor": 0.5, "adv_weight": 2.0, "schedule": "constant"},
+                             weight=1.5))
+    method.set_progress(0.9)  # a constant schedule ignores progress
     disc = method.discriminator
     flipped = np.array([False, True, False, True])
     inputs = method.batch_inputs(record_ids(bank), flipped, ADV_LABELS)
@@ -362,6 +364,43 @@ def test_advbct_gradient_reversal(bank):
         for p, g in zip(disc.parameters(), disc_grads):
             p += 0.05 * g
         assert plain_bce(disc, emb - 0.05 * emb_grad, inputs["old"]).item() > bce
+
+
+def test_advbct_ramp_schedule(bank):
+    """Default schedule: reversal factor 2/(1+e^(-10p))-1 and adversarial weight (1-p)."""
+    method = AdvBCT(make_ctx(bank, {"grl_factor": 0.5, "adv_weight": 2.0}))
+    assert method.adversarial_schedule() == (0.0, 2.0)  # before the first step: no reversal yet
+    inputs = method.batch_inputs(record_ids(bank), np.zeros(4, bool), ADV_LABELS)
+    emb = torch.tensor(ADV_EMB, dtype=torch.float32, requires_grad=True)
+    out = method(emb, torch.from_numpy(ADV_LABELS), inputs)
+    out.terms["advbct_adv"].backward()
+    assert torch.all(emb.grad == 0)  # D learns, the backbone gets nothing at p = 0
+    assert method.discriminator[0].weight.grad.abs().sum() > 0
+
+    method.set_progress(0.25)
+    grl, weight = method.adversarial_schedule()
+    assert grl == pytest.approx(0.5 * (2 / (1 + math.exp(-2.5)) - 1))
+    assert weight == pytest.approx(2.0 * 0.75)
+    emb.grad = None
+    method.discriminator.zero_grad()
+    out = method(emb, torch.from_numpy(ADV_LABELS), inputs)
+    assert out.terms["advbct_adv"].item() == pytest.approx(
+        1.5 * plain_bce(method.discriminator, emb.detach(), inputs["old"]).item(), rel=1e-5)
+    out.terms["advbct_adv"].backward()
+    got = emb.grad.clone()
+    emb.grad = None
+    (1.5 * plain_bce(method.discriminator, emb, inputs["old"])).backward()
+    np.testing.assert_allclose(got.numpy(), -grl * emb.grad.numpy(), rtol=1e-4, atol=1e-7)
+    assert grl_ramp(1.0) == pytest.approx(1.0, abs=1e-4) and grl_ramp(0.0) == 0.0
+
+
+def test_advbct_mean_radius(bank, stats):
+    method = AdvBCT(make_ctx(bank, {"radius": "mean"}))
+    inputs = method.batch_inputs(record_ids(bank), np.zeros(4, bool), ADV_LABELS)
+    want = 2 * np.sin(stats.angle_mean[VIEW_ROWS[ADV_LABELS]] / 2)
+    np.testing.assert_allclose(inputs["radius"].numpy(), want, rtol=1e-6)
+    valid = inputs["valid"].numpy()
+    assert np.all(want[valid] < 2 * np.sin(stats.angle_max[VIEW_ROWS[ADV_LABELS]] / 2)[valid] + 1e-9)
 
 
 def test_advbct_discriminator_same_on_every_rank_and_leaves_global_rng(bank):
@@ -405,6 +444,8 @@ def test_chord():
     (AdvBCT, "disc_hidden", 0),
     (AdvBCT, "threshold", 2.5),
     (AdvBCT, "boundary_weight", -2.0),
+    (AdvBCT, "radius", "median"),
+    (AdvBCT, "schedule", "cosine"),
 ])
 def test_out_of_range_parameter(bank, cls, key: str, value):
     with pytest.raises(ConfigError, match=rf"^compat\.params\.{key}:"):

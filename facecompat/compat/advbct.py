@@ -32,10 +32,13 @@ the same as ρ_c above; default T = 1.0. Differences:
   batch in two calls (so its BatchNorm standardises each domain separately, hiding a mean shift
   between them); here D sees unit vectors and one joint batch of new and old rows.
 - the reference ramps the reversal factor as ``2 / (1 + exp(−10 p)) − 1`` (p = training progress)
-  and weights the adversarial loss by ``(E − e + 1) / E`` (epoch e of E); a method has no view of
-  the schedule, so ``grl_factor`` and ``adv_weight`` are constants here.
+  and weights the adversarial loss by ``(E − e + 1) / E`` (epoch e of E). ``schedule: ramp`` (the
+  default) does the same from the trainer's progress, the weight decaying continuously as
+  ``1 − p``; ``schedule: constant`` keeps ``grl_factor`` and ``adv_weight`` as given.
 - the reference's radii are distances to a normalised class centre stored per class; ours are
   derived from the bank's largest angle (same quantity: chord of the angle between unit vectors).
+  ``radius: mean`` uses the class's mean angle instead: a tighter cone, for data where the largest
+  angle is wide enough that new features satisfy it untrained.
 """
 
 from __future__ import annotations
@@ -104,6 +107,12 @@ def build_discriminator(embedding_size: int, hidden: int, seed: int, device: tor
     return disc
 
 
+def grl_ramp(progress: float) -> float:
+    """The reversal factor's ramp of domain-adversarial training, ``2 / (1 + exp(−10 p)) − 1``:
+    0 at the start, 0.987 at half of training, 1 at the end."""
+    return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
+
+
 def adversarial_loss(disc: nn.Module, emb: Tensor, old: Tensor, grl_factor: float) -> Tensor:
     """``BCE(D(GRL(normalize(emb))), 0) + BCE(D(normalize(old)), 1)``, one joint batch through D."""
     b = emb.shape[0]
@@ -118,12 +127,13 @@ def adversarial_loss(disc: nn.Module, emb: Tensor, old: Tensor, grl_factor: floa
 class AdvBCT(CompatMethod):
     """Params: ``boundary_weight`` (1.0), ``adv_weight`` (1.0), ``grl_factor`` (1.0), ``disc_hidden``
     (100), ``threshold`` (T of the elastic radius, 1.0), ``elastic`` (learn the radius, true; false:
-    the old radius as is)."""
+    the old radius as is), ``radius`` (``max`` or ``mean`` angle of the old class), ``schedule``
+    (``ramp``: reversal factor and adversarial weight follow training progress; ``constant``)."""
 
     name = "advbct"
     needs = frozenset({"bank", "class_stats"})
     defaults = {"boundary_weight": 1.0, "adv_weight": 1.0, "grl_factor": 1.0, "disc_hidden": 100,
-                "threshold": 1.0, "elastic": True}
+                "threshold": 1.0, "elastic": True, "radius": "max", "schedule": "ramp"}
 
     def __init__(self, ctx: CompatContext):
         super().__init__(ctx)
@@ -138,10 +148,17 @@ class AdvBCT(CompatMethod):
         self.boundary_weight, self.adv_weight = float(p["boundary_weight"]), float(p["adv_weight"])
         self.grl_factor, self.threshold = float(p["grl_factor"]), float(p["threshold"])
         self.elastic = bool(p["elastic"])
+        if p["radius"] not in ("max", "mean"):
+            raise param_error("radius", p["radius"], "must be max or mean")
+        if p["schedule"] not in ("ramp", "constant"):
+            raise param_error("schedule", p["schedule"], "must be ramp or constant")
+        self.schedule = p["schedule"]
+        self.progress = 0.0
         self.bank = ctx.bank
         self.stats = ctx.bank.class_stats()
         self.rows = view_class_rows(ctx)  # view label -> class-stats row
-        self.radius = chord(np.asarray(self.stats.angle_max)[self.rows].astype(np.float64)).astype(np.float32)
+        angle = self.stats.angle_max if p["radius"] == "max" else self.stats.angle_mean
+        self.radius = chord(np.asarray(angle)[self.rows].astype(np.float64)).astype(np.float32)
         self.has_boundary = np.asarray(self.stats.count)[self.rows] >= 2
 
         seed = (int(ctx.seed) * 1_000_003 + _STREAM) % (2**63)  # the same on every rank
@@ -150,6 +167,16 @@ class AdvBCT(CompatMethod):
             gen = torch.Generator().manual_seed(seed + 1)
             logit = torch.rand(len(self.rows), generator=gen).mul_(2.0).sub_(1.0)
             self.boundary_logit = nn.Parameter(logit.to(ctx.device))
+
+    def set_progress(self, progress: float) -> None:
+        self.progress = float(progress)
+
+    def adversarial_schedule(self) -> tuple[float, float]:
+        """(reversal factor, adversarial weight) at the current progress."""
+        if self.schedule == "constant":
+            return self.grl_factor, self.adv_weight
+        p = self.progress
+        return self.grl_factor * grl_ramp(p), self.adv_weight * max(1.0 - p, 0.0)
 
     def batch_inputs(self, record_ids: np.ndarray, flipped: np.ndarray,
                      labels: np.ndarray) -> dict[str, Tensor]:
@@ -164,7 +191,8 @@ class AdvBCT(CompatMethod):
         if self.elastic:
             radius = elastic_radius(radius, self.boundary_logit[labels], self.threshold)
         bound = boundary_loss(emb, inputs["centre"], radius, inputs["valid"])
-        adv = adversarial_loss(self.discriminator, emb, inputs["old"], self.grl_factor)
+        grl_factor, adv_weight = self.adversarial_schedule()
+        adv = adversarial_loss(self.discriminator, emb, inputs["old"], grl_factor)
         terms = {"advbct_boundary": (self.weight * self.boundary_weight) * bound,
-                 "advbct_adv": (self.weight * self.adv_weight) * adv}
+                 "advbct_adv": (self.weight * adv_weight) * adv}
         return CompatOutput(emb, labels, terms)

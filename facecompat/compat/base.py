@@ -114,6 +114,10 @@ class CompatMethod(nn.Module):
         """Keep ratios of the credible masks to prepare before training (rank 0 computes them)."""
         return ()
 
+    def set_progress(self, progress: float) -> None:
+        """Called by the trainer before every step with the share of training done, in ``[0, 1)``
+        (a Python float, no device work): methods whose weights follow the schedule read it here."""
+
     def batch_inputs(self, record_ids: np.ndarray, flipped: np.ndarray,
                      labels: np.ndarray) -> dict[str, Tensor]:
         """Host-side per-sample inputs of one micro-batch (called by the loader, CPU tensors).

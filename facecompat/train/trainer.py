@@ -194,6 +194,8 @@ class Trainer:
 
     def train_step(self, batches: Sequence[Batch]) -> None:
         """One optimiser step over ``grad_accum`` micro-batches; no host synchronisation outside fp16."""
+        if self.compat is not None:
+            self.compat.set_progress(self.position.step / (self.steps_per_epoch * self.cfg.train.epochs))
         losses, _ = self.step([(b.images, b.labels, b.inputs) for b in batches])
         if self.compat is not None:
             losses = self._average_over_ranks(losses)
