@@ -27,8 +27,11 @@ DEFAULT_CATALOG = Path("configs/eval_ijbc.yaml")
 EPILOG = """\
 models:
   a name from the catalog (--config, default configs/eval_ijbc.yaml: per name a run directory or
-  a weights file with its network), or a run directory / weights file path (--network NAME for a
-  weights file). The catalog also gives data_root, target and cache_dir; the command line wins.
+  a weights file with its network, or {transform: DIR}, an FCT transformation), or a run directory /
+  weights file / transformation directory path (--network NAME for a weights file). A
+  transformation's features are h(old, side-information) of each face: --query new --gallery fct
+  is the new model against the old gallery upgraded by FCT. The catalog also gives data_root,
+  target and cache_dir; the command line wins.
   Features are extracted once per model (f(img) + f(flip(img)), bf16 autocast on GPU, under
   torchrun split over the ranks) and cached as <cache_dir>/features/<name>/<target>.npy with a
   fingerprint (weights hash, network, flip, alignment, face list); a stale cache is re-extracted.
@@ -139,43 +142,24 @@ def _load_features(path: Path, num_faces: int, what: str) -> np.ndarray:
 def _extract(specs: dict, args: argparse.Namespace, catalog, ijb_dir: Path, target: str, device,
              log) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Features of every model (cached), full face order; also the rows of faces whose image is missing."""
-    import numpy as np
-    import torch
-
-    from facecompat.eval import catalog as cat
-    from facecompat.eval.extract import extract_cached, read_face_list
+    from facecompat.eval.extract import read_face_list
+    from facecompat.eval.features import model_features
 
     faces = read_face_list(ijb_dir, target, allow_missing=args.allow_missing)
-    autocast = None
-    if device.type == "cuda":
-        autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    cache_dir = args.cache_dir or Path(catalog.cache_dir)
-    feats = {}
-    for name, spec in specs.items():
-        log(f"features of {name}: {spec.network}, {spec.weights}")
-        model = cat.load_model(spec, device)
-        local = extract_cached(model, spec.name, spec.fingerprint(), ijb_dir, target, cache_dir, faces=faces,
-                               flip=catalog.flip, mmap=True, batch_size=args.batch_size or catalog.batch_size,
-                               num_workers=catalog.num_workers if args.workers is None else args.workers,
-                               device=device, autocast_dtype=autocast)
-        del model
-        if faces.num_missing:  # back to the full face order, zero rows where the image is missing
-            full = np.zeros((len(faces) + faces.num_missing, local.shape[1]), np.float32)
-            full[faces.rows] = local
-            local = full
-        feats[name] = local
+    feats = model_features(specs, catalog, ijb_dir, target, faces, cache_dir=args.cache_dir,
+                           batch_size=args.batch_size, num_workers=args.workers, device=device, log=log)
     return feats, faces.missing_rows
 
 
 def _specs(args: argparse.Namespace, catalog, catalog_source: str, names: list[str]) -> dict:
-    from facecompat.eval.catalog import resolve_model
+    from facecompat.eval.features import resolve_models
 
-    specs = {name: resolve_model(name, catalog, catalog_source, args.network) for name in names}
-    dims = {name: spec.embedding_size for name, spec in specs.items()}
-    if len(set(dims.values())) > 1:
-        raise EvalError("models of different embedding sizes cannot be compared across: "
-                        + ", ".join(f"{n} {d}-d" for n, d in dims.items()))
-    return specs
+    try:
+        return resolve_models(names, catalog, catalog_source, args.network)
+    except ValueError as exc:
+        if "different embedding sizes" in str(exc):
+            raise EvalError(str(exc)) from None
+        raise
 
 
 def run(args: argparse.Namespace, log) -> dict | None:
@@ -323,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         args.independent = None
 
     from facecompat import dist
+    from facecompat.compat.fct import FCTError
     from facecompat.config import ConfigError
     from facecompat.data.recordio import atomic_write
     from facecompat.eval.extract import ExtractError
@@ -340,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None and args.json:
             with atomic_write(args.json, "w") as f:
                     json.dump(out, f, indent=1)
-    except (EvalError, ConfigError, ExtractError, IJBMetaError, WeightsError, ValueError, OSError) as exc:
+    except (EvalError, ConfigError, ExtractError, IJBMetaError, WeightsError, FCTError, ValueError,
+            OSError) as exc:
         if rank == 0 or not isinstance(exc, EvalError):
             print(f"{'' if rank == 0 else f'[rank {rank}] '}error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,11 @@ the IJB target and where features are cached (DESIGN §8)::
     models:
       old: {path: work_dirs/ms1mv3_r18_old}
       zoo_r50: {path: models/r50/backbone.pth, network: r50}
+      fct: {transform: work_dirs/ms1mv3_fct}   # the old gallery upgraded by FCT's transformation
+
+A transformation (``tools/train_fct.py``'s output directory) is a model too: its features are
+``h(old features, side-information features)`` of each face, with the old and side-information
+models it names in its ``fct.json`` (their features cached like any model's).
 """
 
 from __future__ import annotations
@@ -38,14 +43,17 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
 @dataclass(frozen=True)
 class EvalModelConfig:
-    """One named model: a run directory, or a weights file with ``network`` (and ``embedding_size``)."""
+    """One named model: a run directory, or a weights file with ``network`` (and ``embedding_size``),
+    or an FCT transformation directory (``transform``)."""
 
-    path: str
+    path: str = ""
     network: str | None = None  # required for a weights file; overrides a run directory's config
     embedding_size: int | None = None  # weights file: 512 when unset
+    transform: str | None = None  # an FCT transformation directory instead of a path
 
     def __post_init__(self) -> None:
-        _check(bool(self.path), "path", "must not be empty")
+        _check(bool(self.path) != bool(self.transform), "path",
+               "give exactly one of path (a model) and transform (an FCT transformation directory)")
         _check(self.embedding_size is None or self.embedding_size > 0, "embedding_size",
                f"must be > 0, got {self.embedding_size}")
 
@@ -91,6 +99,23 @@ class ModelSpec:
 
         return {"checkpoint_sha1": file_sha1(self.weights), "network": self.network,
                 "embedding_size": self.embedding_size}
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """A resolved FCT transformation: the features of ``old`` (and ``side``) mapped by ``directory``'s h."""
+
+    name: str
+    directory: Path
+    old: ModelSpec
+    side: ModelSpec | None
+    embedding_size: int
+    source: str
+    network: str = "fct"
+
+    @property
+    def weights(self) -> Path:
+        return self.directory / "transform.pt"
 
 
 def load_catalog(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> EvalCatalog:
@@ -139,8 +164,9 @@ def _path_name(path: Path) -> str:
 
 
 def resolve_model(name_or_path: str, catalog: EvalCatalog, catalog_source: str = "the catalog",
-                  network: str | None = None, embedding_size: int | None = None) -> ModelSpec:
-    """A catalog name, else a run directory or weights file (with ``network`` for a weights file).
+                  network: str | None = None, embedding_size: int | None = None) -> ModelSpec | TransformSpec:
+    """A catalog name, else a run directory or weights file (with ``network`` for a weights file),
+    or an FCT transformation (a catalog ``transform`` entry or a directory holding ``fct.json``).
 
     Raises:
         ValueError: neither a catalog name nor an existing path (names both places looked at);
@@ -148,6 +174,11 @@ def resolve_model(name_or_path: str, catalog: EvalCatalog, catalog_source: str =
         FileNotFoundError: a catalog entry whose path does not exist (names the entry).
     """
     entry = catalog.models.get(name_or_path)
+    if entry is not None and entry.transform:
+        try:
+            return resolve_transform(name_or_path, Path(entry.transform), catalog)
+        except (FileNotFoundError, ValueError) as exc:
+            raise type(exc)(f"{catalog_source}: models.{name_or_path}: {exc}") from None
     if entry is not None:
         try:
             net, dim, weights = resolve_model_spec(entry.path, entry.network, entry.embedding_size)
@@ -159,8 +190,51 @@ def resolve_model(name_or_path: str, catalog: EvalCatalog, catalog_source: str =
         known = ", ".join(sorted(catalog.models)) or "none"
         raise ValueError(f"model {name_or_path!r}: not a name in {catalog_source} (known: {known}) "
                          "and not an existing run directory or weights file")
+    if (path / "fct.json").is_file():
+        return resolve_transform(_path_name(path), path, catalog)
     net, dim, weights = resolve_model_spec(path, network, embedding_size)
     return ModelSpec(_path_name(path), net, dim, weights, str(path))
+
+
+def resolve_transform(name: str, directory: Path, catalog: EvalCatalog) -> TransformSpec:
+    """The transformation in ``directory`` and the old / side-information models its ``fct.json``
+    names. A model that is also in the catalog (same weights file) takes its catalog name, so its
+    cached features are shared with plain evaluations of it.
+
+    Raises:
+        FileNotFoundError: no ``fct.json`` or a model it names is gone; ValueError: unreadable.
+    """
+    import json
+
+    meta_path = directory / "fct.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory}: not an FCT transformation directory (no fct.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        models, new_dim = meta["models"], int(meta["architecture"]["new_dim"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{meta_path}: unreadable ({exc})") from None
+    by_weights = {}
+    for known, entry in catalog.models.items():
+        if entry.path:
+            try:
+                weights = resolve_model_spec(entry.path, entry.network, entry.embedding_size)[2]
+                by_weights[weights.resolve()] = known
+            except (FileNotFoundError, ValueError):
+                continue
+
+    def spec(role: str) -> ModelSpec | None:
+        record = models.get(role)
+        if record is None:
+            return None
+        weights = Path(record["weights"])
+        if not weights.is_file():
+            raise FileNotFoundError(f"{meta_path}: its {role} model's weights {weights} are gone")
+        known = by_weights.get(weights.resolve())
+        return ModelSpec(known or f"{_path_name(Path(record['source']))}", record["network"],
+                         int(record["embedding_size"]), weights, record["source"])
+
+    return TransformSpec(name, directory, spec("old"), spec("side"), new_dim, f"{name} ({directory})")
 
 
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Module:
@@ -179,5 +253,5 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Module
     return model.to(device).eval()
 
 
-__all__ = ["ConfigError", "EvalCatalog", "EvalModelConfig", "ModelSpec", "load_catalog", "load_model",
-           "resolve_model", "resolve_model_spec"]
+__all__ = ["ConfigError", "EvalCatalog", "EvalModelConfig", "ModelSpec", "TransformSpec", "load_catalog",
+           "load_model", "resolve_model", "resolve_model_spec", "resolve_transform"]

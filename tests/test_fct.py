@@ -1,0 +1,339 @@
+"""FCT's transformation: the network and its losses against their formulas, the training rows over
+three feature banks, training on planted features (one process and 2 gloo ranks agree), the saved
+artefact (load, apply, fingerprint and damage checks) and tools/train_fct.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from _dist_util import run_distributed
+from _model_util import load_tool, make_run_dir, single_thread
+
+from facecompat.compat.bank import FeatureBank, _dataset_classes, default_bank_dir
+from facecompat.compat.fct import (
+    FCTError,
+    FCTransform,
+    FeatureTriples,
+    Transformation,
+    fct_losses,
+    load_fct_config,
+    split_rows,
+    train_transformation,
+)
+from facecompat.config import ConfigError
+from facecompat.data.loader import build_dataset
+from facecompat.eval.catalog import ModelSpec, resolve_model_spec
+
+REPO = Path(__file__).resolve().parents[1]
+OLD_DIM, SIDE_DIM, NEW_DIM = 16, 8, 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from single_thread()
+
+
+# ------------------------------------------------------------------------------- network and losses
+
+def test_transformation_normalises_inputs_and_needs_its_side_information():
+    torch.manual_seed(0)
+    h = Transformation(OLD_DIM, SIDE_DIM, NEW_DIM, hidden=(32, 24), uncertainty=True)
+    old, side = torch.randn(5, OLD_DIM), torch.randn(5, SIDE_DIM)
+    pred, log_var = h(old, side)
+    assert pred.shape == (5, NEW_DIM) and log_var.shape == (5,)
+    again, _ = h(old * 7.0, side * 0.1)  # only directions matter
+    torch.testing.assert_close(pred, again)
+    assert [type(m).__name__ for m in h.body] == ["Linear", "LayerNorm", "ReLU"] * 2
+    with pytest.raises(FCTError, match="8-d side-information; none given"):
+        h(old)
+    plain, none = Transformation(OLD_DIM, 0, NEW_DIM, hidden=(), uncertainty=False)(old)
+    assert plain.shape == (5, NEW_DIM) and none is None
+
+
+def test_losses_match_their_formulas_and_gradients():
+    gen = torch.Generator().manual_seed(1)
+    pred = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    log_var = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(6, 4, generator=gen, dtype=torch.float64) * 3.0
+    terms = fct_losses(pred, log_var, target, cosine_weight=0.5, nll_weight=2.0)
+    t = target / target.norm(dim=1, keepdim=True)
+    err = ((pred - t) ** 2).sum(dim=1)
+    assert terms["mse"].item() == pytest.approx(err.mean().item())
+    cos = (pred * t).sum(1) / pred.norm(dim=1)
+    assert terms["cosine"].item() == pytest.approx(0.5 * (1 - cos).mean().item())
+    nll = 0.5 * (err / log_var.exp() + 4 * log_var)
+    assert terms["nll"].item() == pytest.approx(2.0 * nll.mean().item())
+    # The NLL trains σ² only: its gradient on the prediction is zero, and on s = log σ² it is
+    # ½ (D − e e^(−s)) per row (/ rows, × weight), zero at the minimiser σ² = e / D.
+    terms["nll"].backward()
+    assert pred.grad is None
+    want = 2.0 * 0.5 * (4 - err.detach() * torch.exp(-log_var.detach())) / 6
+    torch.testing.assert_close(log_var.grad, want)
+    s = (err / 4).log().detach().requires_grad_()
+    fct_losses(pred, s, target)["nll"].backward()
+    assert torch.allclose(s.grad, torch.zeros_like(s), atol=1e-12)
+    assert set(fct_losses(pred, None, target)) == {"mse"}
+
+
+# --------------------------------------------------------------------------------- planted features
+
+def _planted(view, seed: int = 0) -> dict[str, np.ndarray]:
+    """Old and side features per (record, side), new = old @ R (a rotation): h can learn it exactly,
+    and cos(old, new) is near 0."""
+    rng = np.random.default_rng(seed)
+    n = view.num_images
+    old = rng.standard_normal((n, 2, OLD_DIM)).astype(np.float32)
+    old[:, 1] = old[:, 0] + 0.3 * rng.standard_normal((n, OLD_DIM))  # the flip is close to the image
+    rot, _ = np.linalg.qr(rng.standard_normal((OLD_DIM, NEW_DIM)))
+    side = np.tanh(old[..., :SIDE_DIM]) + 0.1 * rng.standard_normal((n, 2, SIDE_DIM))
+    return {"old": old, "side": side.astype(np.float32), "new": (old @ rot).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, synthetic_tiny):
+    """Three run directories and their banks of the full tiny view, written where training looks."""
+    tmp = tmp_path_factory.mktemp("fct")
+    runs = {"old": make_run_dir(tmp / "old", seed=0, embedding_size=OLD_DIM),
+            "side": make_run_dir(tmp / "side", seed=1, embedding_size=SIDE_DIM),
+            "new": make_run_dir(tmp / "new", seed=2, embedding_size=NEW_DIM)}
+    cfg_path = tmp / "fct.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "data": {"rec": str(synthetic_tiny / "train"), "num_workers": 0},
+        **{role: {"checkpoint": str(path)} for role, path in runs.items()},
+        "transform": {"hidden": [64], "uncertainty": True},
+        "train": {"epochs": 40, "batch_size": 32, "lr": 3e-3, "val_ratio": 0.1, "warmup_epochs": 0.5},
+        "output": str(tmp / "out"), "bank_root": str(tmp)}))
+    cfg = load_fct_config(cfg_path)
+    view = build_dataset(cfg.data)
+    feats = _planted(view)
+    for role, path in runs.items():
+        spec = ModelSpec(path.name, *resolve_model_spec(path), str(path))
+        FeatureBank.from_arrays(default_bank_dir(tmp, spec, view), view.record_ids, _dataset_classes(view),
+                                feats[role], model={**spec.fingerprint(), "name": spec.name})
+    return cfg, cfg_path, runs, tmp
+
+
+def _banks(cfg, runs) -> dict[str, FeatureBank]:
+    view = build_dataset(cfg.data)
+    out = {}
+    for role, path in runs.items():
+        spec = ModelSpec(path.name, *resolve_model_spec(path), str(path))
+        out[role] = FeatureBank.open(default_bank_dir(cfg.bank_root, spec, view))
+    return out
+
+
+def test_feature_triples_rows(planted):
+    cfg, _, runs, _ = planted
+    banks = _banks(cfg, runs)
+    data = FeatureTriples(banks["old"], banks["new"], banks["side"])
+    assert len(data) == 3 * len(banks["old"])
+    rows = np.array([7, 0, 5, 4, 3])  # record 2 flip, record 0 image, record 1 fused, flip, image
+    old, side, new = data.batch(rows)
+    f = np.asarray(banks["old"].features, dtype=np.float32)
+    want = np.stack([f[2, 1], f[0, 0], f[1, 0] + f[1, 1], f[1, 1], f[1, 0]])
+    np.testing.assert_array_equal(old.numpy(), want)
+    s = np.asarray(banks["side"].features, dtype=np.float32)
+    np.testing.assert_array_equal(side.numpy()[2], s[1, 0] + s[1, 1])
+    assert new.shape == (5, NEW_DIM)
+    with pytest.raises(FCTError, match="covers other records"):
+        FeatureTriples(banks["old"], _Short(banks["new"]))
+
+
+class _Short:
+    def __init__(self, bank):
+        self.directory, self.record_ids = bank.directory, bank.record_ids[:-1]
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
+
+
+def test_split_rows_holds_out_whole_records():
+    train, held = split_rows(100, 0.1, seed=3)
+    assert train.size + held.size == 300 and np.intersect1d(train, held).size == 0
+    held_records = np.unique(held // 3)
+    assert held_records.size == 10 and held.size == 30
+    assert np.array_equal(split_rows(100, 0.1, seed=3)[1], held)
+    assert split_rows(100, 0.0, seed=3)[1].size == 0
+
+
+# ------------------------------------------------------------------------------------------- training
+
+@pytest.fixture(scope="module")
+def trained(planted):
+    cfg, *_ = planted
+    summary = train_transformation(cfg, device="cpu", progress=False)
+    return cfg, summary
+
+
+def test_training_learns_the_planted_map_on_records_it_never_saw(trained):
+    cfg, summary = trained
+    held = summary["fit"]["held_out"]
+    assert abs(held["cos_old"]) < 0.3  # untransformed, the spaces are unrelated
+    assert held["cos"] > 0.95, held
+    out = Path(cfg.output)
+    meta = json.loads((out / "fct.json").read_text())
+    assert meta["models"]["side"]["embedding_size"] == SIDE_DIM
+    assert meta["cost"]["records_extracted"] == {"old": 0, "new": 0, "side": 0}  # banks reused
+    assert meta["cost"]["train_s"] > 0
+    losses = [json.loads(line)["mse"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 40 and losses[-1] < 0.2 * losses[0]
+
+
+def test_loaded_transformation_applies_in_chunks_and_predicts_its_error(trained, planted):
+    cfg, _ = trained
+    _, _, runs, _ = planted
+    fct = FCTransform.load(cfg.output)
+    assert fct.uses_side and fct.version.startswith("fct-")
+    banks = _banks(cfg, runs)
+    old = np.asarray(banks["old"].features[:, 0], np.float32)
+    side = np.asarray(banks["side"].features[:, 0], np.float32)
+    done = []
+    pred, var = fct.apply(old, side, batch_size=50, progress=done.append)
+    assert done[-1] == old.shape[0] and len(done) == math.ceil(old.shape[0] / 50)
+    whole, _ = fct.apply(old, side)
+    np.testing.assert_allclose(pred, whole, rtol=1e-5, atol=1e-6)
+    target = F.normalize(torch.from_numpy(np.asarray(banks["new"].features[:, 0], np.float32)), dim=1).numpy()
+    err = ((pred - target) ** 2).sum(1)
+    assert var.shape == (old.shape[0],) and np.all(var > 0)
+    # σ² follows the error: items it calls uncertain are worse fitted on average (FastFill's premise)
+    worst = np.argsort(-var)[: len(var) // 4]
+    assert err[worst].mean() > err.mean()
+    fct.check_models(json.loads((Path(cfg.output) / "fct.json").read_text())["models"]["old"])
+    with pytest.raises(FCTError, match="trained on the old model .* another"):
+        fct.check_models({"checkpoint_sha1": "0" * 40})
+    with pytest.raises(FCTError, match="needs 8-d side-information"):
+        fct.apply(old)
+    with pytest.raises(FCTError, match=r"side-information features are \(3, 8\)"):
+        fct.apply(old, side[:3])
+    bad = old.copy()
+    bad[7, 2] = np.nan
+    with pytest.raises(FCTError, match="rows 0..99 hold NaN"):
+        fct.apply(bad, side, batch_size=100)
+
+
+def test_damaged_or_missing_artefact(trained, tmp_path):
+    cfg, _ = trained
+    import shutil
+
+    copy = tmp_path / "fct"
+    shutil.copytree(cfg.output, copy)
+    with open(copy / "transform.pt", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(FCTError, match="does not match fct.json"):
+        FCTransform.load(copy)
+    (copy / "fct.json").unlink()
+    with pytest.raises(FCTError, match="no fct.json"):
+        FCTransform.load(copy)
+
+
+def _train_rank(rank: int, world: int, cfg_path: str, overrides: list[str]) -> dict:
+    cfg = load_fct_config(cfg_path, overrides)
+    train_transformation(cfg, device="cpu", progress=False)
+    if rank == 0:
+        return torch.load(Path(cfg.output) / "transform.pt", weights_only=True)
+    return {}
+
+
+def test_two_ranks_equal_one_process_with_the_global_batch(planted, tmp_path):
+    _, cfg_path, _, _ = planted
+    short = ["train.epochs=3", "train.val_ratio=0.0"]
+    two = run_distributed(_train_rank, 2, str(cfg_path), [*short, f"output={tmp_path / 'two'}"])[0]
+    one = load_fct_config(cfg_path, [*short, "train.batch_size=64", f"output={tmp_path / 'one'}"])
+    train_transformation(one, device="cpu", progress=False)
+    ref = torch.load(tmp_path / "one" / "transform.pt", weights_only=True)
+    for key, value in ref.items():
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_config_errors(planted, tmp_path):
+    _, cfg_path, _, _ = planted
+    with pytest.raises(ConfigError, match=r"transform\.hidden: widths must be > 0"):
+        load_fct_config(cfg_path, ["transform.hidden=[64, 0]"])
+    with pytest.raises(ConfigError, match=r"train\.val_ratio"):
+        load_fct_config(cfg_path, ["train.val_ratio=0.7"])
+    with pytest.raises(ConfigError, match="widths"):
+        load_fct_config(cfg_path, ["transform.widths=[3]"])
+    cfg = load_fct_config(cfg_path, [f"new.checkpoint={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match=r"^new\.checkpoint: .*nowhere"):
+        train_transformation(cfg, device="cpu", progress=False)
+    cfg = load_fct_config(cfg_path, ["train.batch_size=100000"])
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: 100000 rows"):
+        train_transformation(cfg, device="cpu", progress=False)
+
+
+def test_tool_trains_without_side_information_and_reports(planted, tmp_path, capsys):
+    _, cfg_path, _, _ = planted
+    tool = load_tool(REPO / "tools" / "train_fct.py", "train_fct")
+    out = tmp_path / "noside"
+    assert tool.main([str(cfg_path), "--set", "side=null", "--set", "train.epochs=2",
+                      "--set", f"output={out}", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "cos(h, new)" in text and "cost: features" in text
+    fct = FCTransform.load(out)
+    assert not fct.uses_side and fct.module.side_dim == 0
+    with pytest.raises(FCTError, match="trained without side-information"):
+        fct.apply(np.zeros((2, OLD_DIM), np.float32), np.zeros((2, SIDE_DIM), np.float32))
+    assert tool.main([str(cfg_path), "--set", "train.lr=-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "train.lr" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------ in evaluation
+
+def test_catalog_transformation_in_evaluation(trained, planted, synthetic_tiny, tmp_path, capsys):
+    """``{transform: DIR}`` in the catalog: h applied to the cached old and side features of each
+    face, the old model's cache shared with its catalog name; ``--query new --gallery fct`` runs."""
+    from facecompat.eval.catalog import TransformSpec, load_catalog
+    from facecompat.eval.extract import read_face_list
+    from facecompat.eval.features import model_features, resolve_models
+
+    cfg, _ = trained
+    _, _, runs, _ = planted
+    catalog_path = tmp_path / "catalog.yaml"
+    catalog_path.write_text(yaml.safe_dump({
+        "data_root": str(synthetic_tiny), "cache_dir": str(tmp_path / "cache"), "batch_size": 64,
+        "num_workers": 0, "models": {"old": {"path": str(runs["old"])}, "new": {"path": str(runs["new"])},
+                                      "fct": {"transform": cfg.output}}}))
+    catalog = load_catalog(catalog_path)
+    specs = resolve_models(["old", "fct"], catalog)
+    assert isinstance(specs["fct"], TransformSpec) and specs["fct"].old.name == "old"
+    ijb_dir = synthetic_tiny / "IJBC"
+    faces = read_face_list(ijb_dir, "IJBC")
+    lines, var = [], {}
+    feats = model_features(specs, catalog, ijb_dir, "IJBC", faces, log=lines.append, uncertainty=var)
+    assert sum(line.startswith("features of old:") for line in lines) == 1  # shared, extracted once
+    side = model_features(resolve_models([str(runs["side"])], catalog), catalog, ijb_dir, "IJBC", faces)
+    want, want_var = FCTransform.load(cfg.output).apply(feats["old"], next(iter(side.values())))
+    np.testing.assert_allclose(feats["fct"], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var["fct"], want_var, rtol=1e-5)
+
+    tool = load_tool(REPO / "tools" / "eval_ijbc.py", "eval_ijbc_fct")
+    out = tmp_path / "r.json"
+    assert tool.main(["--config", str(catalog_path), "--query", "new", "--gallery", "fct", "--no-1n",
+                      "--json", str(out)]) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert {"new|fct", "fct|new", "new|new", "fct|fct"} <= set(result["matrix"])
+    assert result["models"]["fct"]["network"] == "fct"
+
+    # The old model's weights changed after h was trained: refused, in one line.
+    moved = tmp_path / "old_changed"
+    make_run_dir(moved, seed=9, embedding_size=OLD_DIM)
+    meta = json.loads((Path(cfg.output) / "fct.json").read_text())
+    fake = tmp_path / "fct_changed"
+    import shutil
+
+    shutil.copytree(cfg.output, fake)
+    meta["models"]["old"]["weights"] = str(moved / "model.pt")
+    (fake / "fct.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    argv = ["--config", str(catalog_path), "--query", "new", "--gallery", str(fake), "--no-1n"]
+    assert tool.main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "trained on the old model" in errors[0]
