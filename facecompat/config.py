@@ -1,9 +1,9 @@
 """Typed experiment configs: YAML files -> frozen, nested dataclasses.
 
 A config file is a YAML mapping with one section per concern (``data``, ``model``, ``head``,
-``compat``, ``optim``, ``train``, ``eval``). ``_base_: base.yaml`` (or a list of files; paths
-are relative to the including file) inherits: the bases are deep-merged in order, then the
-including file wins, key by key. Command-line ``--set a.b=c`` items go on top, each value
+``contrastive``, ``compat``, ``optim``, ``train``, ``eval``). ``_base_: base.yaml`` (or a list of
+files; paths are relative to the including file) inherits: the bases are deep-merged in order,
+then the including file wins, key by key. Command-line ``--set a.b=c`` items go on top, each value
 parsed as YAML (``1e-3``, ``true``, ``[lfw, agedb_30]``, ``null``).
 
 Loading is strict. An unknown key, a value of the wrong type or a value that fails a
@@ -71,7 +71,8 @@ class DataConfig:
     """Training data. ``num_classes`` / ``num_images`` are read from the data, never configured."""
 
     rec: str | None = None  # a .rec file, or a directory holding train.rec + train.idx
-    loader: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI when installed and on GPU
+    # auto: DALI when installed and on GPU (torch for the contrastive objective: DALI makes no views)
+    loader: Literal["auto", "dali", "torch"] = "auto"
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # where DALI decodes
     dali_reader: Literal["external", "mxnet"] = "external"  # who reads for DALI: Python, or fn.readers.mxnet
     num_workers: int = 2  # per rank (DataLoader workers / DALI threads)
@@ -125,6 +126,59 @@ class HeadConfig:
         _check(len(self.margins) == 3, "margins", f"expected 3 values (m1, m2, m3), got {len(self.margins)}")
         _at_least(self, 0, "scale", strict=True)
         _check(0.0 < self.sample_rate <= 1.0, "sample_rate", f"must be in (0, 1], got {self.sample_rate}")
+
+
+def _unit_interval(section: object, *names: str) -> None:
+    """Check that each named field of ``section`` is a probability in [0, 1]."""
+    for name in names:
+        value = getattr(section, name)
+        _check(0.0 <= value <= 1.0, name, f"must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Per-view augmentation of the contrastive objective (each of the two views drawn independently).
+
+    Order per view: random resized crop (+ horizontal flip), colour jitter, grayscale.
+    """
+
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # share of the image area a crop keeps (faces: >= 0.2)
+    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)  # crop aspect ratio (width / height) range
+    flip_prob: float = 0.5  # horizontal flip per view (only when data.flip is true)
+    jitter_prob: float = 0.8  # chance a view gets colour jitter
+    brightness: float = 0.4  # factor drawn from [1 - b, 1 + b]
+    contrast: float = 0.4  # factor drawn from [1 - c, 1 + c]
+    saturation: float = 0.4  # factor drawn from [1 - s, 1 + s]
+    hue: float = 0.1  # hue shift drawn from [-h, h] of a full turn
+    grayscale_prob: float = 0.2
+
+    def __post_init__(self) -> None:
+        low, high = self.crop_scale
+        _check(0.0 < low <= high <= 1.0, "crop_scale", f"must be [low, high] with 0 < low <= high <= 1, "
+               f"got {list(self.crop_scale)}")
+        low, high = self.crop_ratio
+        _check(0.0 < low <= high, "crop_ratio", f"must be [low, high] with 0 < low <= high, "
+               f"got {list(self.crop_ratio)}")
+        _unit_interval(self, "flip_prob", "jitter_prob", "grayscale_prob")
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
+        _check(0.0 <= self.hue <= 0.5, "hue", f"must be in [0, 0.5], got {self.hue}")
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """The self-supervised objective (``train.objective: contrastive``): SimCLR's NT-Xent over two
+    augmented views of every image, through a projection MLP kept in checkpoints, not in ``model.pt``."""
+
+    temperature: float = 0.1
+    projection: tuple[int, ...] = (512, 128)  # MLP widths after the embedding; the last is the output
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "temperature", strict=True)
+        _check(len(self.projection) > 0 and all(w > 0 for w in self.projection), "projection",
+               f"must be a non-empty list of widths > 0, got {list(self.projection)}")
 
 
 @dataclass(frozen=True)
@@ -194,6 +248,8 @@ class TrainConfig:
     val_every: int = 2000  # steps between verification runs; 0: never
     seed: int = 0  # weight init and everything not seeded by data.seed
     deterministic: bool = False  # cuDNN deterministic algorithms (slower)
+    # arcface: Partial FC margin softmax over the labels; contrastive: self-supervised NT-Xent (no labels)
+    objective: Literal["arcface", "contrastive"] = "arcface"
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "epochs", "log_every", strict=True)
@@ -222,6 +278,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     compat: CompatConfig = field(default_factory=CompatConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -233,6 +290,17 @@ class Config:
             "optim.warmup_epochs",
             f"must be < train.epochs ({self.train.epochs}), got {self.optim.warmup_epochs}",
         )
+        if self.train.objective == "contrastive":
+            _check(
+                self.compat.method == "none",
+                "compat.method",
+                f"must be 'none' with train.objective contrastive, got {self.compat.method!r}",
+            )
+            _check(
+                self.data.loader != "dali",
+                "data.loader",
+                "train.objective contrastive needs data.loader torch (or auto), got 'dali'",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists, not tuples) that :func:`from_dict` turns back into an equal Config."""

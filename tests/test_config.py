@@ -430,6 +430,12 @@ def test_every_repo_config_loads(path: Path) -> None:
         catalog = load_catalog(path)
         assert isinstance(catalog, EvalCatalog) and {"old", "new"} <= set(catalog.models)
         return
+    if path.name.endswith("_fct.yaml"):  # FCT transformation configs (tools/train_fct.py)
+        from facecompat.compat.fct import FCTConfig, load_fct_config
+
+        fct = load_fct_config(path)
+        assert isinstance(fct, FCTConfig) and fct.side is not None and fct.data.part == "new"
+        return
     cfg = load_config(path)
     assert isinstance(cfg, Config)
 

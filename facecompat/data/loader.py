@@ -13,6 +13,9 @@ Every engine yields :class:`Batch` on the target device and follows the same pla
   epoch)``, so every engine, worker and rank flips a given image identically in an epoch.
 - **Resuming** mid-epoch: ``set_epoch(epoch, start_step=k)`` skips the first ``k`` batches in
   the sampler, without reading or decoding them.
+- **Views** (the contrastive objective, torch engine only): with an ``augment`` config every
+  image yields two independently augmented views (:mod:`facecompat.data.augment`), drawn from
+  ``(records.seed, epoch, record id, view)``; they replace the flip above.
 
 Engines: :class:`TorchLoader` (DataLoader workers, OpenCV decode) and
 :class:`facecompat.data.dali.DaliLoader` (DALI decode, GPU "mixed" or CPU). :func:`build_loader`
@@ -32,7 +35,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from facecompat import dist
-from facecompat.config import ConfigError, DataConfig
+from facecompat.config import AugmentConfig, ConfigError, DataConfig
+from facecompat.data.augment import ViewMaker
 from facecompat.data.faces import FaceRecords, decode_image, flip_flags, label_mismatch
 from facecompat.data.recordio import HEADER, RecordIOError, unpack
 from facecompat.data.splits import load_view, make_split
@@ -42,10 +46,12 @@ class Batch(NamedTuple):
     """One training batch, every field on the target device.
 
     Attributes:
-        images: float32 ``[B, 3, H, W]``, RGB, ``(x - 127.5) / 127.5``, flipped where ``flipped``.
+        images: float32 ``[V * B, 3, H, W]``, RGB, ``(x - 127.5) / 127.5``, flipped where
+            ``flipped``; ``V`` = the loader's ``views`` (1, or 2 with augmentation): rows
+            ``[v * B, (v + 1) * B)`` hold view ``v`` of the ``B`` images, in the same order.
         labels: int64 ``[B]``: the view's labels (after ``subset(..., relabel=True)``).
         record_ids: int64 ``[B]``: the images' keys in the rec.
-        flipped: bool ``[B]``: whether the image was mirrored horizontally.
+        flipped: bool ``[V * B]``: whether each image row was mirrored horizontally.
         inputs: per-sample extras from the loader's ``batch_inputs`` hook (a compatibility
             method's old-feature lookups), or None.
     """
@@ -198,18 +204,22 @@ class _BatchReader(Dataset):
 
     With ``normalize`` (batches bound for the CPU) the batch is normalised to float32 here (in
     the worker); otherwise images stay uint8 until they reach the target device: a quarter of
-    the bytes to pass between processes and to copy to a GPU.
+    the bytes to pass between processes and to copy to a GPU. With ``views`` every image
+    becomes that many augmented views (rows ``[v * B, (v + 1) * B)`` hold view ``v``).
     """
 
-    def __init__(self, records: FaceRecords, normalize: bool = False):
+    def __init__(self, records: FaceRecords, normalize: bool = False, views: ViewMaker | None = None):
         self.records = records
         self.normalize = normalize
+        self.views = views
         self.pool = _BufferPool()
 
     def __len__(self) -> int:
         return self.records.num_images
 
     def __getitems__(self, key: BatchKey) -> _HostBatch:
+        if self.views is not None:
+            return self._read_views(key)
         path = self.records.path
         enc = read_batch(self.records, key)
         out: np.ndarray | None = None
@@ -226,6 +236,30 @@ class _BatchReader(Dataset):
                 img = cv2.flip(img, 1, dst=mirrored)
             cv2.split(img, [out[j, 0], out[j, 1], out[j, 2]])  # HWC -> CHW, in place
         assert out is not None, "empty batch"
+        return self._host_batch(out, enc, enc.flipped)
+
+    def _read_views(self, key: BatchKey) -> _HostBatch:
+        """As ``__getitems__``, each image augmented into ``views.num_views`` views."""
+        assert self.views is not None
+        path, enc = self.records.path, read_batch(self.records, key)
+        batch = len(enc.payloads)
+        flipped = np.zeros(self.views.num_views * batch, dtype=bool)
+        out: np.ndarray | None = None
+        for j, (payload, rid) in enumerate(zip(enc.payloads, enc.record_ids.tolist())):
+            img = decode_image(payload, path, rid, rgb=True)
+            if out is None:
+                out = self.pool.take((len(flipped), 3, *img.shape[:2]), np.dtype(np.uint8))
+            if img.shape[:2] != out.shape[2:]:
+                raise RecordIOError(path, f"image of shape {img.shape} in a batch of "
+                                    f"{out.shape[2:]} images (all images must share one size)", rid)
+            for v, (view, flip) in enumerate(self.views(img, rid, key.epoch)):
+                row = v * batch + j
+                cv2.split(view, [out[row, 0], out[row, 1], out[row, 2]])
+                flipped[row] = flip
+        assert out is not None, "empty batch"
+        return self._host_batch(out, enc, flipped)
+
+    def _host_batch(self, out: np.ndarray, enc: EncodedBatch, flipped: np.ndarray) -> _HostBatch:
         images = out
         if self.normalize:
             # After the decode loop, not per image: interleaving 150 KB float writes with
@@ -233,7 +267,7 @@ class _BatchReader(Dataset):
             images = self.pool.take(out.shape, np.dtype(np.float32))
             cv2.LUT(out.reshape(-1, out.shape[-1]), _NORMALIZE_LUT, dst=images.reshape(-1, out.shape[-1]))
         return _HostBatch(torch.from_numpy(images), torch.from_numpy(enc.labels),
-                          torch.from_numpy(enc.record_ids), torch.from_numpy(enc.flipped))
+                          torch.from_numpy(enc.record_ids), torch.from_numpy(flipped))
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
@@ -286,6 +320,7 @@ class ShardedLoader:
         if self.sampler.steps == 0:
             raise ValueError(f"{records.path}: {records.num_images} images cannot fill one batch of "
                              f"{batch_size} on each of {self.world_size} ranks")
+        self.views = 1  # image rows per sample in a batch (see Batch.images)
         # Set by a trainer whose compatibility method reads per-sample data (the old-feature bank):
         # called in this process on the host copies of each batch's ids, so that no device-to-host
         # synchronisation is needed, and the results travel to the device with the batch.
@@ -328,13 +363,17 @@ class TorchLoader(ShardedLoader):
     Args: as :class:`ShardedLoader`, plus
         num_workers: DataLoader worker processes (0 = read in this process); persistent.
         prefetch_factor: batches each worker keeps ready.
+        augment: make two augmented views of every image (``views`` = 2) with these settings,
+            drawn from ``records.seed``; flipping only when ``records.flip``.
     """
 
     def __init__(self, records: FaceRecords, batch_size: int, *, rank: int | None = None,
                  world_size: int | None = None, seed: int | None = None,
                  device: torch.device | str | None = None, num_workers: int = 4,
-                 prefetch_factor: int = 2):
+                 prefetch_factor: int = 2, augment: AugmentConfig | None = None):
         super().__init__(records, batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
+        views = None if augment is None else ViewMaker(augment, records.seed, flip=records.flip)
+        self.views = 1 if views is None else views.num_views
         workers = int(num_workers)
         if workers:
             # Forked workers inherit OpenCV's thread count but not its pool's threads; with 0
@@ -342,8 +381,8 @@ class TorchLoader(ShardedLoader):
             # loader's parallelism is its worker processes, not OpenCV threads inside each.
             cv2.setNumThreads(0)
         self._loader = DataLoader(
-            _BatchReader(records, normalize=self.device.type == "cpu"), batch_sampler=self.sampler,
-            collate_fn=_identity,
+            _BatchReader(records, normalize=self.device.type == "cpu", views=views),
+            batch_sampler=self.sampler, collate_fn=_identity,
             num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers else None,
             worker_init_fn=_worker_init if workers else None)
@@ -373,7 +412,8 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto",
                  rank: int | None = None, world_size: int | None = None, seed: int | None = None,
                  device: torch.device | str | None = None, num_workers: int = 4,
-                 dali_threads: int = 4, dali_reader: str = "external") -> ShardedLoader:
+                 dali_threads: int = 4, dali_reader: str = "external",
+                 augment: AugmentConfig | None = None) -> ShardedLoader:
     """The loader for a training view: DALI when asked, or with ``backend="auto"`` when a GPU
     and DALI are both present; otherwise a torch DataLoader. Both yield :class:`Batch`.
 
@@ -389,6 +429,8 @@ def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto"
         dali_threads: DALI CPU threads (ignored by torch).
         dali_reader: ``"external"`` (we read, DALI decodes) or ``"mxnet"`` (DALI's
             ``fn.readers.mxnet`` reads the rec through a per-epoch image-only index).
+        augment: two augmented views per image (the contrastive objective); torch engine only
+            (``"auto"`` picks it).
 
     Returns:
         a :class:`ShardedLoader` (``TorchLoader`` or ``DaliLoader``).
@@ -399,11 +441,14 @@ def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto"
 
     device = resolve_device(device)
     if backend == "auto":
-        backend = "dali" if device.type == "cuda" and dali_mod.dali_available() else "torch"
+        use_dali = augment is None and device.type == "cuda" and dali_mod.dali_available()
+        backend = "dali" if use_dali else "torch"
     kw = dict(rank=rank, world_size=world_size, seed=seed, device=device)
     if backend == "dali":
+        if augment is not None:
+            raise ValueError("two-view augmentation runs on the torch loader only (backend torch or auto)")
         return dali_mod.DaliLoader(records, batch_size, num_threads=dali_threads, reader=dali_reader, **kw)
-    return TorchLoader(records, batch_size, num_workers=num_workers, **kw)
+    return TorchLoader(records, batch_size, num_workers=num_workers, augment=augment, **kw)
 
 
 def build_dataset(cfg: DataConfig) -> FaceRecords:
@@ -420,13 +465,16 @@ def build_dataset(cfg: DataConfig) -> FaceRecords:
 
 
 def build_train_loader(cfg: DataConfig, *, rank: int | None = None, world_size: int | None = None,
-                       device: torch.device | str | None = None) -> tuple[FaceRecords, ShardedLoader]:
-    """(view, loader) for a data config: :func:`build_dataset` then :func:`build_loader`."""
+                       device: torch.device | str | None = None,
+                       augment: AugmentConfig | None = None) -> tuple[FaceRecords, ShardedLoader]:
+    """(view, loader) for a data config: :func:`build_dataset` then :func:`build_loader`
+    (``augment``: two augmented views per image, the contrastive objective's batches)."""
     records = build_dataset(cfg)
     device = resolve_device(device)
     if cfg.loader == "dali" and cfg.dali_device == "cpu":
         device = torch.device("cpu")
     loader = build_loader(records, cfg.batch_size, backend=cfg.loader, rank=rank, world_size=world_size,
                           seed=cfg.seed, device=device, num_workers=cfg.num_workers,
-                          dali_threads=max(cfg.num_workers, 1), dali_reader=cfg.dali_reader)
+                          dali_threads=max(cfg.num_workers, 1), dali_reader=cfg.dali_reader,
+                          augment=augment)
     return records, loader

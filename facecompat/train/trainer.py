@@ -4,6 +4,10 @@ One process or many under torchrun: every rank builds the same backbone, its own
 the head, and a loader over its slice of each epoch. ``Trainer.train()`` runs
 ``train_step`` per optimiser step, and around it logging, verification (rank 0 evaluates,
 the others wait) and checkpoints (every rank writes its shard).
+
+``train.objective: contrastive`` swaps the head for the self-supervised objective of
+:mod:`facecompat.train.contrastive` (a projection MLP trained with the backbone under DDP,
+two augmented views per image, no labels); the loop, logs and run directory stay the same.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from facecompat.data.loader import Batch, build_train_loader
 from facecompat.heads import build_head
 from facecompat.models import get_model, load_backbone_weights
 from facecompat.train import checkpoint as ckpt
+from facecompat.train.contrastive import ContrastiveStep, ProjectedBackbone, build_projection_head
 from facecompat.train.log import MetricsWriter, Throughput, format_eta, setup_logging
 from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision
 from facecompat.train.schedule import PolyWarmupScheduler
@@ -77,8 +82,10 @@ class Trainer:
         self.log = setup_logging(self.run_dir, self.rank)
         self._seed_everything()
 
-        self.records, self.loader = build_train_loader(cfg.data, rank=self.rank, world_size=self.world_size,
-                                                       device=self.device)
+        self.contrastive = cfg.train.objective == "contrastive"
+        self.records, self.loader = build_train_loader(
+            cfg.data, rank=self.rank, world_size=self.world_size, device=self.device,
+            augment=cfg.contrastive.augment if self.contrastive else None)
         self.num_classes = self.records.num_classes
         self.accum = cfg.optim.grad_accum
         self.steps_per_epoch = self.loader.steps_per_epoch // self.accum
@@ -90,32 +97,49 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.precision)
 
         self.backbone = self._build_backbone()
-        self._check_labels()
-        # Labels were checked once for the whole view; on GPU the per-step check would be a host sync.
-        self.head = build_head(cfg.head, num_classes=self.num_classes,
-                               embedding_size=cfg.model.embedding_size, seed=cfg.train.seed,
-                               check_labels=self.device.type == "cpu").to(self.device)
-        # Built after the head (a method may read its shard layout); may extract the old-feature bank.
-        self.compat = build_compat(cfg, self.records, self.head, rank=self.rank, world_size=self.world_size,
-                                   device=self.device, log=self.log)
-        if self.compat is not None:
-            self.loader.batch_inputs = self.compat.batch_inputs
+        self.head, self.compat, self.projector = None, None, None
+        if self.contrastive:
+            # Seeded apart from the per-rank stream: the same head whatever the world size.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed)
+                self.projector = build_projection_head(cfg.contrastive, cfg.model.embedding_size)
+            self.projector = self.projector.to(self.device)
+            trained: torch.nn.Module = ProjectedBackbone(self.backbone, self.projector)
+        else:
+            self._check_labels()
+            # Labels were checked once for the whole view; on GPU the per-step check would be a host sync.
+            self.head = build_head(cfg.head, num_classes=self.num_classes,
+                                   embedding_size=cfg.model.embedding_size, seed=cfg.train.seed,
+                                   check_labels=self.device.type == "cpu").to(self.device)
+            # Built after the head (a method may read its shard layout); may extract the old-feature bank.
+            self.compat = build_compat(cfg, self.records, self.head, rank=self.rank,
+                                       world_size=self.world_size, device=self.device, log=self.log)
+            if self.compat is not None:
+                self.loader.batch_inputs = self.compat.batch_inputs
+            trained = self.backbone
         if self.world_size > 1:
             # Buffers (BN statistics) stay per rank, as in insightface; rank 0's are saved.
             self.model = DistributedDataParallel(
-                self.backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                trained, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 forward_sync_buffers=False, gradient_as_bucket_view=True)
         else:
-            self.model = self.backbone
-        self.optimizer = build_optimizer(self.backbone, self.head, cfg.optim, self.device, compat=self.compat)
+            self.model = trained
+        last = self.projector if self.contrastive else self.head
+        self.optimizer = build_optimizer(self.backbone, last, cfg.optim, self.device, compat=self.compat)
         self.scheduler = PolyWarmupScheduler(
             self.optimizer, total_steps=self.total_steps,
             warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch), power=cfg.optim.poly_power)
         self.scaler = LossScaler(enabled=self.precision == "fp16")
-        self.step = TrainStep(self.model, self.backbone, self.head, self.optimizer, self.scaler,
-                              amp_dtype=self.amp_dtype, grad_clip=cfg.optim.grad_clip,
-                              world_size=self.world_size, compat=self.compat,
-                              channels_last=cfg.model.channels_last and self.device.type == "cuda")
+        channels_last = cfg.model.channels_last and self.device.type == "cuda"
+        if self.contrastive:
+            self.step: TrainStep = ContrastiveStep(
+                self.model, self.backbone, self.projector, self.optimizer, self.scaler,
+                amp_dtype=self.amp_dtype, grad_clip=cfg.optim.grad_clip, world_size=self.world_size,
+                channels_last=channels_last, temperature=cfg.contrastive.temperature)
+        else:
+            self.step = TrainStep(self.model, self.backbone, self.head, self.optimizer, self.scaler,
+                                  amp_dtype=self.amp_dtype, grad_clip=cfg.optim.grad_clip,
+                                  world_size=self.world_size, compat=self.compat, channels_last=channels_last)
         self.position = Position()
         self.last_checkpoint: Path | None = None
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0)
@@ -290,6 +314,13 @@ class Trainer:
 
     def _describe(self) -> str:
         c = self.cfg
+        if self.contrastive:
+            return (f"training {c.model.network} ({self.precision}) self-supervised (contrastive: "
+                    f"T={c.contrastive.temperature}, projection {list(c.contrastive.projection)}, "
+                    f"{self.loader.views} views per image) on {self.records.num_images} images; "
+                    f"world size {self.world_size}, batch {c.data.batch_size}x{self.world_size}x{self.accum} "
+                    f"images; {self.steps_per_epoch} steps/epoch, {self.total_steps} steps; "
+                    f"from step {self.position.step}")
         return (f"training {c.model.network} ({self.precision}) on {self.records.num_images} images / "
                 f"{self.num_classes} classes; world size {self.world_size}, batch {c.data.batch_size}x"
                 f"{self.world_size}x{self.accum}; {self.steps_per_epoch} steps/epoch, {self.total_steps} "
@@ -341,15 +372,40 @@ class Trainer:
         """Checkpoint (every rank writes its shard) and, at epoch ends, ``model.pt``."""
         self._check_finite()  # never save a diverged state
         self.throughput.pause()
-        opt_common, head_optim = ckpt.split_optimizer_state(self.optimizer.state_dict(),
-                                                            self.head_param_index)
         pos = self.position
+        if self.contrastive:
+            common, rank_state = self._contrastive_state()
+        else:
+            common, rank_state = self._arcface_state()
+        self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, pos.step, common, rank_state)
+        if pos.step_in_epoch == 0 and self.rank == 0:
+            ckpt.export_backbone(self.backbone, self.run_dir / "model.pt")
+        self.log.info("step %d: checkpoint %s", pos.step, self.last_checkpoint)
+        self.throughput.resume()
+        return self.last_checkpoint
+
+    def _common_state(self) -> dict[str, Any]:
+        """What rank 0 saves for every objective (the optimiser is the objective's to add)."""
+        return {"backbone": self.backbone.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "position": vars(self.position).copy(),
+                "config": self.cfg.to_dict(), "num_classes": self.num_classes}
+
+    def _contrastive_state(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """(rank 0's state, this rank's): the projection head and optimiser are replicated, so
+        rank 0 saves them whole; every rank saves its RNG states."""
         common = None
         if self.rank == 0:
-            common = {"backbone": self.backbone.state_dict(), "optimizer": opt_common,
-                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                      "position": vars(pos).copy(), "config": self.cfg.to_dict(),
-                      "num_classes": self.num_classes}
+            common = {**self._common_state(), "projector": self.projector.state_dict(),
+                      "optimizer": self.optimizer.state_dict()}
+        return common, {"rng": ckpt.rng_state()}
+
+    def _arcface_state(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """(rank 0's state, this rank's): this rank's head shard with its optimiser rows and RNGs."""
+        opt_common, head_optim = ckpt.split_optimizer_state(self.optimizer.state_dict(),
+                                                            self.head_param_index)
+        common = None
+        if self.rank == 0:
+            common = {**self._common_state(), "optimizer": opt_common}
             if self.compat is not None:
                 common["compat"] = self.compat.state_dict()
         shard = self.head.shard_state()
@@ -360,12 +416,7 @@ class Trainer:
                       "rng": ckpt.rng_state(self.head.generator)}
         if self.compat is not None:  # per rank: its sampling streams
             rank_state["compat"] = self.compat.state_dict()
-        self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, pos.step, common, rank_state)
-        if pos.step_in_epoch == 0 and self.rank == 0:
-            ckpt.export_backbone(self.backbone, self.run_dir / "model.pt")
-        self.log.info("step %d: checkpoint %s", pos.step, self.last_checkpoint)
-        self.throughput.resume()
-        return self.last_checkpoint
+        return common, rank_state
 
     def _resume(self) -> None:
         setting = self.cfg.train.resume
@@ -381,12 +432,19 @@ class Trainer:
         else:
             path = Path(setting)
         common = ckpt.load_common(path)
+        saved = common.get("config", {}).get("train", {}).get("objective", "arcface")
+        if saved != self.cfg.train.objective:
+            raise TrainingError(f"{path}: written by a train.objective {saved} run; this run's "
+                                f"train.objective is {self.cfg.train.objective}")
         try:
             self.backbone.load_state_dict(common["backbone"])
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
             raise TrainingError(f"{path}: backbone does not fit "
                                 f"model.network={self.cfg.model.network} ({first})") from None
+        if self.contrastive:
+            self._resume_contrastive(path, common)
+            return
         state, same_layout = ckpt.load_rank_state(
             path, rank=self.rank, world_size=self.world_size, class_start=self.head.class_start,
             num_local=self.head.num_local, num_classes=self.num_classes)
@@ -409,6 +467,30 @@ class Trainer:
         self.last_checkpoint = path
         how = "" if same_layout else f" (re-sharded from world size {common['world_size']})"
         self.log.info("resumed from %s at step %d%s", path, self.position.step, how)
+
+    def _resume_contrastive(self, path: Path, common: dict[str, Any]) -> None:
+        """Projection head, optimiser, schedule and position from ``common``; this rank's RNG states
+        when the checkpoint was written by as many ranks (augmentation does not depend on them)."""
+        try:
+            self.projector.load_state_dict(common["projector"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise TrainingError(f"{path}: projection head does not fit contrastive.projection="
+                                f"{list(self.cfg.contrastive.projection)} ({first})") from None
+        self.optimizer.load_state_dict(common["optimizer"])
+        self.scheduler.load_state_dict(common["scheduler"])
+        self.scaler.load_state_dict(common["scaler"])
+        self.position = Position(**common["position"])
+        if int(common["world_size"]) == self.world_size:
+            rank_file = path / f"rank_{self.rank:03d}.pt"
+            try:
+                state = torch.load(rank_file, map_location="cpu", weights_only=True)
+            except Exception as exc:  # a truncated or foreign file: name it
+                raise ckpt.CheckpointError(f"{rank_file}: cannot load "
+                                           f"({type(exc).__name__}: {exc})") from None
+            ckpt.set_rng_state(state["rng"])
+        self.last_checkpoint = path
+        self.log.info("resumed from %s at step %d", path, self.position.step)
 
 
 def _beside_rec(rec: str | None) -> Path:
