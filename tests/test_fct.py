@@ -337,3 +337,41 @@ def test_catalog_transformation_in_evaluation(trained, planted, synthetic_tiny, 
     assert tool.main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "trained on the old model" in errors[0]
+
+
+def test_backfill_tool_from_fct_gallery(trained, planted, synthetic_tiny, tmp_path, capsys):
+    """tools/backfill.py: new-model probes against a gallery stored as FCT features, re-embedded in
+    each order; every curve ends at the new|new 1:N result, uncertainty needs a transformation."""
+    from facecompat.eval import ijb
+
+    cfg, _ = trained
+    _, _, runs, _ = planted
+    catalog_path = tmp_path / "catalog.yaml"
+    catalog_path.write_text(yaml.safe_dump({
+        "data_root": str(synthetic_tiny), "cache_dir": str(tmp_path / "cache"), "batch_size": 64,
+        "num_workers": 0, "models": {"old": {"path": str(runs["old"])}, "new": {"path": str(runs["new"])},
+                                      "fct": {"transform": cfg.output}}}))
+    tool = load_tool(REPO / "tools" / "backfill.py", "backfill_tool")
+    out, png = tmp_path / "bf.json", tmp_path / "bf.png"
+    assert tool.main(["--config", str(catalog_path), "--query", "new", "--stored", "fct",
+                      "--fractions", "0,0.5,1", "--json", str(out), "--png", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "rank1" in text and "area" in text and png.stat().st_size > 1000
+    result = json.loads(out.read_text())
+    curves = result["orderings"]
+    assert list(curves) == ["random", "uncertainty", "distance"]
+    cache = tmp_path / "cache" / "features"
+    new_feats = np.load(next((cache / "new").glob("*.npy")))
+    meta = ijb.load_ijb_meta(synthetic_tiny / "IJBC", "IJBC")
+    pooled = ijb.pool(meta, new_feats)
+    full = ijb.identify_1toN(meta, pooled, pooled)
+    want = np.mean([full[g]["cmc"]["1"] for g in full])
+    for curve in curves.values():
+        assert curve["fractions"] == [0.0, 0.5, 1.0]
+        assert curve["metric"]["rank1"][-1] == pytest.approx(want)
+        assert curve["area"]["rank1"] == pytest.approx(np.trapezoid(curve["metric"]["rank1"], [0, 0.5, 1]))
+    capsys.readouterr()
+    assert tool.main(["--config", str(catalog_path), "--query", "new", "--stored", "old",
+                      "--orderings", "uncertainty"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "predicts no uncertainty" in errors[0]

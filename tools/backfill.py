@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Partial backfilling on the IJB-C-style 1:N protocol: how identification improves as a growing share
+of the gallery is re-embedded with the new model, for each order of re-embedding.
+
+    python tools/backfill.py --config configs/eval_ijbc_synthetic.yaml --query new --stored fct \\
+        --json work_dirs/backfill/fct.json --png work_dirs/backfill/fct.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from facecompat.cli import OneLineParser
+
+EPILOG = """\
+what is compared:
+  --query MODEL embeds the 1:N probes and, at fraction f, the first f of the gallery faces in the
+  chosen order; the other gallery faces keep what --stored holds: the old model's features, or an
+  FCT transformation's (a catalog {transform: DIR} entry or a transformation directory), whose
+  features are h(old, side-information). Models are catalog names (--config, default
+  configs/eval_ijbc.yaml) or paths, features cached as in tools/eval_ijbc.py.
+
+orderings (--orderings, default: every one that applies):
+  random       a seeded permutation (--seed)
+  uncertainty  the faces FCT is least sure of first (FastFill; needs a transformation that predicts
+               its uncertainty)
+  distance     the faces whose stored feature lies farthest from their subject's mean first
+
+metrics: 1:N CMC rank-1/5/10 and TPIR at FPIR 1e-2 / 1e-1 (DESIGN §5), mean over the galleries
+(G1, G2); area = mean of the metric over f in [0, 1] (trapezoid). Outputs: a table per metric on
+stdout; --json {"query", "stored", "orderings": {name: {"fractions", "metric": {name: [..]},
+"area": {name: x}, "per_gallery", ...}}}; --png the curves of --metric.
+
+examples:
+  python tools/backfill.py --config configs/eval_ijbc_synthetic.yaml --query new --stored old
+  python tools/backfill.py --query new --stored fct --orderings random,uncertainty --fractions 0,0.25,0.5,1
+"""
+
+ORDERINGS = ("random", "uncertainty", "distance")
+
+
+def _orderings(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ORDERINGS]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct names among {', '.join(ORDERINGS)}, got {text!r}")
+    return names
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="backfill.py", description=__doc__, epilog=EPILOG,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--query", required=True, metavar="MODEL", help="the new model (probes, backfilled faces)")
+    p.add_argument("--stored", required=True, metavar="MODEL",
+                   help="what the gallery holds before backfilling: the old model or an FCT transformation")
+    p.add_argument("--config", type=Path, metavar="YAML", help="model catalog (default configs/eval_ijbc.yaml)")
+    p.add_argument("--data-root", type=Path, metavar="DIR", help="holds <target>/meta and loose_crop")
+    p.add_argument("--target", choices=("IJBC", "IJBB"), help="benchmark (default from the catalog)")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="feature cache root (catalog's cache_dir)")
+    p.add_argument("--orderings", type=_orderings, metavar="A,B", help="orderings to run (default: all that apply)")
+    p.add_argument("--fractions", type=_fractions, metavar="F,...",
+                   help="backfilled fractions, from 0 to 1 (default 0, 0.1, ..., 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random ordering (default 0)")
+    p.add_argument("--metric", default="rank1", help="metric of the PNG (default rank1; e.g. tpir@fpir=0.01)")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the curves as JSON")
+    p.add_argument("--png", type=Path, metavar="OUT", help="plot the curves of --metric")
+    p.add_argument("--device", help="torch device for extraction (default: cuda when available, else cpu)")
+    p.add_argument("--no-faiss", dest="faiss", action="store_false", help="1:N search with numpy instead")
+    return p
+
+
+def run(args: argparse.Namespace, log) -> dict:
+    import numpy as np
+
+    from facecompat.cli import resolve_device
+    from facecompat.eval import ijb
+    from facecompat.eval.catalog import TransformSpec, load_catalog
+    from facecompat.eval.extract import read_face_list
+    from facecompat.eval.features import model_features, resolve_models
+    from facecompat.index import backfill
+
+    default = Path("configs/eval_ijbc.yaml")
+    catalog_path = args.config or (default if default.is_file() else None)
+    catalog = load_catalog(catalog_path)
+    source = str(catalog_path) if catalog_path else "the default catalog (no --config)"
+    target = args.target or catalog.target
+    data_root = args.data_root or Path(catalog.data_root)
+    ijb_dir = data_root if (data_root / "meta").is_dir() and data_root.name.upper() == target \
+        else data_root / target
+    if args.metric not in backfill.metric_names():
+        raise ValueError(f"--metric {args.metric!r}: choose among {', '.join(backfill.metric_names())}")
+    fractions = backfill.check_fractions(args.fractions if args.fractions is not None
+                                         else backfill.DEFAULT_FRACTIONS)
+    meta = ijb.load_ijb_meta(ijb_dir, target, cache_dir=args.cache_dir or Path(catalog.cache_dir))
+    if not meta.has_1n:
+        raise ValueError(f"{ijb_dir / 'meta'}: no 1:N gallery/probe files: nothing to backfill")
+    if args.query == args.stored:
+        raise ValueError(f"--query and --stored are both {args.query!r}: backfilling changes nothing")
+    specs = resolve_models([args.query, args.stored], catalog, source)
+    if isinstance(specs[args.query], TransformSpec):
+        raise ValueError(f"--query {args.query}: a transformation cannot embed images; give the new model")
+    faces = read_face_list(ijb_dir, target)
+    uncertainty: dict = {}
+    feats = model_features(specs, catalog, ijb_dir, target, faces, cache_dir=args.cache_dir,
+                           device=resolve_device(args.device), log=log, uncertainty=uncertainty)
+    var = uncertainty.get(args.stored)
+    orderings = args.orderings or [o for o in ORDERINGS if o != "uncertainty" or var is not None]
+    if "uncertainty" in orderings and var is None:
+        raise ValueError(f"--orderings uncertainty: --stored {args.stored} predicts no uncertainty (it is not "
+                         "an FCT transformation trained with transform.uncertainty)")
+    query = ijb.pool(meta, np.asarray(feats[args.query]))
+    curves = {}
+    for name in orderings:
+        order = backfill.backfill_order(name, meta, uncertainty=var, gallery_stored=feats[args.stored],
+                                        seed=args.seed)
+        log(f"backfill ordering {name}")
+        curves[name] = backfill.backfill_curve(meta, query, feats[args.stored], feats[args.query], order,
+                                               fractions, use_faiss=args.faiss, progress=log)
+    names = {role: (s.source if hasattr(s, "source") else str(s)) for role, s in
+             (("query", specs[args.query]), ("stored", specs[args.stored]))}
+    return {"target": target, "query": args.query, "stored": args.stored, "sources": names,
+            "num_items": next(iter(curves.values()))["num_items"], "orderings": curves}
+
+
+def report(out: dict) -> str:
+    """One table per headline metric: a row per fraction, a column per ordering, the areas last."""
+    curves = out["orderings"]
+    first = next(iter(curves.values()))
+    lines = [f"partial backfill on {out['target']} 1:N: query {out['query']}, gallery stored as {out['stored']} "
+             f"({out['num_items']} gallery faces); metric in %, mean over {', '.join(first['galleries'])}"]
+    for metric in ("rank1", "tpir@fpir=0.01"):
+        if metric not in first["metric"]:
+            continue
+        head = ["fraction", *curves]
+        rows = [[f"{f:.2f}", *(f"{c['metric'][metric][i] * 100:.2f}" for c in curves.values())]
+                for i, f in enumerate(first["fractions"])]
+        rows.append(["area", *(f"{c['area'][metric] * 100:.2f}" for c in curves.values())])
+        widths = [max(len(r[j]) for r in [head, *rows]) for j in range(len(head))]
+        lines += ["", metric]
+        lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [head, *rows]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from facecompat.compat.fct import FCTError
+    from facecompat.config import ConfigError
+    from facecompat.data.recordio import atomic_write
+    from facecompat.eval.extract import ExtractError
+    from facecompat.eval.ijb import IJBMetaError
+    from facecompat.index import backfill
+    from facecompat.models import WeightsError
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        out = run(args, log)
+        if args.json:
+            with atomic_write(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        if args.png:
+            backfill.plot_backfill(out["orderings"], args.png, args.metric,
+                                   title=f"{out['target']} 1:N, query {out['query']}, stored {out['stored']}")
+    except (ConfigError, ExtractError, IJBMetaError, WeightsError, FCTError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report(out))
+    for label, path in (("results", args.json), ("plot", args.png)):
+        if path is not None:
+            print(f"{label}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
