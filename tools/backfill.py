@@ -46,7 +46,8 @@ def _orderings(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in ORDERINGS]
     if not names or bad or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"expected distinct names among {', '.join(ORDERINGS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected distinct names among {', '.join(ORDERINGS)}, "
+                                         f"got {text!r}")
     return names
 
 
@@ -64,11 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", required=True, metavar="MODEL", help="the new model (probes, backfilled faces)")
     p.add_argument("--stored", required=True, metavar="MODEL",
                    help="what the gallery holds before backfilling: the old model or an FCT transformation")
-    p.add_argument("--config", type=Path, metavar="YAML", help="model catalog (default configs/eval_ijbc.yaml)")
+    p.add_argument("--config", type=Path, metavar="YAML",
+                   help="model catalog (default configs/eval_ijbc.yaml)")
     p.add_argument("--data-root", type=Path, metavar="DIR", help="holds <target>/meta and loose_crop")
     p.add_argument("--target", choices=("IJBC", "IJBB"), help="benchmark (default from the catalog)")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="feature cache root (catalog's cache_dir)")
-    p.add_argument("--orderings", type=_orderings, metavar="A,B", help="orderings to run (default: all that apply)")
+    p.add_argument("--orderings", type=_orderings, metavar="A,B",
+                   help="orderings to run (default: all that apply)")
     p.add_argument("--fractions", type=_fractions, metavar="F,...",
                    help="backfilled fractions, from 0 to 1 (default 0, 0.1, ..., 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random ordering (default 0)")
@@ -117,8 +120,8 @@ def run(args: argparse.Namespace, log) -> dict:
     var = uncertainty.get(args.stored)
     orderings = args.orderings or [o for o in ORDERINGS if o != "uncertainty" or var is not None]
     if "uncertainty" in orderings and var is None:
-        raise ValueError(f"--orderings uncertainty: --stored {args.stored} predicts no uncertainty (it is not "
-                         "an FCT transformation trained with transform.uncertainty)")
+        raise ValueError(f"--orderings uncertainty: --stored {args.stored} predicts no uncertainty "
+                         "(it is not an FCT transformation trained with transform.uncertainty)")
     query = ijb.pool(meta, np.asarray(feats[args.query]))
     curves = {}
     for name in orderings:
@@ -137,8 +140,9 @@ def report(out: dict) -> str:
     """One table per headline metric: a row per fraction, a column per ordering, the areas last."""
     curves = out["orderings"]
     first = next(iter(curves.values()))
-    lines = [f"partial backfill on {out['target']} 1:N: query {out['query']}, gallery stored as {out['stored']} "
-             f"({out['num_items']} gallery faces); metric in %, mean over {', '.join(first['galleries'])}"]
+    lines = [f"partial backfill on {out['target']} 1:N: query {out['query']}, gallery stored as "
+             f"{out['stored']} ({out['num_items']} gallery faces); metric in %, mean over "
+             f"{', '.join(first['galleries'])}"]
     for metric in ("rank1", "tpir@fpir=0.01"):
         if metric not in first["metric"]:
             continue
