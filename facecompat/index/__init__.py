@@ -4,6 +4,7 @@
   each one, and the rule for which queries may be compared with them.
 - :mod:`~facecompat.index.gallery`: faiss cosine search (exact or IVF, CPU or GPU) with row replacement.
 - :mod:`~facecompat.index.backfill`: the IJB 1:N metric as the gallery is re-embedded in some order.
+- :mod:`~facecompat.index.upgrade`: stores from model features, FCT upgrades of a store, backfilled rows.
 
 faiss is imported only when an index is built (``pip install faiss-cpu`` or ``faiss-gpu``).
 """
