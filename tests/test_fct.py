@@ -287,7 +287,23 @@ def test_tool_trains_without_side_information_and_reports(planted, tmp_path, cap
 
 # ------------------------------------------------------------------------------------ in evaluation
 
-def test_catalog_transformation_in_evaluation(trained, planted, synthetic_tiny, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def fct_catalog(trained, planted, synthetic_tiny, tmp_path_factory) -> Path:
+    """An evaluation catalog naming old, new and the trained transformation (one feature cache for
+    the tests below: each model's faces are extracted once)."""
+    cfg, _ = trained
+    _, _, runs, _ = planted
+    root = tmp_path_factory.mktemp("fct_eval")
+    path = root / "catalog.yaml"
+    path.write_text(yaml.safe_dump({
+        "data_root": str(synthetic_tiny), "cache_dir": str(root / "cache"), "batch_size": 64,
+        "num_workers": 0, "models": {"old": {"path": str(runs["old"])}, "new": {"path": str(runs["new"])},
+                                      "fct": {"transform": cfg.output}}}))
+    return path
+
+
+def test_catalog_transformation_in_evaluation(trained, planted, fct_catalog, synthetic_tiny, tmp_path,
+                                              capsys):
     """``{transform: DIR}`` in the catalog: h applied to the cached old and side features of each
     face, the old model's cache shared with its catalog name; ``--query new --gallery fct`` runs."""
     from facecompat.eval.catalog import TransformSpec, load_catalog
@@ -296,11 +312,7 @@ def test_catalog_transformation_in_evaluation(trained, planted, synthetic_tiny, 
 
     cfg, _ = trained
     _, _, runs, _ = planted
-    catalog_path = tmp_path / "catalog.yaml"
-    catalog_path.write_text(yaml.safe_dump({
-        "data_root": str(synthetic_tiny), "cache_dir": str(tmp_path / "cache"), "batch_size": 64,
-        "num_workers": 0, "models": {"old": {"path": str(runs["old"])}, "new": {"path": str(runs["new"])},
-                                      "fct": {"transform": cfg.output}}}))
+    catalog_path = fct_catalog
     catalog = load_catalog(catalog_path)
     specs = resolve_models(["old", "fct"], catalog)
     assert isinstance(specs["fct"], TransformSpec) and specs["fct"].old.name == "old"
@@ -339,18 +351,12 @@ def test_catalog_transformation_in_evaluation(trained, planted, synthetic_tiny, 
     assert len(errors) == 1 and "trained on the old model" in errors[0]
 
 
-def test_backfill_tool_from_fct_gallery(trained, planted, synthetic_tiny, tmp_path, capsys):
+def test_backfill_tool_from_fct_gallery(fct_catalog, synthetic_tiny, tmp_path, capsys):
     """tools/backfill.py: new-model probes against a gallery stored as FCT features, re-embedded in
     each order; every curve ends at the new|new 1:N result, uncertainty needs a transformation."""
     from facecompat.eval import ijb
 
-    cfg, _ = trained
-    _, _, runs, _ = planted
-    catalog_path = tmp_path / "catalog.yaml"
-    catalog_path.write_text(yaml.safe_dump({
-        "data_root": str(synthetic_tiny), "cache_dir": str(tmp_path / "cache"), "batch_size": 64,
-        "num_workers": 0, "models": {"old": {"path": str(runs["old"])}, "new": {"path": str(runs["new"])},
-                                      "fct": {"transform": cfg.output}}}))
+    catalog_path = fct_catalog
     tool = load_tool(REPO / "tools" / "backfill.py", "backfill_tool")
     out, png = tmp_path / "bf.json", tmp_path / "bf.png"
     assert tool.main(["--config", str(catalog_path), "--query", "new", "--stored", "fct",
@@ -360,7 +366,7 @@ def test_backfill_tool_from_fct_gallery(trained, planted, synthetic_tiny, tmp_pa
     result = json.loads(out.read_text())
     curves = result["orderings"]
     assert list(curves) == ["random", "uncertainty", "distance"]
-    cache = tmp_path / "cache" / "features"
+    cache = fct_catalog.parent / "cache" / "features"
     new_feats = np.load(next((cache / "new").glob("*.npy")))
     meta = ijb.load_ijb_meta(synthetic_tiny / "IJBC", "IJBC")
     pooled = ijb.pool(meta, new_feats)
