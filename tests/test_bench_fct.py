@@ -1,0 +1,35 @@
+"""tools/bench_fct.py: both timings in one run, per-1M figures consistent with the measured rates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from _model_util import load_tool, single_thread
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from single_thread()
+
+
+def test_bench_fct_json(capsys):
+    tool = load_tool(REPO / "tools" / "bench_fct.py", "bench_fct")
+    argv = ["--network", "r18-w0.125", "--old-dim", "16", "--side-dim", "8", "--new-dim", "16",
+            "--hidden", "32", "--rows", "3000", "--chunk", "1000", "--images", "4", "--batch", "2",
+            "--device", "cpu"]
+    assert tool.main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    t, r = out["transform"], out["reextract"]
+    assert t["rows"] == 3000 and r["images"] == 4 and out["device"] == "cpu"
+    assert t["s_per_1m"] == pytest.approx(t["seconds"] / 3000 * 1e6, rel=1e-2)
+    assert r["s_per_1m"] == pytest.approx(r["seconds"] / 4 * 1e6, rel=1e-2)
+    assert out["ratio"] == pytest.approx(r["s_per_1m"] / t["s_per_1m"], rel=0.05) and out["ratio"] > 1
+    assert tool.main(argv) == 0
+    assert "re-extraction / transformation" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        tool.main([*argv, "--side-dim", "-1"])
+    assert exc.value.code == 2
