@@ -525,7 +525,8 @@ def _extract_chunks(model: torch.nn.Module, view: FaceRecords, directory: Path, 
     loader = DataLoader(_BatchReader(view, normalize=device.type == "cpu"),
                         batch_sampler=[k for _, k in keys], collate_fn=_identity,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
-    bar = tqdm(total=2 * sum(len(k.positions) for _, k in keys), unit="img", desc="old features",
+    bar = tqdm(total=2 * sum(len(k.positions) for _, k in keys), unit="img",
+               desc=f"features {directory.name}",
                disable=not progress or dist.get_rank() != 0, leave=False)
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float16,
                                                 enabled=autocast_dtype is not None):
