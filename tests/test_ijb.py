@@ -415,12 +415,15 @@ def test_identify_faiss_and_numpy_agree_with_ties(monkeypatch: pytest.MonkeyPatc
     pooled = ijb.Pooled(templates, feats)
     ranks, fpirs = (1, 2, 5, 10), (0.01, 0.1, 0.3)
     plain = ijb.identify_1toN(meta, pooled, ranks=ranks, fpirs=fpirs, use_faiss=False)
+    # The real module is imported first and put back afterwards: importing faiss a second time
+    # (after a stand-in left sys.modules) would wrap its SWIG classes twice for the whole session.
+    real = importlib.import_module("faiss") if importlib.util.find_spec("faiss") is not None else None
     calls: list = []
     monkeypatch.setitem(sys.modules, "faiss", _fake_faiss(calls))
     assert ijb.identify_1toN(meta, pooled, ranks=ranks, fpirs=fpirs, use_faiss=True) == plain
     assert len(calls) == 2  # the faiss GPU path ran, once per gallery
-    monkeypatch.delitem(sys.modules, "faiss")
-    if importlib.util.find_spec("faiss") is not None:  # the real faiss (CPU: the BLAS product)
+    if real is not None:  # the real faiss (CPU: the BLAS product)
+        monkeypatch.setitem(sys.modules, "faiss", real)
         assert ijb.identify_1toN(meta, pooled, ranks=ranks, fpirs=fpirs, use_faiss=True) == plain
     # and the loop definitions (tests/test_metrics.py) on the same tied scores
     for name, sub in meta.galleries.items():

@@ -105,13 +105,13 @@ def run(args: argparse.Namespace) -> dict:
     per_m_extract = extract_s / n_images * 1e6
     return {"device": str(device), "threads": torch.get_num_threads(), "network": args.network,
             "transform": {"old_dim": args.old_dim, "side_dim": args.side_dim, "new_dim": args.new_dim,
-                          "hidden": list(args.hidden), "rows": args.rows, "seconds": round(transform_s, 4),
+                          "hidden": list(args.hidden), "rows": args.rows, "seconds": round(transform_s, 6),
                           "rows_per_s": round(args.rows / transform_s, 1),
-                          "s_per_1m": round(per_m_transform, 2)},
-            "reextract": {"images": n_images, "batch": args.batch, "seconds": round(extract_s, 4),
+                          "s_per_1m": round(per_m_transform, 3)},
+            "reextract": {"images": n_images, "batch": args.batch, "seconds": round(extract_s, 6),
                           "images_per_s": round(n_images / extract_s, 2),
                           "s_per_1m": round(per_m_extract, 1)},
-            "ratio": round(per_m_extract / per_m_transform, 1)}
+            "ratio": round(per_m_extract / per_m_transform, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
