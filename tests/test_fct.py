@@ -199,8 +199,11 @@ def test_loaded_transformation_applies_in_chunks_and_predicts_its_error(trained,
     assert done[-1] == old.shape[0] and len(done) == math.ceil(old.shape[0] / 50)
     whole, _ = fct.apply(old, side)
     np.testing.assert_allclose(pred, whole, rtol=1e-5, atol=1e-6)
-    target = F.normalize(torch.from_numpy(np.asarray(banks["new"].features[:, 0], np.float32)), dim=1).numpy()
-    err = ((pred - target) ** 2).sum(1)
+    new_feats = np.asarray(banks["new"].features, np.float32)
+    want_norm = np.linalg.norm(new_feats[:, 0] + new_feats[:, 1], axis=1).mean()
+    assert fct.output_norm == pytest.approx(want_norm, rel=1e-5)  # on the new model's fused scale
+    target = F.normalize(torch.from_numpy(new_feats[:, 0]), dim=1).numpy()
+    err = ((pred / fct.output_norm - target) ** 2).sum(1)
     assert var.shape == (old.shape[0],) and np.all(var > 0)
     # σ² follows the error: items it calls uncertain are worse fitted on average (FastFill's premise)
     worst = np.argsort(-var)[: len(var) // 4]

@@ -29,6 +29,13 @@ and σ² learns the expected error of each item (its minimiser is ``σ² = e / D
 FastFill orders the backfill by. Each term is a mean over the rows of the global batch (every
 rank's share averaged).
 
+**Output scale**: h predicts directions (unit targets), but evaluation pools per-face features
+*unnormalised* (insightface's protocol: a face's norm weighs it in its template), and a partially
+backfilled gallery mixes transformed faces with the new model's own. :meth:`FCTransform.apply`
+therefore scales h's output by ``output_norm``, the mean norm of the new model's fused training
+features (stored in ``fct.json``), so a transformed face weighs what an average new-model face
+weighs instead of 1/20th of it.
+
 **The artefact** is a directory: ``transform.pt`` (the state dict), ``fct.json`` (widths, the
 three models' names, paths and weight fingerprints, the training summary and its cost), written
 last and atomically, and ``metrics.jsonl``. :meth:`FCTransform.load` refuses a transformation whose
@@ -183,6 +190,7 @@ class FCTransform:
 
     def __init__(self, module: Transformation, meta: dict, directory: Path):
         self.module, self.meta, self.directory = module.eval(), meta, directory
+        self.output_norm = float(meta.get("output_norm", 1.0))
 
     @property
     def uses_side(self) -> bool:
@@ -237,7 +245,8 @@ class FCTransform:
     @torch.no_grad()
     def apply(self, old: np.ndarray, side: np.ndarray | None = None, *, batch_size: int = 65536,
               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Upgrade features in chunks: float32 ``[N, D_new]`` predictions and ``[N]`` σ² (or None).
+        """Upgrade features in chunks: float32 ``[N, D_new]`` predictions (h's output times
+        ``output_norm``) and ``[N]`` σ² of the unit-scale prediction (or None).
 
         Args:
             old: ``[N, D_old]`` old-model features (any norm; fused flips as evaluation stores them).
@@ -269,7 +278,7 @@ class FCTransform:
             if not torch.isfinite(o).all() or (s is not None and not torch.isfinite(s).all()):
                 raise FCTError(f"input features of rows {start}..{stop - 1} hold NaN or inf")
             pred, log_var = m(o, s)
-            out[start:stop] = pred.float().cpu().numpy()
+            out[start:stop] = pred.float().mul_(self.output_norm).cpu().numpy()
             if var is not None:
                 var[start:stop] = torch.exp(log_var).float().cpu().numpy()
             if progress is not None:
@@ -333,6 +342,15 @@ def split_rows(num_records: int, val_ratio: float, seed: int) -> tuple[np.ndarra
     rows = np.arange(_ROW_SIDES * num_records)
     record_held = held[rows // _ROW_SIDES]
     return rows[~record_held], rows[record_held]
+
+
+def mean_fused_norm(bank: Any, chunk_rows: int = 65536) -> float:
+    """Mean of ``‖f(img) + f(flip)‖`` over a bank's records (the scale of evaluation's face features)."""
+    total = 0.0
+    for start in range(0, len(bank), chunk_rows):
+        both = np.asarray(bank.features[start:start + chunk_rows], dtype=np.float32)
+        total += float(np.linalg.norm(both[:, 0] + both[:, 1], axis=1).sum())
+    return total / max(len(bank), 1)
 
 
 def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -412,6 +430,7 @@ def train_transformation(cfg: FCTConfig, *, device: torch.device | str | None = 
                                   autocast_dtype=torch.float16 if device.type == "cuda" else None,
                                   progress=progress and rank == 0)
     extracted = {role: b.num_extracted for role, b in banks.items()}
+    output_norm = mean_fused_norm(banks["new"])
     extract_s = time.perf_counter() - start
     data = FeatureTriples(banks["old"], banks["new"], banks.get("side"))
 
@@ -475,6 +494,7 @@ def train_transformation(cfg: FCTConfig, *, device: torch.device | str | None = 
         if val_rows.size:
             fit["held_out"] = evaluate_fit(module, data, val_rows, device)
         summary = {
+            "output_norm": output_norm,
             "architecture": {"old_dim": module.old_dim, "side_dim": module.side_dim,
                              "new_dim": module.new_dim,
                              "hidden": list(cfg.transform.hidden), "uncertainty": cfg.transform.uncertainty},
