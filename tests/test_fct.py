@@ -362,13 +362,15 @@ def test_backfill_tool_from_fct_gallery(fct_catalog, synthetic_tiny, tmp_path, c
     catalog_path = fct_catalog
     tool = load_tool(REPO / "tools" / "backfill.py", "backfill_tool")
     out, png = tmp_path / "bf.json", tmp_path / "bf.png"
-    assert tool.main(["--config", str(catalog_path), "--query", "new", "--stored", "fct",
-                      "--fractions", "0,0.5,1", "--json", str(out), "--png", str(png)]) == 0
+    assert tool.main(["--config", str(catalog_path), "--query", "new", "--stored", "fct", "--fractions",
+                      "0,0.5,1", "--random-runs", "2", "--json", str(out), "--png", str(png)]) == 0
     text = capsys.readouterr().out
     assert "rank1" in text and "area" in text and png.stat().st_size > 1000
     result = json.loads(out.read_text())
     curves = result["orderings"]
     assert list(curves) == ["random", "uncertainty", "distance"]
+    assert curves["random"]["runs"] == 2 and "area sd" in text  # the mean of two seeded orderings
+    assert curves["random"]["area_sd"]["rank1"] >= 0 and "runs" not in curves["uncertainty"]
     cache = fct_catalog.parent / "cache" / "features"
     new_feats = np.load(next((cache / "new").glob("*.npy")))
     meta = ijb.load_ijb_meta(synthetic_tiny / "IJBC", "IJBC")

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from facecompat.cli import OneLineParser
+from facecompat.cli import OneLineParser, positive_int
 
 EPILOG = """\
 what is compared:
@@ -24,7 +24,8 @@ what is compared:
   configs/eval_ijbc.yaml) or paths, features cached as in tools/eval_ijbc.py.
 
 orderings (--orderings, default: every one that applies):
-  random       a seeded permutation (--seed)
+  random       seeded permutations (--seed, --seed + 1, ...): the curve is the mean over
+               --random-runs of them (default 5), with the standard deviation of its area
   uncertainty  the faces FCT is least sure of first (FastFill; needs a transformation that predicts
                its uncertainty)
   distance     the faces whose stored feature lies farthest from their subject's mean first
@@ -74,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="orderings to run (default: all that apply)")
     p.add_argument("--fractions", type=_fractions, metavar="F,...",
                    help="backfilled fractions, from 0 to 1 (default 0, 0.1, ..., 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random ordering (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="first seed of the random orderings (default 0)")
+    p.add_argument("--random-runs", type=positive_int, default=5, metavar="N",
+                   help="random orderings averaged (default 5): one seed decides little on small galleries")
     p.add_argument("--metric", default="rank1", help="metric of the PNG (default rank1; e.g. tpir@fpir=0.01)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the curves as JSON")
     p.add_argument("--png", type=Path, metavar="OUT", help="plot the curves of --metric")
@@ -125,11 +128,14 @@ def run(args: argparse.Namespace, log) -> dict:
     query = ijb.pool(meta, np.asarray(feats[args.query]))
     curves = {}
     for name in orderings:
-        order = backfill.backfill_order(name, meta, uncertainty=var, gallery_stored=feats[args.stored],
-                                        seed=args.seed)
-        log(f"backfill ordering {name}")
-        curves[name] = backfill.backfill_curve(meta, query, feats[args.stored], feats[args.query], order,
-                                               fractions, use_faiss=args.faiss, progress=log)
+        runs = []
+        for seed in range(args.seed, args.seed + (args.random_runs if name == "random" else 1)):
+            order = backfill.backfill_order(name, meta, uncertainty=var, gallery_stored=feats[args.stored],
+                                            seed=seed)
+            log(f"backfill ordering {name}" + (f" (seed {seed})" if name == "random" else ""))
+            runs.append(backfill.backfill_curve(meta, query, feats[args.stored], feats[args.query], order,
+                                                fractions, use_faiss=args.faiss, progress=log))
+        curves[name] = backfill.average_curves(runs) if len(runs) > 1 else runs[0]
     names = {role: (s.source if hasattr(s, "source") else str(s)) for role, s in
              (("query", specs[args.query]), ("stored", specs[args.stored]))}
     return {"target": target, "query": args.query, "stored": args.stored, "sources": names,
@@ -150,6 +156,9 @@ def report(out: dict) -> str:
         rows = [[f"{f:.2f}", *(f"{c['metric'][metric][i] * 100:.2f}" for c in curves.values())]
                 for i, f in enumerate(first["fractions"])]
         rows.append(["area", *(f"{c['area'][metric] * 100:.2f}" for c in curves.values())])
+        if any("area_sd" in c for c in curves.values()):
+            rows.append(["area sd", *(f"{c['area_sd'][metric] * 100:.2f}" if "area_sd" in c else "-"
+                                      for c in curves.values())])
         widths = [max(len(r[j]) for r in [head, *rows]) for j in range(len(head))]
         lines += ["", metric]
         lines += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [head, *rows]]

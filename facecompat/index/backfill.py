@@ -283,6 +283,27 @@ def backfill_curve(meta: ijb.IJBMeta, probe_feats_new: np.ndarray | ijb.Pooled, 
             "area": {n: curve_area(fractions, v) for n, v in metric.items()}}
 
 
+def average_curves(curves: Sequence[dict]) -> dict:
+    """The mean of several :func:`backfill_curve` results on the same fractions (e.g. random
+    orderings of different seeds): metric and per-gallery curves averaged pointwise, ``area`` the
+    mean area, ``area_sd`` its standard deviation over the curves, ``runs`` their number."""
+    if not curves:
+        raise ValueError("average_curves: no curves")
+    first = curves[0]
+    if any(c["fractions"] != first["fractions"] for c in curves):
+        raise ValueError("average_curves: the curves have different fractions")
+    names = list(first["metric"])
+    out = {k: v for k, v in first.items() if k not in ("metric", "per_gallery", "area")}
+    out["metric"] = {n: np.mean([c["metric"][n] for c in curves], axis=0).tolist() for n in names}
+    out["per_gallery"] = {g: {n: np.mean([c["per_gallery"][g][n] for c in curves], axis=0).tolist()
+                              for n in names} for g in first["per_gallery"]}
+    areas = {n: [c["area"][n] for c in curves] for n in names}
+    out["area"] = {n: float(np.mean(v)) for n, v in areas.items()}
+    out["area_sd"] = {n: float(np.std(v)) for n, v in areas.items()}
+    out["runs"] = len(curves)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- plot
 def plot_backfill(curves: Mapping[str, dict], path: str | os.PathLike, metric: str = "rank1",
                   title: str | None = None) -> Path:
