@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -273,3 +274,18 @@ def test_mid_epoch_resume_gives_the_uninterrupted_weights(contrastive_run):
     arcface = Trainer(load_config(cfg, sets), tmp / "runs" / "x")
     with pytest.raises(TrainingError, match="written by a train.objective contrastive run"):
         arcface._resume()
+
+
+def test_resume_into_another_architecture_is_one_line(contrastive_run):
+    """A checkpoint whose backbone or projection head does not fit the config names both."""
+    tmp, cfg, _ = contrastive_run
+    mid = ckpt.list_checkpoints(tmp / "runs" / "ref")[0]
+    misfits = (("contrastive.projection", "[64, 16]", "projection head does not fit "
+                "contrastive.projection=[64, 16]"),
+               ("model.embedding_size", "32", "backbone does not fit model.network=r18-w0.125"))
+    for key, value, needle in misfits:
+        sets = [f"{key}={value}", "train.exp_name=misfit", f"train.resume={mid}"]
+        trainer = Trainer(load_config(cfg, sets), tmp / "runs" / f"misfit-{key}")
+        with pytest.raises(TrainingError, match=f"^{re.escape(f'{mid}: {needle} (')}") as err:
+            trainer._resume()
+        assert "\n" not in str(err.value) and "size mismatch" in str(err.value)

@@ -277,16 +277,36 @@ def format_verdicts(verdicts: dict) -> str:
 
 
 # -------------------------------------------------------------------------------------------- plot
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str) -> Path:
-    """ROC curves (TAR vs FAR, log FAR axis from 1e-6) of the cells, written atomically as PNG."""
+def new_figure():
+    """A (figure, axes) pair of the project's plots (7x5 in, 120 dpi) on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(7, 5), dpi=120)
+
+
+def save_figure(fig, ax, path: str | os.PathLike, title: str) -> Path:
+    """Title, grid, legend, tight layout; the PNG written atomically (parents created); figure closed."""
+    import matplotlib.pyplot as plt
+
     from facecompat.data.recordio import atomic_write
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str) -> Path:
+    """ROC curves (TAR vs FAR, log FAR axis from 1e-6) of the cells, written atomically as PNG."""
+    fig, ax = new_figure()
     for key, (fpr, tpr) in curves.items():
         query, gallery = key.split("|")
         style = "-" if query == gallery else "--"
@@ -298,12 +318,4 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.Pa
     ax.set_xlabel("FAR (false accept rate)")
     ax.set_ylabel("TAR (true accept rate)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, title)

@@ -308,12 +308,7 @@ def average_curves(curves: Sequence[dict]) -> dict:
 def plot_backfill(curves: Mapping[str, dict], path: str | os.PathLike, metric: str = "rank1",
                   title: str | None = None) -> Path:
     """One line per ordering (metric vs backfilled fraction, area in the legend), atomically written PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from facecompat.data.recordio import atomic_write
+    from facecompat.eval.matrix import new_figure, save_figure
 
     if not curves:
         raise ValueError("plot_backfill: no curves to plot")
@@ -321,7 +316,7 @@ def plot_backfill(curves: Mapping[str, dict], path: str | os.PathLike, metric: s
         if metric not in curve.get("metric", {}):
             raise ValueError(f"plot_backfill: curve {name!r} has no metric {metric!r} "
                              f"(has: {', '.join(curve.get('metric', {}))})")
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    fig, ax = new_figure()
     for name, curve in curves.items():
         values = np.asarray(curve["metric"][metric], np.float64)
         area = curve.get("area", {}).get(metric, curve_area(curve["fractions"], values))
@@ -330,12 +325,4 @@ def plot_backfill(curves: Mapping[str, dict], path: str | os.PathLike, metric: s
     ax.set_xlabel("fraction of gallery items backfilled with the new model")
     ax.set_ylabel(metric)
     ax.grid(True, alpha=0.3)
-    ax.set_title(title or f"Partial backfilling: {metric}")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, title or f"Partial backfilling: {metric}")

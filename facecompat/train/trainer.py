@@ -436,12 +436,8 @@ class Trainer:
         if saved != self.cfg.train.objective:
             raise TrainingError(f"{path}: written by a train.objective {saved} run; this run's "
                                 f"train.objective is {self.cfg.train.objective}")
-        try:
-            self.backbone.load_state_dict(common["backbone"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise TrainingError(f"{path}: backbone does not fit "
-                                f"model.network={self.cfg.model.network} ({first})") from None
+        _load_fitting(self.backbone, common["backbone"], f"{path}: backbone does not fit "
+                      f"model.network={self.cfg.model.network}")
         if self.contrastive:
             self._resume_contrastive(path, common)
             return
@@ -471,12 +467,8 @@ class Trainer:
     def _resume_contrastive(self, path: Path, common: dict[str, Any]) -> None:
         """Projection head, optimiser, schedule and position from ``common``; this rank's RNG states
         when the checkpoint was written by as many ranks (augmentation does not depend on them)."""
-        try:
-            self.projector.load_state_dict(common["projector"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise TrainingError(f"{path}: projection head does not fit contrastive.projection="
-                                f"{list(self.cfg.contrastive.projection)} ({first})") from None
+        _load_fitting(self.projector, common["projector"], f"{path}: projection head does not fit "
+                      f"contrastive.projection={list(self.cfg.contrastive.projection)}")
         self.optimizer.load_state_dict(common["optimizer"])
         self.scheduler.load_state_dict(common["scheduler"])
         self.scaler.load_state_dict(common["scaler"])
@@ -491,6 +483,17 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
         self.last_checkpoint = path
         self.log.info("resumed from %s at step %d", path, self.position.step)
+
+
+def _load_fitting(module: torch.nn.Module, state: dict, problem: str) -> None:
+    """``module.load_state_dict(state)``; a mismatch is a TrainingError: ``problem`` and the first
+    specific line of PyTorch's message (a size mismatch, missing or unexpected keys)."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise TrainingError(f"{problem} ({detail.rstrip('.')})") from None
 
 
 def _beside_rec(rec: str | None) -> Path:
