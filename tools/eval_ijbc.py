@@ -114,13 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _ijb_dir(data_root: Path, target: str) -> Path:
-    """The <target> folder (holding meta/ and loose_crop/) of a data root, or the root itself."""
-    if (data_root / "meta").is_dir() and data_root.name.upper() == target:
-        return data_root
-    return data_root / target
-
-
 def _load_features(path: Path, num_faces: int, what: str) -> np.ndarray:
     import numpy as np
 
@@ -168,14 +161,14 @@ def run(args: argparse.Namespace, log) -> dict | None:
 
     from facecompat import dist
     from facecompat.eval import ijb, matrix
-    from facecompat.eval.catalog import load_catalog
+    from facecompat.eval.catalog import load_catalog, target_dir
 
     catalog_path = args.config or (DEFAULT_CATALOG if DEFAULT_CATALOG.is_file() else None)
     catalog = load_catalog(catalog_path)
     catalog_source = str(catalog_path) if catalog_path else "the default catalog (no --config)"
     target = args.target or catalog.target
     data_root = args.data_root or Path(catalog.data_root)
-    ijb_dir = _ijb_dir(data_root, target)
+    ijb_dir = target_dir(data_root, target)
     by_features = args.query_features is not None
     if by_features:
         names = [args.query_features.stem]

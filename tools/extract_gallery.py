@@ -78,13 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ijb_dir(data_root: Path, target: str) -> Path:
-    """The <target> folder (holding meta/ and loose_crop/) of a data root, or the root itself."""
-    if (data_root / "meta").is_dir() and data_root.name.upper() == target:
-        return data_root
-    return data_root / target
-
-
 def _mtime(path: Path) -> int | None:
     return path.stat().st_mtime_ns if path.is_file() else None
 
@@ -95,7 +88,7 @@ def extract(args: argparse.Namespace, log) -> dict | None:
 
     from facecompat import dist
     from facecompat.cli import resolve_device
-    from facecompat.eval.catalog import TransformSpec, load_catalog, resolve_model
+    from facecompat.eval.catalog import TransformSpec, load_catalog, resolve_model, target_dir
     from facecompat.eval.extract import cache_paths, file_sha1, read_face_list
     from facecompat.eval.features import model_features
     from facecompat.index.upgrade import store_model_features
@@ -104,7 +97,7 @@ def extract(args: argparse.Namespace, log) -> dict | None:
     catalog = load_catalog(catalog_path)
     source = str(catalog_path) if catalog_path else "the default catalog (no --config)"
     target = args.target or catalog.target
-    ijb_dir = _ijb_dir(args.data_root or Path(catalog.data_root), target)
+    ijb_dir = target_dir(args.data_root or Path(catalog.data_root), target)
     cache_dir = args.cache_dir or Path(catalog.cache_dir)
     spec = resolve_model(args.model, catalog, source, args.network)
     if isinstance(spec, TransformSpec):

@@ -118,6 +118,15 @@ class TransformSpec:
         return self.directory / "transform.pt"
 
 
+def target_dir(data_root: str | os.PathLike, target: str) -> Path:
+    """The ``<target>`` folder (holding ``meta/`` and ``loose_crop/``) of a data root, or the root
+    itself when it already is that folder."""
+    data_root = Path(data_root)
+    if (data_root / "meta").is_dir() and data_root.name.upper() == target:
+        return data_root
+    return data_root / target
+
+
 def load_catalog(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> EvalCatalog:
     """Read an evaluation catalog (``None``: defaults, no named models); ConfigError names file and key."""
     return load_yaml(EvalCatalog, path, overrides)
@@ -254,4 +263,4 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Module
 
 
 __all__ = ["ConfigError", "EvalCatalog", "EvalModelConfig", "ModelSpec", "TransformSpec", "load_catalog",
-           "load_model", "resolve_model", "resolve_model_spec", "resolve_transform"]
+           "load_model", "resolve_model", "resolve_model_spec", "resolve_transform", "target_dir"]
