@@ -336,6 +336,11 @@ def test_catalog_transformation_in_evaluation(trained, planted, fct_catalog, syn
     result = json.loads(out.read_text())
     assert {"new|fct", "fct|new", "new|new", "fct|fct"} <= set(result["matrix"])
     assert result["models"]["fct"]["network"] == "fct"
+    out = tmp_path / "m.json"
+    assert tool.main(["--config", str(catalog_path), "--matrix", "old,new,fct", "--no-1n",
+                      "--json", str(out)]) == 0, capsys.readouterr().err
+    verdicts = json.loads(out.read_text())["ecc"]
+    assert "new" in verdicts and "fct" not in verdicts  # a transformation is no query model
 
     # The old model's weights changed after h was trained: refused, in one line.
     moved = tmp_path / "old_changed"

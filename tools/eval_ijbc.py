@@ -261,7 +261,9 @@ def run(args: argparse.Namespace, log) -> dict | None:
         if old is None:
             log(f"no ECC verdicts: --old {args.old} is not in --matrix")
         elif args.one_to_one:
-            out.update(matrix.compatibility(results, names, old, independent, args.ecc_fars))
+            # A transformation (FCT) upgrades a gallery; it never embeds queries: no verdict of its own.
+            queries = [n for n in names if getattr(specs.get(n), "network", None) != "fct"]
+            out.update(matrix.compatibility(results, queries, old, independent, args.ecc_fars))
     elif len(names) == 2 and args.one_to_one:  # cross test: is the query compatible with the gallery?
         out.update(matrix.compatibility(results, [names[0]], names[1], None, args.ecc_fars))
     if args.roc and args.one_to_one:
