@@ -36,6 +36,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def comma_names(text: str, what: str, choices: tuple[str, ...] | None = None) -> list[str]:
+    """argparse helper: distinct comma-separated names (among ``choices`` when given), at least one."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if choices is not None and n not in choices]
+    if not names or bad or len(set(names)) != len(names):
+        among = f" among {', '.join(choices)}" if choices is not None else ""
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated {what}{among}, got {text!r}")
+    return names
+
+
+def comma_floats(text: str, what: str) -> list[float]:
+    """argparse helper: comma-separated numbers (``what`` names them in the error)."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+
 def resolve_device(name: str | None) -> torch.device:
     """``--device`` value -> torch.device: default cuda (this rank's GPU under torchrun) when
     available, else cpu. Raises ValueError (one line) for a malformed name or CUDA that is absent."""

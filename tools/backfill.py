@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from facecompat.cli import OneLineParser, positive_int
+from facecompat.cli import OneLineParser, comma_floats, comma_names, positive_int
 
 EPILOG = """\
 what is compared:
@@ -44,20 +44,11 @@ ORDERINGS = ("random", "uncertainty", "distance")
 
 
 def _orderings(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in ORDERINGS]
-    if not names or bad or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"expected distinct names among {', '.join(ORDERINGS)}, "
-                                         f"got {text!r}")
-    return names
+    return comma_names(text, "orderings", ORDERINGS)
 
 
 def _fractions(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
-    return values
+    return comma_floats(text, "fractions")
 
 
 def build_parser() -> argparse.ArgumentParser:

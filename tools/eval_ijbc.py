@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from facecompat.cli import OneLineParser, positive_int
+from facecompat.cli import OneLineParser, comma_floats, comma_names, positive_int
 
 if TYPE_CHECKING:  # nothing heavy at import time: --help stays fast
     import numpy as np
@@ -63,17 +63,11 @@ class EvalError(ValueError):
 
 
 def _names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if len(names) < 1 or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"expected distinct comma-separated model names, got {text!r}")
-    return names
+    return comma_names(text, "model names")
 
 
 def _fars(text: str) -> list[float]:
-    try:
-        fars = [float(f) for f in text.split(",") if f.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated FARs, got {text!r}") from None
+    fars = comma_floats(text, "FARs")
     if not fars or not all(0.0 < f < 1.0 for f in fars):
         raise argparse.ArgumentTypeError(f"FARs must be in (0, 1), got {text!r}")
     return fars
