@@ -1,145 +1,434 @@
-"""The main job on generated data, stage by stage, each stage skipped when already done.
+"""The main job end to end on generated data, stage by stage; a finished stage is skipped next time.
 
-Stages so far (later stages — BCT, FCT, evaluation, report — append here):
+    results = run_quickstart("work_dirs/quickstart")          # size "auto": small on CPU, large on GPU
+    report = json.load(open("work_dirs/quickstart/report.json"))
 
-1. ``data``: render the synthetic training rec, IJB-C-style folder and lfw.bin.
-2. ``read_back``: read the training set back through the training loader for one epoch (and
-   the IJB-C meta files and lfw.bin through their readers) and report what came out.
-3. ``train_old``: train the old model (``configs/synthetic_old.yaml``: OPclass old part, 30% of
-   the identities) in this process and verify it on lfw.bin.
+Stages (``STAGES``, in order):
 
-A stage's result is recorded in ``<work_dir>/stages.json``; ``force`` redoes every stage.
+1. ``data``: render the synthetic training rec, the IJB-C-style folder and lfw.bin.
+2. ``old``: the old model on the OPclass old part (30% of the identities).
+3. ``new``: the independent new model on the other 70%, no compatibility loss.
+4. ``bct``, ``l2``, ``mixbct``: the new model's recipe with each backward-compatible loss; the first
+   extracts the old model's feature bank of the new part, the others reuse it.
+5. ``side``: FCT's side-information model (self-supervised, on the old part).
+6. ``fct``: FCT's transformation h(old, side) -> new on cached features of the new part.
+7. ``evaluate``: IJB-C-style 1:1 and 1:N, every self and cross cell of old/new/bct/l2/mixbct and the
+   new model against the FCT-upgraded gallery; ECC verdicts and update gains.
+8. ``backfill``: the FCT-upgraded gallery re-embedded with the new model in three orders (and the old
+   gallery in random order, for reference).
+9. ``report``: ``report.json`` (DESIGN §8), ``report.md``, ``roc.png``, ``backfill.png``.
+
+``<work_dir>/stages.json`` records every finished stage; a stage whose outputs are gone is redone
+with everything after it; ``force`` redoes every stage, ``redo_from`` a stage and those after it.
+On CUDA the trainings use their ``auto`` settings (DALI, bf16) and the "large" sizes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from facecompat.config import Config, load_config
+from facecompat.config import load_config
+from facecompat.data.recordio import atomic_write
 
 Stage = Callable[["QuickstartContext"], dict]
+MODELS = ("old", "new", "bct", "l2", "mixbct")  # the models that embed images, in report order
+CANDIDATES = ("new", "bct", "l2", "mixbct", "fct")  # what is judged against the old gallery
+DESCRIPTIONS = {
+    "old": "old model (30% of the identities)",
+    "new": "independent new model (other 70%)",
+    "bct": "new + BCT (old classifier on new embeddings)",
+    "l2": "new + L2 to the old features",
+    "mixbct": "new + MixBCT (credible old features mixed into the batch)",
+    "fct": "old gallery upgraded by FCT's h(old, side-info)",
+    "side": "FCT side-information model (self-supervised)",
+}
+
+
+@dataclass(frozen=True)
+class Size:
+    """How big every part of the quickstart is."""
+
+    data: dict  # facecompat.data.synthetic_sets.SyntheticSpec fields
+    network: str  # the new models' backbone
+    embedding_size: int
+    batch_size: int  # per training step
+    epochs: dict[str, int]  # old, new, side, fct; bct, l2, mixbct default to new's
+    lr: float = 0.1
+    random_runs: int = 3  # random backfill orders averaged
+    fractions: tuple[float, ...] = tuple(i / 10 for i in range(11))
+    extra: tuple[str, ...] = ()  # further training overrides
+    eval_batch: int = 128
+    old_network: str | None = None  # the old and side-information models' backbone (default: network)
+    stage_extra: dict[str, tuple[str, ...]] = field(default_factory=dict)  # overrides of one training
+
+    def epochs_of(self, stage: str) -> int:
+        return self.epochs.get(stage, self.epochs["new"])
+
+
+# Every size mirrors DESIGN's upgrade (old r18 on 30% of the identities -> new r50 on 70%): a
+# narrower old backbone, a wider new one. Captures are easier than make_synthetic's defaults
+# (``nuisance``), so that models this small learn identities in a few hundred steps.
+_QUICK = ("compat.params.head_init=old_means",)  # MixBCT's centres start at the old class means
+SIZES: dict[str, Size] = {
+    # CI: about two minutes on 2 cores. Shows the verdict machinery and that MixBCT moves far towards
+    # the old space where the independent model does not; too short for MixBCT to beat old|old.
+    "tiny": Size(data={"num_ids": 60, "imgs_per_id": (12, 12), "ijbc_subjects": 30, "lfw_pairs": 40,
+                       "nuisance": 0.4},
+                 network="r18-w0.125", old_network="r18-w0.0625", embedding_size=64, batch_size=16,
+                 epochs={"old": 3, "new": 4, "bct": 1, "l2": 1, "side": 1, "fct": 8}, random_runs=2,
+                 fractions=(0.0, 0.25, 0.5, 0.75, 1.0), extra=("train.log_every=1000",),
+                 stage_extra={"mixbct": _QUICK}),
+    # A 2-core CPU in about 12 minutes (the README's first command).
+    "small": Size(data={"num_ids": 300, "imgs_per_id": (10, 10), "ijbc_subjects": 80, "lfw_pairs": 100,
+                        "nuisance": 0.5},
+                  network="r18-w0.125", old_network="r18-w0.0625", embedding_size=128, batch_size=32,
+                  epochs={"old": 4, "new": 3, "side": 1, "fct": 20}, stage_extra={"mixbct": _QUICK}),
+    # One GPU: the same stages at a size where the methods separate clearly.
+    "large": Size(data={"num_ids": 2000, "imgs_per_id": (20, 40), "ijbc_subjects": 400, "lfw_pairs": 600},
+                  network="r18-w0.5", old_network="r18-w0.25", embedding_size=256, batch_size=256,
+                  epochs={"old": 10, "new": 10, "side": 4, "fct": 30}, random_runs=5, eval_batch=512,
+                  stage_extra={"mixbct": _QUICK}),
+}
 
 
 @dataclass(frozen=True)
 class QuickstartContext:
     work_dir: Path
-    config: Config  # the data config the stages read (configs/synthetic_data.yaml)
-    spec: dict  # synthetic sizes
+    size: Size
     workers: int | None
     progress: bool
-    force: bool = False  # regenerate data even when an identical generation exists
-    config_dir: Path = Path("configs")  # where the experiment configs (synthetic_*.yaml) are
+    force: bool = False
+    config_dir: Path = Path("configs")  # where synthetic_*.yaml are
+    device: str | None = None  # None: cuda when available
+    log: Callable[[str], None] = print
+    results: dict = field(default_factory=dict)  # earlier stages' results
 
     @property
     def data_dir(self) -> Path:
         return self.work_dir / "data"
 
+    @property
+    def runs(self) -> Path:
+        return self.work_dir / "runs"
 
-SIZES = {
-    # identities, images per identity, IJB-C subjects, lfw pairs
-    "tiny": {"num_ids": 24, "imgs_per_id": (4, 8), "ijbc_subjects": 12, "lfw_pairs": 20},
-    "small": {"num_ids": 1000, "imgs_per_id": (10, 30), "ijbc_subjects": 200, "lfw_pairs": 300},
-}
-# Training overrides per size (the synthetic_* configs hold the rest).
-TRAIN_SIZES = {
-    "tiny": ["train.epochs=1", "data.batch_size=16", "train.log_every=1", "train.checkpoint_every=0"],
-    "small": ["train.epochs=3"],
-}
+    @property
+    def eval_dir(self) -> Path:
+        return self.work_dir / "eval"
 
 
+# ------------------------------------------------------------------------------------------- stages
 def stage_data(ctx: QuickstartContext) -> dict:
-    from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic
+    from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic, read_manifest
 
-    manifest, _ = generate_synthetic(ctx.data_dir, SyntheticSpec(**ctx.spec), ctx.workers,
-                                     force=ctx.force, progress=ctx.progress)
-    return manifest["counts"]
-
-
-def stage_read_back(ctx: QuickstartContext) -> dict:
-    from facecompat.data.faces import FaceRecords
-    from facecompat.data.loader import build_loader
-    from facecompat.data.pairs_bin import load_pairs_bin
-
-    cfg = ctx.config.data
-    records = FaceRecords(ctx.data_dir / "train", flip=cfg.flip, seed=cfg.seed)
-    loader = build_loader(records, min(cfg.batch_size, records.num_images), backend=cfg.loader,
-                          num_workers=cfg.num_workers, device="cpu")
-    loader.set_epoch(0)
-    start, seen, labels = time.perf_counter(), [], set()
-    for batch in loader:
-        assert batch.images.shape[1:] == (3, 112, 112) and float(batch.images.abs().max()) <= 1.0
-        seen.append(batch.record_ids.numpy())
-        labels.update(batch.labels.tolist())
-    elapsed = time.perf_counter() - start
-    ids = np.concatenate(seen) if seen else np.zeros(0, np.int64)
-    if len(np.unique(ids)) != len(ids):
-        raise RuntimeError("the loader returned an image twice in one epoch")
-    images, issame = load_pairs_bin(ctx.data_dir / "lfw.bin")
-    meta = ctx.data_dir / "IJBC" / "meta"
-    faces = sum(1 for _ in (meta / "ijbc_face_tid_mid.txt").open())
-    pairs = sum(1 for _ in (meta / "ijbc_template_pair_label.txt").open())
-    return {"loader": type(loader).__name__, "steps": len(loader), "images_read": int(ids.size),
-            "classes_seen": len(labels), "num_classes": records.num_classes,
-            "images_per_s": round(ids.size / max(elapsed, 1e-9), 1),
-            "lfw_pairs": int(len(issame)), "ijbc_faces": faces, "ijbc_pairs": pairs}
+    spec = SyntheticSpec(**ctx.size.data)
+    there = read_manifest(ctx.data_dir) if ctx.data_dir.is_dir() else None
+    other = there is not None and there.get("spec") != spec.to_dict()  # another size's data: ours to replace
+    manifest, _ = generate_synthetic(ctx.data_dir, spec, ctx.workers, force=ctx.force or other,
+                                     progress=ctx.progress)
+    return {**manifest["counts"], "outputs": [str(ctx.data_dir / "manifest.json")]}
 
 
-def train_model(ctx: QuickstartContext, name: str, config: str) -> dict:
-    """Train ``configs/<config>`` on the quickstart's data into ``<work_dir>/runs/<name>``."""
+def _training_overrides(ctx: QuickstartContext, name: str, epochs: int) -> list[str]:
+    size = ctx.size
+    network = (size.old_network or size.network) if name in ("old", "side") else size.network
+    return [f"data.rec={ctx.data_dir / 'train'}", f"data.val_dir={ctx.data_dir}",
+            f"data.batch_size={size.batch_size}", f"model.network={network}",
+            f"model.embedding_size={size.embedding_size}", f"optim.lr={size.lr}",
+            f"train.output={ctx.runs}", f"train.exp_name={name}", f"train.epochs={epochs}",
+            "train.val_every=1000000", f"compat.old.checkpoint={ctx.runs / 'old'}", *size.extra,
+            *size.stage_extra.get(name, ())]
+
+
+def train_model(ctx: QuickstartContext, name: str, config: str, epochs: int) -> dict:
+    """Train ``<config_dir>/<config>`` on the quickstart's data into ``<work_dir>/runs/<name>``."""
     from facecompat.train import train
 
-    size = "tiny" if ctx.spec == SIZES["tiny"] else "small"
-    overrides = [f"data.rec={ctx.data_dir / 'train'}", f"data.val_dir={ctx.data_dir}",
-                 f"train.output={ctx.work_dir / 'runs'}", f"train.exp_name={name}", *TRAIN_SIZES[size]]
-    cfg = load_config(ctx.config_dir / config, overrides)
-    run_dir = ctx.work_dir / "runs" / name
-    if ctx.force:
-        shutil.rmtree(run_dir, ignore_errors=True)  # otherwise an unfinished run resumes
-    summary = train(cfg, run_dir)
+    cfg = load_config(ctx.config_dir / config, _training_overrides(ctx, name, epochs))
+    summary = train(cfg, ctx.runs / name, device=ctx.device)  # resumes an interrupted run
     return {"network": cfg.model.network, "steps": summary["step"], "loss": round(summary["loss"], 4),
             **{f"{k}_accuracy": round(v, 4) for k, v in summary["verification"].items()},
-            "model": summary["model"]}
+            "model": str(summary["model"]), "outputs": [str(summary["model"])]}
 
 
-def stage_train_old(ctx: QuickstartContext) -> dict:
-    return train_model(ctx, "old", "synthetic_old.yaml")
+# training stage -> its recipe in config_dir
+RECIPES = {"old": "synthetic_old.yaml", "new": "synthetic_new.yaml", "bct": "synthetic_bct.yaml",
+           "l2": "synthetic_l2.yaml", "mixbct": "synthetic_mixbct.yaml",
+           "side": "synthetic_fct_sideinfo.yaml"}
+FCT_RECIPE = "synthetic_fct.yaml"
 
 
-STAGES: dict[str, Stage] = {"data": stage_data, "read_back": stage_read_back, "train_old": stage_train_old}
+def _trainer(name: str) -> Stage:
+    def stage(ctx: QuickstartContext) -> dict:
+        return train_model(ctx, name, RECIPES[name], ctx.size.epochs_of(name))
+
+    stage.__name__ = f"stage_{name}"
+    return stage
 
 
-def run_quickstart(work_dir: str | os.PathLike, *, size: str = "small", config: str | os.PathLike =
-                   "configs/synthetic_data.yaml", force: bool = False, workers: int | None = None,
-                   progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run every stage not yet done; returns {stage: result} for all stages."""
+def _fct_config(ctx: QuickstartContext):
+    from facecompat.compat.fct import load_fct_config
+
+    overrides = [f"data.rec={ctx.data_dir / 'train'}", f"old.checkpoint={ctx.runs / 'old'}",
+                 f"side.checkpoint={ctx.runs / 'side'}", f"new.checkpoint={ctx.runs / 'new'}",
+                 f"output={ctx.runs / 'fct'}", f"bank_root={ctx.runs}",
+                 f"train.epochs={ctx.size.epochs_of('fct')}"]
+    return load_fct_config(ctx.config_dir / FCT_RECIPE, overrides)
+
+
+def check_recipes(ctx: QuickstartContext) -> None:
+    """Read every recipe with the quickstart's overrides before anything runs: a broken or missing
+    config fails in the first second (ConfigError / OSError naming the file and key), not after
+    minutes of training."""
+    from facecompat.compat.build import get_method, resolve_params
+    from facecompat.config import ConfigError
+
+    for name, config in RECIPES.items():
+        path = ctx.config_dir / config
+        cfg = load_config(path, _training_overrides(ctx, name, ctx.size.epochs_of(name)))
+        if cfg.compat.method != "none":
+            try:
+                resolve_params(cfg.compat.method, get_method(cfg.compat.method).defaults, cfg.compat.params)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+    _fct_config(ctx)
+
+
+def stage_fct(ctx: QuickstartContext) -> dict:
+    from facecompat.compat.fct import train_transformation
+
+    out = ctx.runs / "fct"
+    cfg = _fct_config(ctx)
+    summary = train_transformation(cfg, device=ctx.device, log=logging.getLogger("facecompat.fct"),
+                                   progress=ctx.progress)
+    fit = summary["fit"].get("held_out", summary["fit"]["train"])
+    return {"rows": summary["data"]["rows"], "steps": summary["training"]["steps"],
+            "cos_h_new": round(fit["cos"], 4), "cos_old_new": round(fit["cos_old"], 4),
+            "outputs": [str(out / "transform.pt")]}
+
+
+def _catalog(ctx: QuickstartContext):
+    from facecompat.eval.catalog import EvalCatalog, EvalModelConfig
+
+    models = {name: EvalModelConfig(path=str(ctx.runs / name)) for name in (*MODELS, "side")}
+    models["fct"] = EvalModelConfig(transform=str(ctx.runs / "fct"))
+    return EvalCatalog(data_root=str(ctx.data_dir), target="IJBC", cache_dir=str(ctx.eval_dir),
+                       batch_size=ctx.size.eval_batch, num_workers=2 if ctx.workers is None else ctx.workers,
+                       models=models)
+
+
+def _features(ctx: QuickstartContext, names: list[str], uncertainty: dict | None = None) -> dict:
+    from facecompat.cli import resolve_device
+    from facecompat.eval.catalog import target_dir
+    from facecompat.eval.extract import read_face_list
+    from facecompat.eval.features import model_features, resolve_models
+
+    catalog = _catalog(ctx)
+    ijb_dir = target_dir(catalog.data_root, catalog.target)
+    specs = resolve_models(names, catalog)
+    faces = read_face_list(ijb_dir, catalog.target)
+    return model_features(specs, catalog, ijb_dir, catalog.target, faces, device=resolve_device(ctx.device),
+                          log=ctx.log, uncertainty=uncertainty)
+
+
+def _meta(ctx: QuickstartContext):
+    from facecompat.eval import ijb
+    from facecompat.eval.catalog import target_dir
+
+    return ijb.load_ijb_meta(target_dir(ctx.data_dir, "IJBC"), "IJBC", cache_dir=ctx.eval_dir)
+
+
+def headline_far(num_impostors: int, min_false_accepts: int = 20) -> float:
+    """The smallest FAR of 1e-4 .. 1e-1 at which at least ``min_false_accepts`` impostor pairs pass:
+    below it, a TAR rests on a handful of impostor scores (IJB-C's 15.6M impostor pairs allow 1e-5)."""
+    for far in (1e-4, 1e-3, 1e-2):
+        if num_impostors * far >= min_false_accepts:
+            return far
+    return 1e-1
+
+
+def _cells() -> list[tuple[str, str]]:
+    from facecompat.eval import matrix
+
+    return [*matrix.matrix_cells(list(MODELS)), ("new", "fct")]
+
+
+def stage_evaluate(ctx: QuickstartContext) -> dict:
+    """Every self and cross cell, 1:1 and 1:N; writes ``eval/results.json`` and ``roc.png``."""
+    from facecompat.eval import ijb, matrix
+
+    meta = _meta(ctx)
+    feats = _features(ctx, [*MODELS, "fct"])
+    pooled = {name: ijb.pool(meta, np.asarray(f)) for name, f in feats.items()}
+    results, curves = matrix.evaluate_cells(meta, pooled, _cells(), progress=ctx.log)
+    impostors = int((~meta.pair_labels.astype(bool)).sum())
+    far = headline_far(impostors)
+    fars = [far, far * 10] if far < 1e-1 else [far]
+    verdicts = compatibility(results, fars)
+    shown = ["old|old", "new|new", "new|old", "bct|old", "l2|old", "mixbct|old", "new|fct"]
+    roc = matrix.plot_roc({k: curves[k] for k in shown}, ctx.work_dir / "roc.png",
+                          f"IJB-C-style 1:1: query|gallery ({impostors} impostor pairs)")
+    out = {"matrix": results, **verdicts, "pairs": int(meta.pair_labels.size), "impostor_pairs": impostors}
+    path = ctx.eval_dir / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "w") as f:
+        json.dump(out, f, indent=1)
+    return {"cells": len(results), "ecc_fars": verdicts["ecc_fars"], "ecc": verdicts["ecc"],
+            "outputs": [str(path), str(roc)]}
+
+
+def compatibility(results: dict, fars: list[float]) -> dict:
+    """ECC verdicts and update gains (DESIGN §5) of new/bct/l2/mixbct against the old gallery, and of
+    the FCT-upgraded gallery: for ``fct`` the cross test is new|fct, the new model's queries against
+    the old gallery after h, judged by the same rule against old|old."""
+    from facecompat.eval import matrix, metrics
+
+    verdicts = matrix.compatibility(results, ["new", "bct", "l2", "mixbct"], "old", "new", fars)
+    key = metrics.far_key
+    old = {key(f): results["old|old"]["1:1"]["tar_at_far"][key(f)] for f in fars}
+    cross = {key(f): results["new|fct"]["1:1"]["tar_at_far"][key(f)] for f in fars}
+    detail = {k: {"cross": cross[k], "old": old[k], "holds": bool(cross[k] > old[k])} for k in old}
+    verdicts["ecc_detail"]["fct"] = detail
+    verdicts["ecc"]["fct"] = all(d["holds"] for d in detail.values())
+    first = key(fars[0])
+    span = results["new|new"]["1:1"]["tar_at_far"][first] - old[first]
+    verdicts["update_gain"]["fct"] = (cross[first] - old[first]) / span if span > 0 else None
+    verdicts["cross_cell"] = {**{m: f"{m}|old" for m in verdicts["ecc"] if m != "fct"}, "fct": "new|fct"}
+    return verdicts
+
+
+def _backfill_curves(meta, query, stored, new_feats, fractions, orders: dict) -> dict:
+    from facecompat.index import backfill
+
+    curves = {}
+    for name, runs in orders.items():
+        found = [backfill.backfill_curve(meta, query, stored, new_feats, order, fractions) for order in runs]
+        curve = backfill.average_curves(found) if len(found) > 1 else found[0]
+        curves[name] = {k: curve[k] for k in ("fractions", "metric", "area", "area_sd") if k in curve}
+    return curves
+
+
+def stage_backfill(ctx: QuickstartContext) -> dict:
+    """The FCT-upgraded gallery backfilled with the new model (random, uncertainty, distance order),
+    and the old gallery in random order: 1:N metrics per backfilled fraction; ``backfill.png``."""
+    from facecompat.eval import ijb
+    from facecompat.index import backfill
+
+    meta = _meta(ctx)
+    uncertainty: dict = {}
+    feats = _features(ctx, ["new", "old", "fct"], uncertainty)
+    fractions = backfill.check_fractions(ctx.size.fractions)
+    query = ijb.pool(meta, np.asarray(feats["new"]))
+    seeds = range(ctx.size.random_runs)
+
+    def orders(kind: str, stored: np.ndarray) -> list[np.ndarray]:
+        return [backfill.backfill_order(kind, meta, uncertainty=uncertainty.get("fct"), gallery_stored=stored,
+                                        seed=s) for s in (seeds if kind == "random" else [0])]
+
+    kinds = ["random", "distance"] + (["uncertainty"] if "fct" in uncertainty else [])
+    fct = _backfill_curves(meta, query, feats["fct"], feats["new"], fractions,
+                           {k: orders(k, feats["fct"]) for k in kinds})
+    old = _backfill_curves(meta, query, feats["old"], feats["new"], fractions,
+                           {"random": orders("random", feats["old"])})
+    out = {"stored": "fct", "query": "new", "orderings": fct, "baseline": {"stored": "old", "orderings": old},
+           "num_items": int(backfill.gallery_items(meta).size)}
+    path = ctx.eval_dir / "backfill.json"
+    with atomic_write(path, "w") as f:
+        json.dump(out, f, indent=1)
+    plot = backfill.plot_backfill({**{f"fct, {k}": v for k, v in fct.items()}, "old, random": old["random"]},
+                                  ctx.work_dir / "backfill.png", "rank1",
+                                  title="IJB-C-style 1:N: gallery re-embedded with the new model")
+    return {"orderings": sorted(fct), "area_rank1": {k: round(v["area"]["rank1"], 4) for k, v in fct.items()},
+            "outputs": [str(path), str(plot)]}
+
+
+def stage_report(ctx: QuickstartContext) -> dict:
+    from facecompat.eval.report import build_report, format_report
+
+    evaluation = json.loads((ctx.eval_dir / "results.json").read_text())
+    filled = json.loads((ctx.eval_dir / "backfill.json").read_text())
+    report = build_report(ctx.results, evaluation, filled, size=ctx.size, descriptions=DESCRIPTIONS)
+    paths = [ctx.work_dir / "report.json", ctx.work_dir / "report.md"]
+    for path, text in zip(paths, (json.dumps(report, indent=1) + "\n", format_report(report))):
+        with atomic_write(path, "w") as f:
+            f.write(text)
+    return {"ecc": report["ecc"], "outputs": [str(p) for p in paths]}
+
+
+STAGES: dict[str, Stage] = {
+    "data": stage_data,
+    **{name: _trainer(name) for name in ("old", "new", "bct", "l2", "mixbct", "side")},
+    "fct": stage_fct,
+    "evaluate": stage_evaluate,
+    "backfill": stage_backfill,
+    "report": stage_report,
+}
+
+
+# -------------------------------------------------------------------------------------------- driver
+def pick_size(size: str) -> str:
+    """``auto`` -> ``large`` when CUDA is available, else ``small``."""
+    if size == "auto":
+        import torch
+
+        return "large" if torch.cuda.is_available() else "small"
     if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+        raise ValueError(f"--size {size!r}: choose among auto, {', '.join(SIZES)}")
+    return size
+
+
+def _done(result: dict | None) -> bool:
+    return result is not None and all(Path(p).exists() for p in result.get("outputs", []))
+
+
+def run_quickstart(work_dir: str | os.PathLike, *, size: str = "auto", force: bool = False,
+                   redo_from: str | None = None, workers: int | None = None, progress: bool = True,
+                   device: str | None = None, config_dir: str | os.PathLike = "configs",
+                   log: Callable[[str], None] = print) -> dict:
+    """Run every stage not yet done; returns ``{"size": name, "stages": {stage: result}}``.
+
+    A stage is redone when it never finished, its outputs are gone, an earlier stage was redone,
+    the size changed, ``force`` is set or it is ``redo_from`` or later.
+    """
+    size = pick_size(size)
+    if redo_from is not None and redo_from not in STAGES:
+        raise ValueError(f"--from {redo_from!r}: choose among {', '.join(STAGES)}")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    ctx = QuickstartContext(work_dir, load_config(config, [f"data.rec={work_dir / 'data' / 'train'}"]),
-                            SIZES[size], workers, progress, force, Path(config).parent)
     state_path = work_dir / "stages.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() and not force else {}
-    if state.get("size") not in (None, size):
-        state = {}  # other sizes: everything is redone
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if force or state.get("size") != size:
+        state = {}
     state["size"] = size
-    results = state.setdefault("stages", {})
+    done = state.setdefault("stages", {})
+    ctx = QuickstartContext(work_dir, SIZES[size], workers, progress, force, Path(config_dir), device, log,
+                            done)
+    check_recipes(ctx)
+    redo = fresh = False
     for name, stage in STAGES.items():
-        if name in results:
-            log(f"[quickstart] {name}: done before (--force redoes it)")
+        redo = redo or name == redo_from or not _done(done.get(name))
+        if not redo:
+            took = done[name].get("seconds", 0)
+            log(f"[quickstart] {name}: done before ({took:.0f} s; --from {name} redoes it)")
             continue
+        # An interrupted stage resumes (trainings continue from their last checkpoint); one redone
+        # because it or an earlier stage was redone starts afresh.
+        fresh = fresh or force or name in done or name == redo_from
+        if fresh and (ctx.runs / name).is_dir():
+            shutil.rmtree(ctx.runs / name)
         log(f"[quickstart] {name} ...")
+        done.pop(name, None)
         start = time.perf_counter()
-        results[name] = {**stage(ctx), "seconds": round(time.perf_counter() - start, 1)}
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1) + "\n")
-        os.replace(tmp, state_path)
-    return results
+        done[name] = {**stage(ctx), "seconds": round(time.perf_counter() - start, 1)}
+        with atomic_write(state_path, "w") as f:
+            json.dump(state, f, indent=1)
+        fresh = True
+    return state

@@ -84,7 +84,8 @@ def test_params_unknown_key_and_wrong_type_name_the_key():
         base.resolve_params("mixbct", MixBCT.defaults, {"alpha": "high"})
     with pytest.raises(ConfigError, match=r"compat.params.prototype: expected str, got 3"):
         base.resolve_params("bct", BCT.defaults, {"prototype": 3})
-    assert base.resolve_params("mixbct", MixBCT.defaults, {"alpha": 1}) == {"alpha": 1.0, "keep_ratio": 0.9}
+    assert base.resolve_params("mixbct", MixBCT.defaults, {"alpha": 1}) == {"alpha": 1.0, "keep_ratio": 0.9,
+                                                                            "head_init": "random"}
 
 
 # ----------------------------------------------------------------------------- L2
@@ -173,6 +174,26 @@ def test_mixbct_replaces_int_alpha_b_rows_by_the_old_feature_of_the_same_image(t
     first = choose_mixed(inputs["credible"], 5, method.generator)
     method.load_state_dict(state)
     assert torch.equal(choose_mixed(inputs["credible"], 5, method.generator), first)
+
+
+def test_mixbct_head_init_old_means_starts_each_rank_shard_at_the_old_class_means(tmp_path, synthetic_tiny):
+    view = build_dataset(load_config(None, [f"data.rec={synthetic_tiny / 'train'}"]).data)
+    bank = random_bank(tmp_path / "bank", view)
+    stats = bank.class_stats()
+    classes = view_classes(view)
+    for rank in range(2):  # a two-rank layout: each rank's rows are its own classes' means
+        head = PartialFC(DIM, view.num_classes, rank=rank, world_size=2)
+        before = head.weight.detach().clone()
+        MixBCT(context(view, head, bank, params={"head_init": "old_means"}))
+        labels = np.arange(head.class_start, head.class_start + head.num_local)
+        want = np.asarray(stats.means[bank.class_rows(classes[labels])], dtype=np.float32)
+        assert np.allclose(head.weight.detach().numpy(), want) and not torch.equal(head.weight, before)
+    head = PartialFC(DIM, view.num_classes)
+    before = head.weight.detach().clone()
+    MixBCT(context(view, head, bank))  # the default leaves the random initialisation alone
+    assert torch.equal(head.weight, before)
+    with pytest.raises(ConfigError, match="compat.params.head_init"):
+        MixBCT(context(view, head, bank, params={"head_init": "zeros"}))
 
 
 # ----------------------------------------------------------------------------- BCT

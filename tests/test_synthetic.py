@@ -228,9 +228,24 @@ def test_rerun_is_idempotent_and_guards_foreign_state(outputs: tuple[Path, Path]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["IJBC", "lfw.bin", "manifest.json", "train"]
 
 
+def test_nuisance_scales_the_captures_and_keeps_default_manifests(tmp_path: Path) -> None:
+    assert "nuisance" not in SPEC.to_dict()  # folders made before the knob still match their spec
+    easy = dataclasses.replace(SPEC, lfw_pairs=40, nuisance=0.3)
+    assert easy.to_dict()["nuisance"] == 0.3
+    sims = {}
+    for name, spec in (("default", dataclasses.replace(SPEC, lfw_pairs=40)), ("easy", easy)):
+        write_lfw_bin(tmp_path / f"{name}.bin", spec, workers=1, progress=False)
+        images, issame = load_pairs_bin(tmp_path / f"{name}.bin")
+        faces = decode_pairs(images).astype(np.float64).reshape(len(issame), 2, -1)
+        # genuine pairs: the same identity; fewer nuisances make its two captures more alike
+        sims[name] = np.mean([np.abs(a - b).mean() for (a, b), same in zip(faces, issame) if same])
+    assert sims["easy"] < 0.8 * sims["default"], sims
+
+
 @pytest.mark.parametrize("kwargs, msg", [
     ({"num_ids": 0}, "num_ids=0"), ({"imgs_per_id": (5, 2)}, "imgs_per_id"), ({"imgs_per_id": 3}, "pair"),
     ({"ijbc_subjects": 2}, "ijbc_subjects"), ({"lfw_pairs": 1}, "lfw_pairs"), ({"seed": -1}, "seed"),
+    ({"nuisance": 0.0}, "nuisance=0.0"), ({"nuisance": 3}, "nuisance=3"), ({"nuisance": "low"}, "nuisance"),
 ])
 def test_spec_validation(kwargs: dict, msg: str) -> None:
     with pytest.raises(SyntheticError, match=msg):

@@ -55,7 +55,7 @@ class MixBCT(CompatMethod):
 
     name = "mixbct"
     needs = frozenset({"bank", "credible"})
-    defaults = {"alpha": 0.3, "keep_ratio": 0.9}
+    defaults = {"alpha": 0.3, "keep_ratio": 0.9, "head_init": "random"}
 
     def __init__(self, ctx: CompatContext):
         super().__init__(ctx)
@@ -64,7 +64,16 @@ class MixBCT(CompatMethod):
             raise param_error("alpha", alpha, "must be in [0, 1]")
         if not 0.0 < keep <= 1.0:
             raise param_error("keep_ratio", keep, "must be in (0, 1]")
+        if self.params["head_init"] not in ("random", "old_means"):
+            raise param_error("head_init", self.params["head_init"], "must be 'random' or 'old_means'")
         self.alpha, self.keep_ratio = float(alpha), float(keep)
+        if self.params["head_init"] == "old_means":
+            # Class centres start at the old model's class means (a resumed run loads its own).
+            from facecompat.compat.bct import old_classifier_rows
+
+            rows, _ = old_classifier_rows(ctx, "class_mean")
+            with torch.no_grad():
+                ctx.head.weight.copy_(rows.to(ctx.head.weight.device, ctx.head.weight.dtype))
         self.bank = ctx.bank
         self.credible = ctx.bank.credible(self.keep_ratio)  # bool [N], memory-mapped
         self.generator = torch.Generator(device=ctx.device)

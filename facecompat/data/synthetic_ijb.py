@@ -110,7 +110,7 @@ def _render_media(media: Media, spec: SyntheticSpec) -> list[tuple[bytes, np.nda
     rng = rng_for(spec.seed, DOMAINS["ijbc"], media.subject, 3, media.media_id)
     canvas = int(rng.integers(160, 251))
     eye_px = canvas * float(rng.uniform(0.15, 0.24))
-    cond = Conditions.sample(rng, canvas=canvas, eye_px=eye_px, hard=media.hard)
+    cond = Conditions.sample(rng, canvas=canvas, eye_px=eye_px, hard=media.hard * spec.nuisance)
     quality = int(rng.integers(60, 96))
     frames = []
     for k in range(media.frames):

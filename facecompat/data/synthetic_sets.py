@@ -52,6 +52,9 @@ class SyntheticSpec:
         impostors_per_genuine: sampled impostor template pairs per genuine pair (IJB-C 1:1).
         seed: root seed of every random stream.
         jpeg_quality: JPEG quality of the aligned training and lfw.bin images.
+        nuisance: scales how often and how strongly pose, lighting, blur, noise, occluders and
+            the other per-capture nuisances appear (1: the default; below 1, an easier task that
+            small models learn in a few hundred steps).
     """
 
     num_ids: int = 1000
@@ -61,6 +64,7 @@ class SyntheticSpec:
     impostors_per_genuine: int = 30
     seed: int = 0
     jpeg_quality: int = 95
+    nuisance: float = 1.0
 
     def __post_init__(self) -> None:
         try:
@@ -78,10 +82,15 @@ class SyntheticSpec:
         for name, ok, why in checks:
             if not isinstance(getattr(self, name), (int, tuple)) or not ok:
                 raise SyntheticError(f"{name}={getattr(self, name)!r} {why}")
+        if isinstance(self.nuisance, bool) or not isinstance(self.nuisance, (int, float)) \
+                or not 0.0 < self.nuisance <= 2.0:
+            raise SyntheticError(f"nuisance={self.nuisance!r} must be in (0, 2] (1: the default captures)")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["imgs_per_id"] = list(self.imgs_per_id)
+        if self.nuisance == 1.0:  # the spec before the knob existed: its manifests stay valid
+            del d["nuisance"]
         return d
 
 
@@ -109,8 +118,8 @@ def train_image_count(spec: SyntheticSpec, label: int) -> int:
 
 def _render_train_identity(label: int, spec: SyntheticSpec) -> list[bytes]:
     ident = Identity.sample(rng_for(spec.seed, DOMAINS["train"], label, 0))
-    return [render_aligned(ident, (spec.seed, DOMAINS["train"], label, 2, k), spec.jpeg_quality)
-            for k in range(train_image_count(spec, label))]
+    return [render_aligned(ident, (spec.seed, DOMAINS["train"], label, 2, k), spec.jpeg_quality,
+                           hard=spec.nuisance) for k in range(train_image_count(spec, label))]
 
 
 def write_train_set(out_dir: str | os.PathLike, spec: SyntheticSpec, workers: int | None = None,
@@ -137,7 +146,8 @@ def _render_lfw_pair(index: int, spec: SyntheticSpec) -> list[bytes]:
     domain = DOMAINS["lfw"]
     first = Identity.sample(rng_for(spec.seed, domain, 2 * index, 0))
     second = first if index % 2 == 0 else Identity.sample(rng_for(spec.seed, domain, 2 * index + 1, 0))
-    return [render_aligned(ident, (spec.seed, domain, index, 2, k), spec.jpeg_quality, hard=0.8)
+    return [render_aligned(ident, (spec.seed, domain, index, 2, k), spec.jpeg_quality,
+                           hard=0.8 * spec.nuisance)
             for k, ident in enumerate((first, second))]
 
 

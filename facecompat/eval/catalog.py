@@ -201,7 +201,8 @@ def resolve_model(name_or_path: str, catalog: EvalCatalog, catalog_source: str =
                          "and not an existing run directory or weights file")
     if (path / "fct.json").is_file():
         return resolve_transform(_path_name(path), path, catalog)
-    net, dim, weights = resolve_model_spec(path, network, embedding_size)
+    # --network names the backbone of a weights file; a run directory's own config says its own.
+    net, dim, weights = resolve_model_spec(path, network if path.is_file() else None, embedding_size)
     return ModelSpec(_path_name(path), net, dim, weights, str(path))
 
 

@@ -1,0 +1,208 @@
+"""The compatibility report of a model upgrade: ``report.json`` (DESIGN §8) and a Markdown page.
+
+    report = build_report(stages, evaluation, backfill)     # the quickstart's stage results
+    Path("report.md").write_text(format_report(report))
+
+``evaluation`` is what :func:`facecompat.quickstart.stage_evaluate` writes (the matrix of cells with
+ECC verdicts and update gains), ``backfill`` what :func:`~facecompat.quickstart.stage_backfill` writes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+OLD, INDEPENDENT = "old", "new"
+
+
+def build_report(stages: dict, evaluation: dict, backfill: dict, *, size: Any = None,
+                 descriptions: dict[str, str] | None = None) -> dict:
+    """One JSON object: models, the matrix, verdicts, backfill curves, data and timings."""
+    descriptions = descriptions or {}
+    models: dict[str, dict] = {}
+    for name in ("old", "new", "bct", "l2", "mixbct", "side"):
+        stage = stages.get(name, {})
+        models[name] = {"description": descriptions.get(name, ""), "network": stage.get("network"),
+                        "steps": stage.get("steps"), "loss": stage.get("loss"),
+                        "lfw_accuracy": stage.get("lfw_accuracy"), "train_seconds": stage.get("seconds"),
+                        "path": str(stage["model"]) if "model" in stage else None}
+    fct = stages.get("fct", {})
+    models["fct"] = {"description": descriptions.get("fct", ""), "network": "fct", "steps": fct.get("steps"),
+                     "held_out_cos_h_new": fct.get("cos_h_new"),
+                     "held_out_cos_old_new": fct.get("cos_old_new"), "train_seconds": fct.get("seconds"),
+                     "path": fct["outputs"][0] if fct.get("outputs") else None}
+    seconds = {name: stage.get("seconds") for name, stage in stages.items()}
+    return {
+        "models": models, "old": OLD, "independent": INDEPENDENT,
+        "matrix": evaluation["matrix"],
+        "ecc": evaluation["ecc"], "ecc_detail": evaluation["ecc_detail"], "ecc_fars": evaluation["ecc_fars"],
+        "update_gain": evaluation["update_gain"], "cross_cell": evaluation["cross_cell"],
+        "pairs": evaluation.get("pairs"), "impostor_pairs": evaluation.get("impostor_pairs"),
+        "backfill": backfill["orderings"], "backfill_stored": backfill["stored"],
+        "backfill_query": backfill["query"], "backfill_items": backfill.get("num_items"),
+        "backfill_baseline": backfill.get("baseline"),
+        "data": {k: v for k, v in stages.get("data", {}).items() if k not in ("outputs", "seconds")},
+        "size": _size_dict(size),
+        "seconds": seconds, "total_seconds": round(sum(s for s in seconds.values() if s), 1),
+    }
+
+
+def _size_dict(size: Any) -> dict | None:
+    if size is None:
+        return None
+    fields = getattr(size, "__dataclass_fields__", None)
+    if fields is None:
+        return dict(size)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+            ((f, getattr(size, f)) for f in fields)}
+
+
+# -------------------------------------------------------------------------------------- formatting
+def _pct(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * 100:.2f}"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> list[str]:
+    align = align or "l" + "r" * (len(head) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    return ["| " + " | ".join(r) + " |" for r in [list(head), sep, *[list(r) for r in rows]]]
+
+
+def _tar(report: dict, cell: str, far_key: str) -> float | None:
+    return report["matrix"].get(cell, {}).get("1:1", {}).get("tar_at_far", {}).get(far_key)
+
+
+def _rank1(report: dict, cell: str) -> float | None:
+    """Mean rank-1 over the galleries (G1, G2) of a cell."""
+    galleries = report["matrix"].get(cell, {}).get("1:N", {})
+    values = [g["cmc"]["1"] for g in galleries.values()]
+    return sum(values) / len(values) if values else None
+
+
+def _far_label(key: str) -> str:
+    return key.replace("e-0", "e-")
+
+
+def verdict_lines(report: dict) -> list[str]:
+    """One sentence per candidate: does its cross test beat the old model's own, and by how much."""
+    first = report["ecc_fars"][0]
+    old = _tar(report, "old|old", first)
+    lines = []
+    for name, holds in report["ecc"].items():
+        cell = report["cross_cell"][name]
+        gain = report["update_gain"].get(name)
+        what = "the old gallery upgraded by FCT" if name == "fct" else "the old gallery"
+        gain_text = "" if gain is None else f"; update gain {gain:+.2f}"
+        lines.append(f"- **{name}**: {'compatible' if holds else 'NOT compatible'} — {cell} (its queries "
+                     f"against {what}) reaches TAR {_pct(_tar(report, cell, first))}% at FAR "
+                     f"{_far_label(first)}, {'above' if holds else 'not above'} old|old "
+                     f"{_pct(old)}%{gain_text}.")
+    return lines
+
+
+def compatibility_table(report: dict) -> list[str]:
+    fars = report["ecc_fars"]
+    head = ["model", "cross test", *[f"TAR@{_far_label(f)}" for f in fars], "old\\|old", "ECC",
+            "update gain", "self TAR", "rank-1 cross", "what it is"]
+    rows = []
+    for name in report["ecc"]:
+        cell = report["cross_cell"][name]
+        self_cell = "new|new" if name == "fct" else f"{name}|{name}"
+        gain = report["update_gain"].get(name)
+        rows.append([name, cell.replace("|", "\\|"), *[_pct(_tar(report, cell, f)) for f in fars],
+                     _pct(_tar(report, "old|old", fars[0])), "holds" if report["ecc"][name] else "**fails**",
+                     "–" if gain is None else f"{gain:+.3f}", _pct(_tar(report, self_cell, fars[0])),
+                     _pct(_rank1(report, cell)), report["models"].get(name, {}).get("description", "")])
+    return _table(head, rows, "ll" + "r" * len(fars) + "rlrrrl")
+
+
+def matrix_table(report: dict, names: Sequence[str], value) -> list[str]:
+    head = ["query \\ gallery", *names]
+    rows = [[q, *[_pct(value(f"{q}|{g}")) for g in names]] for q in names]
+    return _table(head, rows)
+
+
+def backfill_table(report: dict, metric: str = "rank1") -> list[str]:
+    curves = dict(report["backfill"])
+    base = (report.get("backfill_baseline") or {}).get("orderings", {})
+    columns = {f"{report['backfill_stored']}, {k}": c for k, c in curves.items()}
+    columns.update({f"{report['backfill_baseline']['stored']}, {k}": c for k, c in base.items()})
+    fractions = next(iter(columns.values()))["fractions"]
+    rows = [[f"{f:.2f}", *[_pct(c["metric"][metric][i]) for c in columns.values()]]
+            for i, f in enumerate(fractions)]
+    sd = {name: f" ± {c['area_sd'][metric] * 100:.2f}" if "area_sd" in c else ""
+          for name, c in columns.items()}
+    rows.append(["**area**", *[_pct(c["area"][metric]) + sd[name] for name, c in columns.items()]])
+    return _table(["backfilled", *columns], rows)
+
+
+def format_report(report: dict) -> str:
+    first = report["ecc_fars"][0]
+    names = [n for n in ("old", "new", "bct", "l2", "mixbct") if n in report["models"]]
+    data = report.get("data", {})
+    ijbc, train = data.get("ijbc", {}), data.get("train", {})
+    lines = ["# Model upgrade compatibility report", ""]
+    if train:
+        lines += [f"Synthetic data: {train.get('classes')} training identities ({train.get('images')} "
+                  f"images); IJB-C-style test set of {ijbc.get('subjects')} subjects, "
+                  f"{ijbc.get('templates')} templates, "
+                  f"{report.get('pairs')} 1:1 pairs ({report.get('impostor_pairs')} impostor), "
+                  f"{ijbc.get('probes')} 1:N probes. Total time {report['total_seconds']:.0f} s.", ""]
+    lines += ["## Verdicts", "",
+              "A new model is compatible (ECC) when its queries against the old gallery verify better than "
+              "the old model against itself: TAR(new|old) > TAR(old|old) at every FAR below. The update gain "
+              "puts the cross test on the scale from old|old (0) to the independent new model's own new|new "
+              "(1). "
+              f"FAR {_far_label(first)} is the smallest with at least 20 impostor pairs above the threshold "
+              "on this test set.", "", *verdict_lines(report), "",
+              "## Compatibility against the old gallery", "", *compatibility_table(report), "",
+              "Cross test: the first template of each pair and the 1:N probes use the first model, the "
+              "second template and the gallery the second (DESIGN §5). *self TAR*: the model against itself "
+              "(new|new for fct: what re-extracting the whole gallery would give). *rank-1 cross*: 1:N "
+              "rank-1 of the cross test, mean of galleries G1 and G2.", "",
+              f"## 1:1 TAR @ FAR {_far_label(first)} (%), every query × gallery", "",
+              *matrix_table(report, names, lambda c: _tar(report, c, first)), "",
+              "## 1:N rank-1 (%), mean of G1 and G2", "",
+              *matrix_table(report, names, lambda c: _rank1(report, c)), "",
+              "![ROC of the self and cross tests](roc.png)", "",
+              "## Backfilling the upgraded gallery", "",
+              f"The gallery ({report.get('backfill_items')} faces) starts as stored ("
+              f"{report['backfill_stored']}: h(old, side-info); old: old features) and is re-embedded with "
+              f"the {report['backfill_query']} model a share at a time, in each order; 1:N rank-1 (%) of the "
+              f"{report['backfill_query']} model's probes. Area = mean over the backfilled share.", "",
+              *backfill_table(report), "", "![Backfill curves](backfill.png)", "",
+              "## Models", ""]
+    rows = []
+    for name, m in report["models"].items():
+        fit = "" if m.get("held_out_cos_h_new") is None else \
+            f"held-out cos(h, new) {m['held_out_cos_h_new']:.3f} (old→new {m['held_out_cos_old_new']:.3f})"
+        lfw = "" if m.get("lfw_accuracy") is None else f"{m['lfw_accuracy'] * 100:.1f}"
+        rows.append([name, m.get("description", ""), str(m.get("network") or ""), str(m.get("steps") or ""),
+                     "" if m.get("train_seconds") is None else f"{m['train_seconds']:.0f}", lfw, fit])
+    lines += [*_table(["model", "what it is", "network", "steps", "seconds", "lfw acc %", "fit"], rows,
+                      "lllrrrl"), ""]
+    lines += ["Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()
+                                             if v is not None), ""]
+    return "\n".join(lines)
+
+
+def format_summary(report: dict) -> str:
+    """The stdout view: the compatibility table as plain text."""
+    fars = report["ecc_fars"]
+    head = ["model", "cross", *[f"TAR@{_far_label(f)}" for f in fars], "old|old", "ECC", "gain", "self"]
+    rows = [head]
+    for name, holds in report["ecc"].items():
+        cell = report["cross_cell"][name]
+        gain = report["update_gain"].get(name)
+        rows.append([name, cell, *[_pct(_tar(report, cell, f)) for f in fars],
+                     _pct(_tar(report, "old|old", fars[0])), "holds" if holds else "FAILS",
+                     "-" if gain is None else f"{gain:+.3f}",
+                     _pct(_tar(report, "new|new" if name == "fct" else f"{name}|{name}", fars[0]))])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    text = ["  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
+    return "\n".join(["compatibility with the old gallery (IJB-C-style 1:1, TAR %):", *text])
+
+
+__all__ = ["build_report", "format_report", "format_summary", "verdict_lines"]
