@@ -365,3 +365,15 @@ def test_torchrun_two_ranks_equals_one_process(setup, cross, tmp_path):
     assert res["1:1"]["num_pairs"] == single["matrix"]["old|old"]["1:1"]["num_pairs"]
     for key, value in single["matrix"]["old|old"]["1:1"]["tar_at_far_strict"].items():
         assert res["1:1"]["tar_at_far_strict"][key] == pytest.approx(value, abs=0.02)
+
+
+def test_network_names_a_weights_file_and_leaves_run_directories_alone(setup, tmp_path):
+    from facecompat.eval.catalog import EvalCatalog, resolve_model
+
+    run_dir = setup["runs"]["old"]
+    weights = tmp_path / "zoo.pt"
+    shutil.copy(run_dir / "model.pt", weights)
+    catalog = EvalCatalog()
+    # a run directory next to a weights file of another network: each keeps its own
+    assert resolve_model(str(run_dir), catalog, network="r50").network == NETWORK
+    assert resolve_model(str(weights), catalog, network="r50").network == "r50"

@@ -18,6 +18,7 @@ from facecompat.eval import metrics
 from facecompat.quickstart import CANDIDATES, MODELS, STAGES, headline_far, run_quickstart
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(900)  # the first test also runs the whole tiny quickstart (minutes)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -167,3 +168,21 @@ def test_cli_checks_every_recipe_before_training(tmp_path):
     assert "keep_ratoi" in out.stderr and "synthetic_mixbct.yaml" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w" / "data").exists() and not (tmp_path / "w" / "runs").exists()
+
+
+def test_on_a_gpu_the_recipes_use_dali_and_bf16_and_the_sizes_grow(tmp_path):
+    from facecompat.config import load_config
+    from facecompat.quickstart import RECIPES, SIZES, QuickstartContext, _training_overrides, pick_size
+
+    gpu = QuickstartContext(tmp_path, SIZES["large"], None, False, device="cuda")
+    cpu = QuickstartContext(tmp_path, SIZES["small"], None, False, device="cpu")
+    for name, recipe in RECIPES.items():
+        on_gpu = load_config(REPO / "configs" / recipe, _training_overrides(gpu, name, 1))
+        on_cpu = load_config(REPO / "configs" / recipe, _training_overrides(cpu, name, 1))
+        assert (on_gpu.data.loader, on_gpu.model.precision) == ("auto", "auto")
+        assert (on_cpu.data.loader, on_cpu.model.precision) == ("torch", "fp32")
+    assert on_gpu.model.network == "r18-w0.25" and on_cpu.model.network == "r18-w0.0625"  # side: old's
+    assert SIZES["large"].data["num_ids"] > SIZES["small"].data["num_ids"] > SIZES["tiny"].data["num_ids"]
+    assert pick_size("auto") == "small"  # no CUDA here
+    with pytest.raises(ValueError, match="huge"):
+        pick_size("huge")

@@ -8,4 +8,7 @@ cd "$repo"
 echo "[test] ruff"
 "$venv/bin/ruff" check facecompat tools tests
 echo "[test] pytest"
-"$venv/bin/python" -m pytest -q "$@"
+# Two workers, a test file each at a time (module fixtures are built once), one math thread each:
+# the many subprocess and torchrun tests wait on start-up while the other worker computes.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+"$venv/bin/python" -m pytest -q -n "${FACECOMPAT_TEST_WORKERS:-2}" --dist loadfile "$@"

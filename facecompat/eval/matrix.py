@@ -305,15 +305,20 @@ def save_figure(fig, ax, path: str | os.PathLike, title: str) -> Path:
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str) -> Path:
-    """ROC curves (TAR vs FAR, log FAR axis from 1e-6) of the cells, written atomically as PNG."""
+    """ROC curves (TAR vs FAR) of the cells, written atomically as PNG. The log FAR axis starts at
+    1e-6 (IJB-C's 15.6M impostor pairs resolve it), or at the decade of the smallest FAR the
+    curves resolve when they have fewer impostors."""
     fig, ax = new_figure()
+    smallest = 1.0
     for key, (fpr, tpr) in curves.items():
         query, gallery = key.split("|")
         style = "-" if query == gallery else "--"
         ok = fpr > 0
+        if ok.any():
+            smallest = min(smallest, float(fpr[ok].min()))
         ax.plot(fpr[ok], tpr[ok], style, lw=1.5, label=f"{query} vs {gallery} gallery")
     ax.set_xscale("log")
-    ax.set_xlim(1e-6, 1.0)
+    ax.set_xlim(max(1e-6, 10.0 ** math.floor(math.log10(smallest))) if smallest < 1.0 else 1e-6, 1.0)
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("FAR (false accept rate)")
     ax.set_ylabel("TAR (true accept rate)")
