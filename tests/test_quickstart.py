@@ -186,3 +186,20 @@ def test_on_a_gpu_the_recipes_use_dali_and_bf16_and_the_sizes_grow(tmp_path):
     assert pick_size("auto") == "small"  # no CUDA here
     with pytest.raises(ValueError, match="huge"):
         pick_size("huge")
+
+
+def test_ctrl_c_says_how_to_resume_and_keeps_finished_stages(tmp_path):
+    import signal
+    import time
+
+    work = tmp_path / "w"
+    proc = subprocess.Popen([sys.executable, "tools/quickstart.py", "--size", "tiny", "--work-dir", str(work),
+                             "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (work / "stages.json").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # the data stage is recorded: the old model is training now
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "quickstart: interrupted; run the same command again to resume" in err
+    assert list(json.loads((work / "stages.json").read_text())["stages"]) == ["data"]

@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             WeightsError, ValueError, OSError) as exc:
         print(f"quickstart: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nquickstart: interrupted; run the same command again to resume ({args.work_dir}/stages.json "
+              "keeps what is done)", file=sys.stderr)
+        return 130
     import json
     from pathlib import Path
 
