@@ -314,17 +314,6 @@ def compatibility(results: dict, fars: list[float]) -> dict:
     return verdicts
 
 
-def _backfill_curves(meta, query, stored, new_feats, fractions, orders: dict) -> dict:
-    from facecompat.index import backfill
-
-    curves = {}
-    for name, runs in orders.items():
-        found = [backfill.backfill_curve(meta, query, stored, new_feats, order, fractions) for order in runs]
-        curve = backfill.average_curves(found) if len(found) > 1 else found[0]
-        curves[name] = {k: curve[k] for k in ("fractions", "metric", "area", "area_sd") if k in curve}
-    return curves
-
-
 def stage_backfill(ctx: QuickstartContext) -> dict:
     """The FCT-upgraded gallery backfilled with the new model (random, uncertainty, distance order),
     and the old gallery in random order: 1:N metrics per backfilled fraction; ``backfill.png``."""
@@ -336,17 +325,15 @@ def stage_backfill(ctx: QuickstartContext) -> dict:
     feats = _features(ctx, ["new", "old", "fct"], uncertainty)
     fractions = backfill.check_fractions(ctx.size.fractions)
     query = ijb.pool(meta, np.asarray(feats["new"]))
-    seeds = range(ctx.size.random_runs)
-
-    def orders(kind: str, stored: np.ndarray) -> list[np.ndarray]:
-        return [backfill.backfill_order(kind, meta, uncertainty=uncertainty.get("fct"), gallery_stored=stored,
-                                        seed=s) for s in (seeds if kind == "random" else [0])]
-
     kinds = ["random", "distance"] + (["uncertainty"] if "fct" in uncertainty else [])
-    fct = _backfill_curves(meta, query, feats["fct"], feats["new"], fractions,
-                           {k: orders(k, feats["fct"]) for k in kinds})
-    old = _backfill_curves(meta, query, feats["old"], feats["new"], fractions,
-                           {"random": orders("random", feats["old"])})
+
+    def curves(stored: np.ndarray, orderings: list[str]) -> dict:
+        found = backfill.ordering_curves(meta, query, stored, feats["new"], orderings, fractions,
+                                         uncertainty=uncertainty.get("fct"), random_runs=ctx.size.random_runs)
+        return {name: {k: c[k] for k in ("fractions", "metric", "area", "area_sd") if k in c}
+                for name, c in found.items()}
+
+    fct, old = curves(feats["fct"], kinds), curves(feats["old"], ["random"])
     out = {"stored": "fct", "query": "new", "orderings": fct, "baseline": {"stored": "old", "orderings": old},
            "num_items": int(backfill.gallery_items(meta).size)}
     path = ctx.eval_dir / "backfill.json"

@@ -115,17 +115,10 @@ def run(args: argparse.Namespace, log) -> dict:
     if "uncertainty" in orderings and var is None:
         raise ValueError(f"--orderings uncertainty: --stored {args.stored} predicts no uncertainty "
                          "(it is not an FCT transformation trained with transform.uncertainty)")
-    query = ijb.pool(meta, np.asarray(feats[args.query]))
-    curves = {}
-    for name in orderings:
-        runs = []
-        for seed in range(args.seed, args.seed + (args.random_runs if name == "random" else 1)):
-            order = backfill.backfill_order(name, meta, uncertainty=var, gallery_stored=feats[args.stored],
-                                            seed=seed)
-            log(f"backfill ordering {name}" + (f" (seed {seed})" if name == "random" else ""))
-            runs.append(backfill.backfill_curve(meta, query, feats[args.stored], feats[args.query], order,
-                                                fractions, use_faiss=args.faiss, progress=log))
-        curves[name] = backfill.average_curves(runs) if len(runs) > 1 else runs[0]
+    new = np.asarray(feats[args.query])
+    curves = backfill.ordering_curves(meta, new, feats[args.stored], new, orderings, fractions,
+                                      uncertainty=var, seed=args.seed, random_runs=args.random_runs,
+                                      use_faiss=args.faiss, progress=log)
     names = {role: (s.source if hasattr(s, "source") else str(s)) for role, s in
              (("query", specs[args.query]), ("stored", specs[args.stored]))}
     return {"target": target, "query": args.query, "stored": args.stored, "sources": names,

@@ -304,6 +304,29 @@ def average_curves(curves: Sequence[dict]) -> dict:
     return out
 
 
+def ordering_curves(meta: ijb.IJBMeta, probe_feats_new: np.ndarray | ijb.Pooled, gallery_stored: np.ndarray,
+                    gallery_new: np.ndarray, orderings: Sequence[str],
+                    fractions: Sequence[float] | np.ndarray = DEFAULT_FRACTIONS, *,
+                    uncertainty: np.ndarray | None = None, seed: int = 0, random_runs: int = 1,
+                    use_faiss: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """``{ordering: curve}``: :func:`backfill_curve` for each ordering; ``random`` is the
+    :func:`average_curves` of ``random_runs`` seeds from ``seed`` on (the spread of one seed's curve
+    is large on small galleries), the others are deterministic."""
+    if isinstance(probe_feats_new, np.ndarray):
+        probe_feats_new = ijb.pool(meta, probe_feats_new)
+    curves = {}
+    for name in orderings:
+        runs = []
+        for s in range(seed, seed + (random_runs if name == "random" else 1)):
+            order = backfill_order(name, meta, uncertainty=uncertainty, gallery_stored=gallery_stored, seed=s)
+            if progress:
+                progress(f"backfill ordering {name}" + (f" (seed {s})" if name == "random" else ""))
+            runs.append(backfill_curve(meta, probe_feats_new, gallery_stored, gallery_new, order, fractions,
+                                       use_faiss=use_faiss, progress=progress))
+        curves[name] = average_curves(runs) if len(runs) > 1 else runs[0]
+    return curves
+
+
 # ------------------------------------------------------------------------------------------- plot
 def plot_backfill(curves: Mapping[str, dict], path: str | os.PathLike, metric: str = "rank1",
                   title: str | None = None) -> Path:
