@@ -151,6 +151,7 @@ def _training_overrides(ctx: QuickstartContext, name: str, epochs: int) -> list[
             f"data.batch_size={size.batch_size}", f"model.network={network}",
             f"model.embedding_size={size.embedding_size}", f"optim.lr={size.lr}",
             f"train.output={ctx.runs}", f"train.exp_name={name}", f"train.epochs={epochs}",
+            # lfw once, at the end (the trainer always verifies last when val_every > 0)
             "train.val_every=1000000", f"compat.old.checkpoint={ctx.runs / 'old'}",
             # the synthetic recipes pin the CPU settings; on a GPU: DALI decode and bf16 autocast
             *(["data.loader=auto", "model.precision=auto"] if ctx.on_gpu else []),
