@@ -104,6 +104,7 @@ def test_the_independent_model_is_incompatible_and_mixbct_moves_into_the_old_spa
     assert report["update_gain"]["mixbct"] > report["update_gain"]["new"] + 0.3
 
 
+@pytest.mark.timeout(3600)  # 11 minutes with two math threads, 16 with one (tools/test.sh's workers)
 @pytest.mark.skipif(not os.environ.get("FACECOMPAT_SLOW"),
                     reason="the README's size, about 12 minutes on 2 cores: FACECOMPAT_SLOW=1 runs it")
 def test_small_quickstart_holds_ecc_for_mixbct_and_not_for_the_independent_model(tmp_path):
