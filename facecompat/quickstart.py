@@ -299,20 +299,9 @@ def compatibility(results: dict, fars: list[float]) -> dict:
     """ECC verdicts and update gains (DESIGN §5) of new/bct/l2/mixbct against the old gallery, and of
     the FCT-upgraded gallery: for ``fct`` the cross test is new|fct, the new model's queries against
     the old gallery after h, judged by the same rule against old|old."""
-    from facecompat.eval import matrix, metrics
+    from facecompat.eval import matrix
 
-    verdicts = matrix.compatibility(results, ["new", "bct", "l2", "mixbct"], "old", "new", fars)
-    key = metrics.far_key
-    old = {key(f): results["old|old"]["1:1"]["tar_at_far"][key(f)] for f in fars}
-    cross = {key(f): results["new|fct"]["1:1"]["tar_at_far"][key(f)] for f in fars}
-    detail = {k: {"cross": cross[k], "old": old[k], "holds": bool(cross[k] > old[k])} for k in old}
-    verdicts["ecc_detail"]["fct"] = detail
-    verdicts["ecc"]["fct"] = all(d["holds"] for d in detail.values())
-    first = key(fars[0])
-    span = results["new|new"]["1:1"]["tar_at_far"][first] - old[first]
-    verdicts["update_gain"]["fct"] = (cross[first] - old[first]) / span if span > 0 else None
-    verdicts["cross_cell"] = {**{m: f"{m}|old" for m in verdicts["ecc"] if m != "fct"}, "fct": "new|fct"}
-    return verdicts
+    return matrix.compatibility(results, list(CANDIDATES), "old", "new", fars, cross_cells={"fct": "new|fct"})
 
 
 def stage_backfill(ctx: QuickstartContext) -> dict:

@@ -19,7 +19,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -145,40 +145,44 @@ def _brief(cell: dict) -> str:
 
 # ---------------------------------------------------------------------------------- compatibility
 def compatibility(results: dict, candidates: Sequence[str], old: str, independent: str | None = None,
-                  ecc_fars: Sequence[float] = (1e-4,)) -> dict:
+                  ecc_fars: Sequence[float] = (1e-4,), cross_cells: Mapping[str, str] | None = None) -> dict:
     """ECC verdicts and update gains of ``candidates`` against the ``old`` gallery (1:1 TAR).
 
     ECC holds for m iff TAR(m|old) > TAR(old|old) at every FAR of ``ecc_fars``. The update gain
     uses the first FAR of ``ecc_fars``; it is None without ``independent`` or when the independent
     model is no better than the old one (a zero or negative denominator means nothing).
+    ``cross_cells`` names another cross cell for a candidate, e.g. ``{"fct": "new|fct"}``: an FCT
+    transformation is judged by the new model's queries against the gallery it upgraded.
 
     Returns:
         ``{"ecc": {m: bool}, "ecc_detail": {m: {far_key: {"cross", "old", "holds"}}},
-        "update_gain": {m: float | None}, "old", "independent", "ecc_fars"}``.
+        "update_gain": {m: float | None}, "cross_cell": {m: "q|g"}, "old", "independent", "ecc_fars"}``.
     """
-    def tar(q: str, g: str, far: float) -> float:
-        key = cell_key(q, g)
+    def tar(key: str, far: float) -> float:
         if key not in results or "1:1" not in results[key]:
             raise KeyError(f"cell {key} was not evaluated")
         return results[key]["1:1"]["tar_at_far"][metrics.far_key(far)]
 
     out: dict = {"old": old, "independent": independent, "ecc_fars": [metrics.far_key(f) for f in ecc_fars],
-                 "ecc": {}, "ecc_detail": {}, "update_gain": {}}
+                 "ecc": {}, "ecc_detail": {}, "update_gain": {}, "cross_cell": {}}
     headline = ecc_fars[0]
+    base = cell_key(old, old)
     for m in candidates:
         if m == old:
             continue
+        cell = (cross_cells or {}).get(m, cell_key(m, old))
         detail = {}
         for far in ecc_fars:
-            cross, base = tar(m, old, far), tar(old, old, far)
-            detail[metrics.far_key(far)] = {"cross": cross, "old": base, "holds": bool(cross > base)}
+            cross, own = tar(cell, far), tar(base, far)
+            detail[metrics.far_key(far)] = {"cross": cross, "old": own, "holds": bool(cross > own)}
+        out["cross_cell"][m] = cell
         out["ecc_detail"][m] = detail
         out["ecc"][m] = all(d["holds"] for d in detail.values())
         gain = None
         if independent is not None:
-            denominator = tar(independent, independent, headline) - tar(old, old, headline)
+            denominator = tar(cell_key(independent, independent), headline) - tar(base, headline)
             if denominator > 0:
-                gain = (tar(m, old, headline) - tar(old, old, headline)) / denominator
+                gain = (tar(cell, headline) - tar(base, headline)) / denominator
         out["update_gain"][m] = gain
     return out
 
