@@ -52,3 +52,13 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         tool.main(["--steps", "0"])
     assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_default_methods_are_every_registered_one():
+    from facecompat.compat.base import list_methods
+
+    tool = load_tool(TOOL, "bench_compat_tool")
+    assert tool.build_parser().parse_args([]).methods == "all"
+    assert tool.selected_methods("all") == ["none", *list_methods()]
+    assert set(list_methods()) >= {"bct", "l2", "mixbct", "lce", "advbct"}
+    assert tool.selected_methods("bct, l2,") == ["bct", "l2"]

@@ -16,14 +16,13 @@ import sys
 
 from facecompat.cli import OneLineParser, positive_int
 
-ALL_METHODS = "none,bct,l2,mixbct,lce,advbct"
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="bench_compat.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=ALL_METHODS,
-                        help=f"comma-separated method names; none is always measured (default {ALL_METHODS})")
+    parser.add_argument("--methods", default="all",
+                        help="comma-separated method names; none is always measured (default: all, every "
+                             "registered method, plug-ins included)")
     parser.add_argument("--network", default="r18", help="backbone name (default r18)")
     parser.add_argument("--embedding-size", type=positive_int, default=512)
     parser.add_argument("--batch-size", type=positive_int, default=128, help="per rank (default 128)")
@@ -58,6 +57,16 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def selected_methods(text: str) -> list[str]:
+    """``--methods``: the names given, or for ``all`` every registered method (plug-ins included)."""
+    methods = [name.strip() for name in text.split(",") if name.strip()]
+    if methods == ["all"]:
+        from facecompat.compat.base import list_methods
+
+        return ["none", *list_methods()]
+    return methods
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from facecompat.cli import run_collective
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    methods = selected_methods(args.methods)
     status, rank, result = run_collective(lambda: bench_compat_step(
         methods, network=args.network, embedding_size=args.embedding_size, batch_size=args.batch_size,
         num_classes=args.num_classes, num_records=args.num_records, sample_rate=args.sample_rate,
