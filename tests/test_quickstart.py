@@ -66,6 +66,9 @@ def test_report_json_has_the_design_schema(tiny):
             assert gallery["cmc"]["1"] <= gallery["cmc"]["5"] <= gallery["cmc"]["10"]
     assert set(report["ecc"]) == set(CANDIDATES) and all(isinstance(v, bool) for v in report["ecc"].values())
     assert set(report["update_gain"]) == set(CANDIDATES)
+    genuine = report["pairs"] - report["impostor_pairs"]
+    assert set(report["ecc_margin"]) == set(CANDIDATES)
+    assert all(m["genuine"] == genuine and isinstance(m["close"], bool) for m in report["ecc_margin"].values())
     assert set(report["backfill"]) == {"random", "distance", "uncertainty"}
     for curve in report["backfill"].values():
         assert set(curve) >= {"fractions", "metric", "area"}

@@ -33,7 +33,7 @@ def build_report(stages: dict, evaluation: dict, backfill: dict, *, size: Any = 
                      "held_out_cos_old_new": fct.get("cos_old_new"), "train_seconds": fct.get("seconds"),
                      "path": fct["outputs"][0] if fct.get("outputs") else None}
     seconds = {name: stage.get("seconds") for name, stage in stages.items()}
-    return {
+    report = {
         "models": models, "old": OLD, "independent": INDEPENDENT,
         "matrix": evaluation["matrix"],
         "ecc": evaluation["ecc"], "ecc_detail": evaluation["ecc_detail"], "ecc_fars": evaluation["ecc_fars"],
@@ -47,6 +47,8 @@ def build_report(stages: dict, evaluation: dict, backfill: dict, *, size: Any = 
         "size": _size_dict(size),
         "seconds": seconds, "total_seconds": round(sum(s for s in seconds.values() if s), 1),
     }
+    report["ecc_margin"] = {name: ecc_margin(report, name) for name in report["ecc"]}
+    return report
 
 
 def _size_dict(size: Any) -> dict | None:
@@ -85,6 +87,25 @@ def _far_label(key: str) -> str:
     return key.replace("e-0", "e-")
 
 
+def ecc_margin(report: dict, name: str) -> dict | None:
+    """How far ``name``'s cross TAR is from old|old at the verdict FAR, in genuine pairs, next to one
+    binomial standard error of old|old's TAR (sqrt(G p (1-p)) pairs); None without pair counts."""
+    pairs, impostors = report.get("pairs"), report.get("impostor_pairs")
+    first = report["ecc_fars"][0]
+    cross, old = _tar(report, report["cross_cell"][name], first), _tar(report, "old|old", first)
+    if pairs is None or impostors is None or cross is None or old is None or pairs <= impostors:
+        return None
+    genuine = pairs - impostors
+    se = math.sqrt(genuine * old * (1.0 - old))
+    diff = round((cross - old) * genuine)
+    return {"pairs": diff, "genuine": genuine, "se_pairs": se, "close": abs(diff) < max(se, 1.0)}
+
+
+def _close_text(margin: dict) -> str:
+    return (f"margin is {abs(margin['pairs'])} of {margin['genuine']} genuine pairs, less than one binomial "
+            f"standard error ({margin['se_pairs']:.1f} pairs): too close to call on this test set")
+
+
 def verdict_lines(report: dict) -> list[str]:
     """One sentence per candidate: does its cross test beat the old model's own, and by how much."""
     first = report["ecc_fars"][0]
@@ -95,10 +116,12 @@ def verdict_lines(report: dict) -> list[str]:
         gain = report["update_gain"].get(name)
         what = "the old gallery upgraded by FCT" if name == "fct" else "the old gallery"
         gain_text = "" if gain is None else f"; update gain {gain:+.2f}"
+        margin = ecc_margin(report, name)
+        close = "" if margin is None or not margin["close"] else f" The {_close_text(margin)}."
         lines.append(f"- **{name}**: {'compatible' if holds else 'NOT compatible'} — {cell} (its queries "
                      f"against {what}) reaches TAR {_pct(_tar(report, cell, first))}% at FAR "
                      f"{_far_label(first)}, {'above' if holds else 'not above'} old|old "
-                     f"{_pct(old)}%{gain_text}.")
+                     f"{_pct(old)}%{gain_text}.{close}")
     return lines
 
 
@@ -207,8 +230,10 @@ def format_summary(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip()
             for r in rows]
+    notes = [f"{name}: {_close_text(m)}" for name in report["ecc"]
+             if (m := ecc_margin(report, name)) is not None and m["close"]]
     return "\n".join([f"compatibility with the old gallery (IJB-C-style 1:1, TAR %; ECC and gain at FAR "
-                      f"{_far_label(first)}):", *text])
+                      f"{_far_label(first)}):", *text, *notes])
 
 
-__all__ = ["build_report", "format_report", "format_summary", "verdict_lines"]
+__all__ = ["build_report", "ecc_margin", "format_report", "format_summary", "verdict_lines"]

@@ -1,0 +1,48 @@
+"""facecompat.eval.report: how close a verdict is, in genuine pairs, and where the report says so."""
+
+from __future__ import annotations
+
+import math
+
+from facecompat.eval.report import ecc_margin, format_summary, verdict_lines
+
+FAR = "1e-02"
+
+
+def _report(tars: dict[str, float], pairs: int | None = 1200, impostors: int | None = 1000) -> dict:
+    old = tars["old|old"]
+    ecc = {"new": tars["new|old"] > old, "mixbct": tars["mixbct|old"] > old}
+    return {"ecc_fars": [FAR], "fars": [FAR], "ecc": ecc,
+            "cross_cell": {"new": "new|old", "mixbct": "mixbct|old"},
+            "update_gain": {name: 0.0 for name in ecc},
+            "matrix": {cell: {"1:1": {"tar_at_far": {FAR: tar}}} for cell, tar in tars.items()},
+            "pairs": pairs, "impostor_pairs": impostors}
+
+
+def test_margin_counts_genuine_pairs_against_one_binomial_standard_error():
+    # 200 genuine pairs, old|old accepts 100 (se = sqrt(200 * 0.5 * 0.5) = 7.07 pairs)
+    report = _report({"old|old": 0.5, "new|old": 0.1, "mixbct|old": 0.515})
+    close = ecc_margin(report, "mixbct")
+    assert close["pairs"] == 3 and close["genuine"] == 200 and close["close"]
+    assert math.isclose(close["se_pairs"], math.sqrt(50))
+    far = ecc_margin(report, "new")
+    assert far["pairs"] == -80 and not far["close"]
+    report["matrix"]["mixbct|old"]["1:1"]["tar_at_far"][FAR] = 0.54  # 8 pairs: beyond one se
+    assert not ecc_margin(report, "mixbct")["close"]
+
+
+def test_close_verdicts_are_flagged_in_the_sentences_and_the_summary():
+    report = _report({"old|old": 0.5, "new|old": 0.1, "mixbct|old": 0.505})
+    lines = verdict_lines(report)
+    mix = next(line for line in lines if line.startswith("- **mixbct**"))
+    assert "compatible" in mix and "margin is 1 of 200 genuine pairs" in mix and "too close to call" in mix
+    assert "too close" not in next(line for line in lines if line.startswith("- **new**"))
+    summary = format_summary(report).splitlines()
+    assert summary[-1].startswith("mixbct: margin is 1 of 200 genuine pairs")
+    assert sum("too close" in line for line in summary) == 1
+
+
+def test_no_pair_counts_no_margin():
+    report = _report({"old|old": 0.5, "new|old": 0.1, "mixbct|old": 0.505}, pairs=None, impostors=None)
+    assert ecc_margin(report, "mixbct") is None
+    assert not any("too close" in line for line in [*verdict_lines(report), format_summary(report)])
