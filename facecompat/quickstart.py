@@ -298,10 +298,15 @@ def stage_evaluate(ctx: QuickstartContext) -> dict:
 def compatibility(results: dict, fars: list[float]) -> dict:
     """ECC verdicts and update gains (DESIGN §5) of new/bct/l2/mixbct against the old gallery, and of
     the FCT-upgraded gallery: for ``fct`` the cross test is new|fct, the new model's queries against
-    the old gallery after h, judged by the same rule against old|old."""
+    the old gallery after h, judged by the same rule against old|old. ``ecc`` is the 1:1 verdict at
+    ``fars``; ``ecc_search`` the 1:N one (rank-1)."""
     from facecompat.eval import matrix
 
-    return matrix.compatibility(results, list(CANDIDATES), "old", "new", fars, cross_cells={"fct": "new|fct"})
+    cross = {"fct": "new|fct"}
+    out = matrix.compatibility(results, list(CANDIDATES), "old", "new", fars, cross_cells=cross)
+    # the same rule in 1:N search (rank-1, mean of G1 and G2): the deployment a gallery serves
+    out["ecc_search"] = matrix.search_compatibility(results, list(CANDIDATES), "old", cross_cells=cross)
+    return out
 
 
 def stage_backfill(ctx: QuickstartContext) -> dict:

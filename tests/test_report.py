@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
+from facecompat.eval.matrix import search_compatibility
 from facecompat.eval.report import ecc_margin, format_summary, verdict_lines
 
 FAR = "1e-02"
@@ -46,3 +49,28 @@ def test_no_pair_counts_no_margin():
     report = _report({"old|old": 0.5, "new|old": 0.1, "mixbct|old": 0.505}, pairs=None, impostors=None)
     assert ecc_margin(report, "mixbct") is None
     assert not any("too close" in line for line in [*verdict_lines(report), format_summary(report)])
+
+
+def _with_search(report: dict, rank1: dict[str, float]) -> dict:
+    for cell, r in rank1.items():  # G1 and G2 a point apart, mean = r
+        report["matrix"].setdefault(cell, {})["1:N"] = {"G1": {"cmc": {"1": r - 0.01}},
+                                                        "G2": {"cmc": {"1": r + 0.01}}}
+    report["ecc_search"] = search_compatibility(report["matrix"], ["new", "mixbct"], "old")
+    return report
+
+
+def test_search_ecc_compares_mean_rank1_with_old_old():
+    report = _with_search(_report({"old|old": 0.5, "new|old": 0.1, "mixbct|old": 0.49}),
+                          {"old|old": 0.80, "new|old": 0.05, "mixbct|old": 0.90})
+    search = report["ecc_search"]
+    assert search["mixbct"] == {"cell": "mixbct|old", "cross": pytest.approx(0.90),
+                                "old": pytest.approx(0.80), "holds": True}
+    assert not search["new"]["holds"]
+    # 1:1 fails, 1:N holds: both are said
+    mix = next(line for line in verdict_lines(report) if line.startswith("- **mixbct**"))
+    assert mix.startswith("- **mixbct**: NOT compatible") and "In 1:N search it holds: rank-1 90.00%" in mix
+    row = next(line for line in format_summary(report).splitlines() if line.startswith("mixbct"))
+    assert row.split()[-2:] == ["90.00", "holds"] and "FAILS" in row.split()
+    assert "ECC against old|old's 80.00" in format_summary(report).splitlines()[0]
+    with pytest.raises(KeyError, match="cell l2\\|old has no 1:N results"):
+        search_compatibility(report["matrix"], ["l2"], "old")

@@ -187,6 +187,29 @@ def compatibility(results: dict, candidates: Sequence[str], old: str, independen
     return out
 
 
+
+def search_compatibility(results: dict, candidates: Sequence[str], old: str,
+                         cross_cells: Mapping[str, str] | None = None, rank: str = "1") -> dict:
+    """ECC in 1:N search (DESIGN §5 with M = CMC rank-``rank``, mean over the galleries G1, G2):
+    ``{m: {"cell", "cross", "old", "holds"}}``, holds iff M(m|old) > M(old|old). Cells are named
+    as in :func:`compatibility`."""
+    def mean_rank(key: str) -> float:
+        galleries = results.get(key, {}).get("1:N")
+        if not galleries:
+            raise KeyError(f"cell {key} has no 1:N results")
+        return float(np.mean([g["cmc"][rank] for g in galleries.values()]))
+
+    own = mean_rank(cell_key(old, old))
+    out = {}
+    for m in candidates:
+        if m == old:
+            continue
+        cell = (cross_cells or {}).get(m, cell_key(m, old))
+        cross = mean_rank(cell)
+        out[m] = {"cell": cell, "cross": cross, "old": own, "holds": bool(cross > own)}
+    return out
+
+
 # ------------------------------------------------------------------------------------------ tables
 def _pct(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * 100:.2f}"

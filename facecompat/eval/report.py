@@ -39,6 +39,7 @@ def build_report(stages: dict, evaluation: dict, backfill: dict, *, size: Any = 
         "ecc": evaluation["ecc"], "ecc_detail": evaluation["ecc_detail"], "ecc_fars": evaluation["ecc_fars"],
         "fars": evaluation.get("fars", evaluation["ecc_fars"]),
         "update_gain": evaluation["update_gain"], "cross_cell": evaluation["cross_cell"],
+        "ecc_search": evaluation.get("ecc_search"),
         "pairs": evaluation.get("pairs"), "impostor_pairs": evaluation.get("impostor_pairs"),
         "backfill": backfill["orderings"], "backfill_stored": backfill["stored"],
         "backfill_query": backfill["query"], "backfill_items": backfill.get("num_items"),
@@ -118,10 +119,14 @@ def verdict_lines(report: dict) -> list[str]:
         gain_text = "" if gain is None else f"; update gain {gain:+.2f}"
         margin = ecc_margin(report, name)
         close = "" if margin is None or not margin["close"] else f" The {_close_text(margin)}."
+        search = (report.get("ecc_search") or {}).get(name)
+        search_text = "" if search is None else (
+            f" In 1:N search it {'holds' if search['holds'] else 'fails'}: rank-1 {_pct(search['cross'])}% "
+            f"against old|old's {_pct(search['old'])}%.")
         lines.append(f"- **{name}**: {'compatible' if holds else 'NOT compatible'} — {cell} (its queries "
                      f"against {what}) reaches TAR {_pct(_tar(report, cell, first))}% at FAR "
                      f"{_far_label(first)}, {'above' if holds else 'not above'} old|old "
-                     f"{_pct(old)}%{gain_text}.{close}")
+                     f"{_pct(old)}%{gain_text}.{close}{search_text}")
     return lines
 
 
@@ -129,7 +134,7 @@ def compatibility_table(report: dict) -> list[str]:
     fars = report.get("fars", report["ecc_fars"])
     first = report["ecc_fars"][0]
     head = ["model", "cross test", *[f"TAR@{_far_label(f)}" for f in fars], f"old\\|old@{_far_label(first)}",
-            "ECC", "update gain", "self TAR", "rank-1 cross", "what it is"]
+            "ECC", "update gain", "self TAR", "rank-1 cross", "1:N ECC", "what it is"]
     rows = []
     for name in report["ecc"]:
         cell = report["cross_cell"][name]
@@ -139,8 +144,14 @@ def compatibility_table(report: dict) -> list[str]:
                      _pct(_tar(report, "old|old", report["ecc_fars"][0])),
                      "holds" if report["ecc"][name] else "**fails**",
                      "–" if gain is None else f"{gain:+.3f}", _pct(_tar(report, self_cell, first)),
-                     _pct(_rank1(report, cell)), report["models"].get(name, {}).get("description", "")])
-    return _table(head, rows, "ll" + "r" * len(fars) + "rlrrrl")
+                     _pct(_rank1(report, cell)), _search_verdict(report, name, "**fails**"),
+                     report["models"].get(name, {}).get("description", "")])
+    return _table(head, rows, "ll" + "r" * len(fars) + "rlrrrll")
+
+
+def _search_verdict(report: dict, name: str, fails: str) -> str:
+    search = (report.get("ecc_search") or {}).get(name)
+    return "–" if search is None else "holds" if search["holds"] else fails
 
 
 def matrix_table(report: dict, names: Sequence[str], value) -> list[str]:
@@ -217,8 +228,9 @@ def format_summary(report: dict) -> str:
     """The stdout view: the compatibility table as plain text (verdicts at ``ecc_fars[0]``)."""
     fars = report.get("fars", report["ecc_fars"])
     first = report["ecc_fars"][0]
+    search = report.get("ecc_search") or {}
     head = ["model", "cross", *[f"TAR@{_far_label(f)}" for f in fars],
-            f"old|old@{_far_label(first)}", "ECC", "gain", "self"]
+            f"old|old@{_far_label(first)}", "ECC", "gain", "self", *(["rank-1", "1:N ECC"] if search else [])]
     rows = [head]
     for name, holds in report["ecc"].items():
         cell = report["cross_cell"][name]
@@ -226,14 +238,20 @@ def format_summary(report: dict) -> str:
         self_cell = "new|new" if name == "fct" else f"{name}|{name}"
         rows.append([name, cell, *[_pct(_tar(report, cell, f)) for f in fars],
                      _pct(_tar(report, "old|old", first)), "holds" if holds else "FAILS",
-                     "-" if gain is None else f"{gain:+.3f}", _pct(_tar(report, self_cell, first))])
+                     "-" if gain is None else f"{gain:+.3f}", _pct(_tar(report, self_cell, first)),
+                     *([_pct(search[name]["cross"]), _search_verdict(report, name, "FAILS")]
+                       if search else [])])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip()
             for r in rows]
     notes = [f"{name}: {_close_text(m)}" for name in report["ecc"]
              if (m := ecc_margin(report, name)) is not None and m["close"]]
-    return "\n".join([f"compatibility with the old gallery (IJB-C-style 1:1, TAR %; ECC and gain at FAR "
-                      f"{_far_label(first)}):", *text, *notes])
+    title = (f"compatibility with the old gallery (IJB-C-style 1:1, TAR %; ECC and gain at FAR "
+             f"{_far_label(first)}")
+    if search:
+        own = next(iter(search.values()))["old"]
+        title += f"; 1:N: rank-1 %, mean of G1 and G2, ECC against old|old's {_pct(own)}"
+    return "\n".join([title + "):", *text, *notes])
 
 
 __all__ = ["build_report", "ecc_margin", "format_report", "format_summary", "verdict_lines"]
