@@ -187,25 +187,32 @@ def compatibility(results: dict, candidates: Sequence[str], old: str, independen
     return out
 
 
+def mean_rank(results: dict, key: str, rank: str = "1") -> float | None:
+    """CMC rank-``rank`` of cell ``key`` averaged over its galleries (G1, G2); None without 1:N."""
+    galleries = results.get(key, {}).get("1:N")
+    if not galleries:
+        return None
+    return float(np.mean([g["cmc"][rank] for g in galleries.values()]))
+
 
 def search_compatibility(results: dict, candidates: Sequence[str], old: str,
                          cross_cells: Mapping[str, str] | None = None, rank: str = "1") -> dict:
     """ECC in 1:N search (DESIGN §5 with M = CMC rank-``rank``, mean over the galleries G1, G2):
     ``{m: {"cell", "cross", "old", "holds"}}``, holds iff M(m|old) > M(old|old). Cells are named
     as in :func:`compatibility`."""
-    def mean_rank(key: str) -> float:
-        galleries = results.get(key, {}).get("1:N")
-        if not galleries:
+    def search(key: str) -> float:
+        value = mean_rank(results, key, rank)
+        if value is None:
             raise KeyError(f"cell {key} has no 1:N results")
-        return float(np.mean([g["cmc"][rank] for g in galleries.values()]))
+        return value
 
-    own = mean_rank(cell_key(old, old))
+    own = search(cell_key(old, old))
     out = {}
     for m in candidates:
         if m == old:
             continue
         cell = (cross_cells or {}).get(m, cell_key(m, old))
-        cross = mean_rank(cell)
+        cross = search(cell)
         out[m] = {"cell": cell, "cross": cross, "old": own, "holds": bool(cross > own)}
     return out
 

@@ -13,6 +13,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from facecompat.eval.matrix import mean_rank
+
 OLD, INDEPENDENT = "old", "new"
 
 
@@ -78,10 +80,7 @@ def _tar(report: dict, cell: str, far_key: str) -> float | None:
 
 
 def _rank1(report: dict, cell: str) -> float | None:
-    """Mean rank-1 over the galleries (G1, G2) of a cell."""
-    galleries = report["matrix"].get(cell, {}).get("1:N", {})
-    values = [g["cmc"]["1"] for g in galleries.values()]
-    return sum(values) / len(values) if values else None
+    return mean_rank(report["matrix"], cell)
 
 
 def _far_label(key: str) -> str:
