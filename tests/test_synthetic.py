@@ -17,7 +17,7 @@ import pytest
 from facecompat.data.pairs_bin import decode_pairs, load_pairs_bin
 from facecompat.data.recordio import RecordReader
 from facecompat.data.synthetic import Conditions, Identity, render_face, rng_for
-from facecompat.data.synthetic_ijb import CSV_HEADER
+from facecompat.data.synthetic_ijb import CSV_HEADER, plan_ijbc
 from facecompat.data.synthetic_sets import (
     DOMAINS,
     SyntheticError,
@@ -165,19 +165,43 @@ def test_ijbc_meta_is_consistent(outputs: tuple[Path, Path]) -> None:
     probe_subjects = {subject_of[t] for t, s in source.items() if s == "probe"}
     assert g1 and g2 and not g1 & g2
     assert g1 | g2 <= probe_subjects and probe_subjects - g1 - g2  # mated and non-mated probes
-    for t1, t2, label in d["pairs"].tolist():
-        assert t1 in template_of and t2 in template_of and t1 < t2
+    enrolled = {t for t, s in source.items() if s in ("G1", "G2")}
+    probes = {t for t, s in source.items() if s == "probe"}
+    for t1, t2, label in d["pairs"].tolist():  # IJB-C: enrolled template first, probe second
+        assert t1 in enrolled and t2 in probes, (t1, t2)
         assert (subject_of[t1] == subject_of[t2]) == bool(label)
-    genuine = {(a, b) for a, b in itertools.combinations(sorted(subject_of), 2)
+    genuine = {(a, b) for a, b in itertools.product(sorted(enrolled), sorted(probes))
                if subject_of[a] == subject_of[b]}
     assert {(a, b) for a, b, lab in d["pairs"].tolist() if lab} == genuine
     assert len(d["pairs"]) == len({(a, b) for a, b, _ in d["pairs"].tolist()})
     num_genuine = len(genuine)
-    assert len(d["pairs"]) - num_genuine == SPEC.impostors_per_genuine * num_genuine
+    assert len(d["pairs"]) - num_genuine == min(SPEC.impostors_per_genuine * num_genuine,
+                                                len(enrolled) * len(probes) - num_genuine)
     media_frames = {}
     for _, _, mid in d["faces"]:
         media_frames[mid] = media_frames.get(mid, 0) + 1
     assert max(media_frames.values()) > 1  # some media are videos
+
+
+@pytest.mark.parametrize("subjects, impostors_per_genuine", [(3, 30), (12, 30), (12, 2), (41, 5)])
+def test_ijbc_pairs_put_the_enrolled_template_first_and_a_probe_second(subjects: int,
+                                                                         impostors_per_genuine: int) -> None:
+    spec = dataclasses.replace(SPEC, ijbc_subjects=subjects, impostors_per_genuine=impostors_per_genuine)
+    plan = plan_ijbc(spec)
+    enrolled = {t for tids in plan.galleries.values() for t in tids}
+    probes = set(plan.probes)
+    t1, t2, label = plan.pairs.T
+    assert set(t1.tolist()) <= enrolled and set(t2.tolist()) <= probes
+    subject = plan.template_subject
+    assert [subject[a] == subject[b] for a, b in zip(t1.tolist(), t2.tolist())] == label.astype(bool).tolist()
+    assert 0 < label.sum() < len(label)  # genuine and impostor pairs
+    # every probe of an enrolled subject meets that subject's gallery template
+    gallery_of = {subject[t]: t for t in enrolled}
+    want = {(gallery_of[subject[p]], p) for p in probes if subject[p] in gallery_of}
+    assert {(a, b) for a, b, lab in plan.pairs.tolist() if lab} == want
+    num_impostor_cells = len(enrolled) * len(probes) - len(want)
+    assert len(label) - len(want) == min(impostors_per_genuine * len(want), num_impostor_cells)
+    assert len({(a, b) for a, b, _ in plan.pairs.tolist()}) == len(label)
 
 
 def test_test_identities_are_not_training_identities() -> None:

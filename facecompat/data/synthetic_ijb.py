@@ -4,7 +4,9 @@
     loose_crop/<n>.jpg                    unaligned face crops (n = 1, 2, ...), varying sizes
     meta/ijbc_face_tid_mid.txt            "<image> <template_id> <media_id>" per face
     meta/ijbc_name_5pts_score.txt         "<image> x1 y1 ... x5 y5 <detector_score>" per face
-    meta/ijbc_template_pair_label.txt     "<t1> <t2> <label>": every genuine template pair and
+    meta/ijbc_template_pair_label.txt     "<t1> <t2> <label>": t1 a gallery template (G1 or G2),
+                                          t2 a probe template, as in the real file; every probe
+                                          meets its subject's gallery template (genuine), and
                                           sampled impostor pairs
     meta/ijbc_1N_gallery_G1.csv, ..._G2.csv, ijbc_1N_probe_mixed.csv
         header TEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID,FACE_X,FACE_Y,FACE_WIDTH,FACE_HEIGHT,
@@ -81,27 +83,34 @@ def plan_ijbc(spec: SyntheticSpec) -> IJBCPlan:
     for subject in range(1, n + 1):  # probe templates: 1-2 media, half of them videos
         for _ in range(int(rng.integers(1, 4))):
             plan.probes.append(add_template(subject, int(rng.integers(1, 3)), 0.5, 1.2))
-    plan.pairs = _pairs(plan.template_subject, spec.impostors_per_genuine, rng)
+    plan.pairs = _pairs(plan, spec.impostors_per_genuine, rng)
     return plan
 
 
-def _pairs(template_subject: dict[int, int], impostors_per_genuine: int,
-           rng: np.random.Generator) -> np.ndarray:
-    """Every genuine template pair, plus impostor pairs sampled without repetition."""
-    tids = np.array(sorted(template_subject))
-    subj = np.array([template_subject[t] for t in tids])
-    genuine = [(int(a), int(b)) for s in np.unique(subj) for i, a in enumerate(tids[subj == s])
-               for b in tids[subj == s][i + 1:]]
-    num_pairs = len(tids) * (len(tids) - 1) // 2
-    want = min(impostors_per_genuine * max(1, len(genuine)), num_pairs - len(genuine))
+def _pairs(plan: IJBCPlan, impostors_per_genuine: int, rng: np.random.Generator) -> np.ndarray:
+    """IJB-C's 1:1 pairs: the first template enrolled (G1 or G2), the second a probe template.
+
+    Genuine: every probe template with its subject's gallery template, where the subject is
+    enrolled (probe-probe and gallery-gallery pairs never occur, as in the real file). Impostors:
+    ``impostors_per_genuine`` per genuine pair, sampled without repetition among the (gallery,
+    probe) combinations of different subjects, or all of them when there are fewer.
+    """
+    gallery = np.array(sorted(t for tids in plan.galleries.values() for t in tids), dtype=np.int64)
+    probes = np.array(sorted(plan.probes), dtype=np.int64)
+    gallery_subj = np.array([plan.template_subject[t] for t in gallery.tolist()])
+    probe_subj = np.array([plan.template_subject[t] for t in probes.tolist()])
+    same = gallery_subj[:, None] == probe_subj[None, :]
+    genuine = [(int(gallery[i]), int(probes[j])) for i, j in zip(*np.nonzero(same))]
+    want = min(impostors_per_genuine * max(1, len(genuine)), int((~same).sum()))
     impostors: set[tuple[int, int]] = set()
-    while len(impostors) < want:
-        a, b = rng.integers(0, len(tids), (2, 2 * (want - len(impostors)) + 16))
-        for i, j in zip(a.tolist(), b.tolist()):
-            if subj[i] != subj[j] and len(impostors) < want:
-                impostors.add((int(tids[min(i, j)]), int(tids[max(i, j)])))
-    rows = [(a, b, 1) for a, b in genuine] + [(a, b, 0) for a, b in impostors]
-    return np.array(sorted(rows), dtype=np.int64).reshape(-1, 3)
+    while len(impostors) < want:  # rejection sampling: never materialises all combinations
+        rows = rng.integers(0, len(gallery), 2 * (want - len(impostors)) + 16)
+        cols = rng.integers(0, len(probes), rows.size)
+        for i, j in zip(rows.tolist(), cols.tolist()):
+            if not same[i, j] and len(impostors) < want:
+                impostors.add((int(gallery[i]), int(probes[j])))
+    pairs = [(a, b, 1) for a, b in genuine] + [(a, b, 0) for a, b in impostors]
+    return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 3)
 
 
 def _render_media(media: Media, spec: SyntheticSpec) -> list[tuple[bytes, np.ndarray, float, float]]:
