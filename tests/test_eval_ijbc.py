@@ -80,7 +80,10 @@ def _subject_features(meta: ijb.IJBMeta, seed: int = 0, dim: int = 16, noise: fl
 
 
 def _reference_scores(meta: ijb.IJBMeta, query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
-    """insightface's eval_ijbc.py, loop for loop: score-weighted faces, media mean, template sum, L2."""
+    """insightface's eval_ijbc.py pooling, loop for loop (score-weighted faces, media mean, template
+    sum, L2), crossed as the public cross-model evaluator's ``verification_11(gallery feats, ...,
+    query feats, ..., p1, p2)``: the first pair column from the gallery model, the second from the
+    query model."""
     def pool(feats):
         feats = feats.astype(np.float64) * meta.det_scores[:, None]
         out = {}
@@ -92,7 +95,7 @@ def _reference_scores(meta: ijb.IJBMeta, query: np.ndarray, gallery: np.ndarray)
         return out
 
     q, g = pool(query), pool(gallery)
-    return np.array([q[a] @ g[b] for a, b in zip(meta.pair_t1.tolist(), meta.pair_t2.tolist())])
+    return np.array([g[a] @ q[b] for a, b in zip(meta.pair_t1.tolist(), meta.pair_t2.tolist())])
 
 
 @pytest.fixture(scope="module")

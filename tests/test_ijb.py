@@ -194,6 +194,56 @@ def test_evaluate_perfect_and_random(synthetic_tiny: Path) -> None:
         ijb.evaluate_1to1(meta, good[:-1])
 
 
+def _two_sided_meta(rng: np.random.Generator) -> ijb.IJBMeta:
+    """IJB-C's shape in miniature: 6 enrolled templates (G1, G2) in the pair file's first column,
+    12 probe templates in its second, one face per media, two medias per template."""
+    enrolled, probes = np.arange(1, 7), np.arange(101, 113)
+    subject = {t: t for t in enrolled} | {p: 1 + (p - 101) % 6 for p in probes}
+    t1, t2 = np.repeat(enrolled, probes.size), np.tile(probes, enrolled.size)
+    labels = np.array([subject[a] == subject[b] for a, b in zip(t1, t2)], np.int8)
+    templates = np.repeat(np.r_[enrolled, probes], 2)
+    n = templates.size
+    return ijb.IJBMeta("IJBC", np.array([f"{i}.jpg" for i in range(n)]), np.zeros((n, 5, 2), np.float32),
+                       rng.uniform(0.5, 1.0, n).astype(np.float32), templates.astype(np.int64),
+                       np.arange(n, dtype=np.int64), t1.astype(np.int64), t2.astype(np.int64), labels,
+                       galleries={"G1": ijb.Subjects(enrolled[:3], enrolled[:3]),
+                                  "G2": ijb.Subjects(enrolled[3:], enrolled[3:])},
+                       probes=ijb.Subjects(probes, np.array([subject[p] for p in probes])))
+
+
+def test_cross_cell_gallery_model_embeds_the_enrolled_column() -> None:
+    """Cell ``query|gallery``: the gallery model embeds each pair's first template (the enrolled side)
+    and the 1:N galleries, the query model the second template and the 1:N probes (DESIGN §5), as the
+    public cross-model evaluator's ``verification_11(old feats, ..., new feats, ..., p1, p2)``."""
+    rng = np.random.default_rng(3)
+    meta = _two_sided_meta(rng)
+    query = rng.standard_normal((meta.num_faces, 8)).astype(np.float32)
+    gallery = rng.standard_normal((meta.num_faces, 8)).astype(np.float32)
+    _, curves = ijb.evaluate_1to1(meta, query, gallery, return_curves=True)
+    t, q = _pool_reference(query, meta.template_ids, meta.media_ids, meta.det_scores)
+    _, g = _pool_reference(gallery, meta.template_ids, meta.media_ids, meta.det_scores)
+    row = {int(tid): k for k, tid in enumerate(t)}
+    r1 = np.array([row[int(a)] for a in meta.pair_t1])
+    r2 = np.array([row[int(b)] for b in meta.pair_t2])
+    expected = np.einsum("ij,ij->i", g[r1], q[r2])
+    reversed_ = np.einsum("ij,ij->i", q[r1], g[r2])
+    assert np.abs(expected - reversed_).max() > 0.1  # the two directions differ on this meta
+    np.testing.assert_allclose(curves["scores"], expected, atol=1e-5)
+    # TAR@FAR from an independent ROC of the expected scores
+    fpr, tpr, _ = metrics.roc_curve(expected, meta.pair_labels)
+    res = ijb.evaluate_1to1(meta, query, gallery)
+    assert res["tar_at_far"] == metrics.tar_at_far(fpr, tpr)
+    # 1:N: probes from the query model, galleries from the gallery model
+    one_n = ijb.evaluate_1toN(meta, query, gallery, ranks=(1,), fpirs=(0.1,), use_faiss=False)
+    for name, group in meta.galleries.items():
+        probe_rows = [row[int(p)] for p in meta.probes.template_ids]
+        sim = q[probe_rows] @ g[[row[int(x)] for x in group.template_ids]].T
+        mated = np.isin(meta.probes.subject_ids, group.subject_ids)
+        best = group.subject_ids[sim.argmax(1)]
+        rank1 = float((best == meta.probes.subject_ids)[mated].mean())
+        assert one_n[name]["cmc"]["1"] == pytest.approx(rank1)
+
+
 def test_ijbb_names(synthetic_tiny: Path, tmp_path: Path) -> None:
     src = synthetic_tiny / "IJBC" / "meta"
     dst = tmp_path / "IJBB" / "meta"

@@ -8,6 +8,7 @@ import pytest
 
 from facecompat.eval.matrix import search_compatibility
 from facecompat.eval.report import ecc_margin, format_summary, verdict_lines
+from facecompat.quickstart import SIZES, describe_models, variants
 
 FAR = "1e-02"
 
@@ -52,14 +53,14 @@ def test_no_pair_counts_no_margin():
 
 
 def _with_search(report: dict, rank1: dict[str, float]) -> dict:
-    for cell, r in rank1.items():  # G1 and G2 a point apart, mean = r
-        report["matrix"].setdefault(cell, {})["1:N"] = {"G1": {"cmc": {"1": r - 0.01}},
-                                                        "G2": {"cmc": {"1": r + 0.01}}}
+    for cell, r in rank1.items():  # G1 (30 mated probes) and G2 (10): pooled = r, the plain mean r + 0.01
+        report["matrix"].setdefault(cell, {})["1:N"] = {"G1": {"cmc": {"1": r - 0.01}, "num_mated": 30},
+                                                        "G2": {"cmc": {"1": r + 0.03}, "num_mated": 10}}
     report["ecc_search"] = search_compatibility(report["matrix"], ["new", "mixbct"], "old")
     return report
 
 
-def test_search_ecc_compares_mean_rank1_with_old_old():
+def test_search_ecc_compares_pooled_rank1_with_old_old():
     report = _with_search(_report({"old|old": 0.5, "new|old": 0.1, "mixbct|old": 0.49}),
                           {"old|old": 0.80, "new|old": 0.05, "mixbct|old": 0.90})
     search = report["ecc_search"]
@@ -74,3 +75,17 @@ def test_search_ecc_compares_mean_rank1_with_old_old():
     assert "ECC against old|old's 80.00" in format_summary(report).splitlines()[0]
     with pytest.raises(KeyError, match="cell l2\\|old has no 1:N results"):
         search_compatibility(report["matrix"], ["l2"], "old")
+
+
+def test_a_variant_is_named_wherever_its_numbers_appear():
+    """The quickstart's MixBCT runs other settings than the paper's recipe: the summary, report.md's
+    compatibility table and the model description say which."""
+    ran = variants(SIZES["small"])
+    assert sorted(ran["mixbct"]) == ["alpha=0.5", "head_init=old_means"] and "bct" not in ran
+    assert "variant: " in describe_models(SIZES["small"])["mixbct"]
+    report = _report({"old|old": 0.5, "new|old": 0.1, "mixbct|old": 0.6})
+    report["models"] = {"new": {"variant": None}, "mixbct": {"variant": ran["mixbct"]}}
+    note = format_summary(report).splitlines()[-1]
+    assert note.startswith("mixbct: variant ") and "alpha=0.5" in note and "head_init=old_means" in note
+    del report["models"]["mixbct"]["variant"]
+    assert "variant" not in format_summary(report)

@@ -30,14 +30,16 @@ orderings (--orderings, default: every one that applies):
                its uncertainty)
   distance     the faces whose stored feature lies farthest from their subject's mean first
 
-metrics: 1:N CMC rank-1/5/10 and TPIR at FPIR 1e-2 / 1e-1 (DESIGN §5), mean over the galleries
-(G1, G2); area = mean of the metric over f in [0, 1] (trapezoid). Outputs: a table per metric on
-stdout; --json {"query", "stored", "orderings": {name: {"fractions", "metric": {name: [..]},
-"area": {name: x}, "per_gallery", ...}}}; --png the curves of --metric.
+metrics: 1:N CMC rank-1/5/10 and TPIR at FPIR 1e-2 / 1e-1 (DESIGN §5), pooled over the galleries
+(G1, G2: hits over all their mated probes, as the public cross-model evaluator counts them);
+area = the plain mean of the metric over the evenly spaced fractions (FastFill's definition).
+Outputs: a table per metric on stdout; --json {"query", "stored", "orderings": {name: {"fractions",
+"metric": {name: [..]}, "area": {name: x}, "per_gallery", ...}}}; --png the curves of --metric.
 
 examples:
   python tools/backfill.py --config configs/eval_ijbc_synthetic.yaml --query new --stored old
-  python tools/backfill.py --query new --stored fct --orderings random,uncertainty --fractions 0,0.25,0.5,1
+  python tools/backfill.py --query new --stored fct --orderings random,uncertainty \
+      --fractions 0,0.25,0.5,0.75,1
 """
 
 ORDERINGS = ("random", "uncertainty", "distance")
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orderings", type=_orderings, metavar="A,B",
                    help="orderings to run (default: all that apply)")
     p.add_argument("--fractions", type=_fractions, metavar="F,...",
-                   help="backfilled fractions, from 0 to 1 (default 0, 0.1, ..., 1)")
+                   help="backfilled fractions, evenly spaced from 0 to 1 (default 0, 0.1, ..., 1)")
     p.add_argument("--seed", type=int, default=0, help="first seed of the random orderings (default 0)")
     p.add_argument("--random-runs", type=positive_int, default=5, metavar="N",
                    help="random orderings averaged (default 5): one seed decides little on small galleries")

@@ -36,8 +36,11 @@ models:
   torchrun split over the ranks) and cached as <cache_dir>/features/<name>/<target>.npy with a
   fingerprint (weights hash, network, flip, alignment, face list); a stale cache is re-extracted.
 
-cells (DESIGN §5): "A|B" = model A embeds every pair's first template and the 1:N probes, B the
-second template and the 1:N galleries. --query A --gallery B reports A|B, B|A, A|A and B|B;
+cells (DESIGN §5): "A|B" = query model A embeds every pair's second template (the probes) and the
+1:N probes; gallery model B embeds every pair's first template (IJB-C's enrolled side, the G1 and G2
+gallery templates) and the 1:N galleries, as the public cross-model evaluator does
+(verification_11(gallery feats, ..., query feats, ..., p1, p2)). A transformation (FCT) is a gallery:
+it upgrades the enrolled side. --query A --gallery B reports A|B, B|A, A|A and B|B;
 --matrix a,b,c every combination, plus ECC verdicts and update gains against --old (default
 "old") with --independent (default "new") as the reference new model.
 protocol (insightface's eval_ijbc.py): face feature x detector score, media mean, template sum,
@@ -48,7 +51,8 @@ the order of meta/<target>_name_5pts_score.txt, flip already fused, not score-we
 
 outputs: tables on stdout; --json OUT ({"1:1": {"tar_at_far": {"1e-06": ...}, ...}, "1:N": ...,
 "matrix": {"A|B": ...}, "ecc", "update_gain", "models", "skipped"}, fractions in [0, 1]);
---roc PNG; --save-scores DIR (pairs.npy and <query>__<gallery>.npy per cell).
+--roc PNG; --save-scores DIR (pairs.npy = [M, 3] t1, t2, label in pair-file order, and
+<query>__<gallery>.npy per cell: the score of gallery-model t1 against query-model t2).
 bad input (missing meta file or image, malformed line, unknown template, dimension or row-count
 mismatch) stops with one line and exit status 2; --allow-missing skips and counts instead.
 
@@ -80,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--query", metavar="MODEL", help="query model (catalog name or path); alone: self test")
     what.add_argument("--gallery", metavar="MODEL", help="gallery model for the cross test")
     what.add_argument("--matrix", type=_names, metavar="A,B,...", help="every query x gallery combination")
-    what.add_argument("--query-features", type=Path, metavar="NPY", help="precomputed query features")
-    what.add_argument("--gallery-features", type=Path, metavar="NPY", help="precomputed gallery features")
+    what.add_argument("--query-features", type=Path, metavar="NPY",
+                      help="precomputed features of the query model (it embeds the probes)")
+    what.add_argument("--gallery-features", type=Path, metavar="NPY",
+                      help="precomputed features of the gallery model (it embeds the enrolled side)")
     p.add_argument("--config", type=Path, metavar="YAML",
                    help=f"model catalog and defaults (default {DEFAULT_CATALOG} when it exists)")
     p.add_argument("--data-root", type=Path, metavar="DIR", help="holds <target>/meta and loose_crop")

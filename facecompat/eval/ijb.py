@@ -799,9 +799,9 @@ def pool_templates(features: np.ndarray, template_ids: np.ndarray, media_ids: np
 
 
 # ------------------------------------------------------------------------------------------ scores
-def score_pairs(query_feats: np.ndarray, gallery_feats: np.ndarray, index1: np.ndarray,
+def score_pairs(feats1: np.ndarray, feats2: np.ndarray, index1: np.ndarray,
                 index2: np.ndarray, block: int = 2048, min_density: float = 1 / 64) -> np.ndarray:
-    """Scores ``query_feats[index1[k]] . gallery_feats[index2[k]]`` of many template pairs.
+    """Scores ``feats1[index1[k]] . feats2[index2[k]]`` of many template pairs.
 
     IJB-C's pairs cover ~3% of the template x template matrix, so dense block products waste ~30x
     the work; instead every pair is one sampled dot product (``torch.sparse.sampled_addmm``: a CSR
@@ -818,8 +818,8 @@ def score_pairs(query_feats: np.ndarray, gallery_feats: np.ndarray, index1: np.n
     Pass the same array twice for a self test (no copy is made).
 
     Args:
-        query_feats: [T, D] templates of the first pair member (L2-normalised -> cosine).
-        gallery_feats: [T, D] templates of the second pair member, same template order.
+        feats1: [T, D] templates of each pair's first member (L2-normalised -> cosine).
+        feats2: [T, D] templates of each pair's second member, same template order.
         index1, index2: [M] template row indices.
         block: gallery templates per column band.
         min_density: below ``min_density * block**2`` pairs, score by row gathers.
@@ -827,18 +827,18 @@ def score_pairs(query_feats: np.ndarray, gallery_feats: np.ndarray, index1: np.n
     Returns:
         [M] scores in pair order: float64 when either input is float64, float32 otherwise.
     """
-    self_test = query_feats is gallery_feats
-    dtype = np.float64 if np.float64 in (np.asarray(query_feats).dtype, np.asarray(gallery_feats).dtype) \
+    self_test = feats1 is feats2
+    dtype = np.float64 if np.float64 in (np.asarray(feats1).dtype, np.asarray(feats2).dtype) \
         else np.float32
-    query_feats = np.ascontiguousarray(query_feats, dtype)
-    gallery_feats = query_feats if self_test else np.ascontiguousarray(gallery_feats, dtype)
-    if query_feats.shape != gallery_feats.shape:
-        raise ValueError(f"query {query_feats.shape} and gallery {gallery_feats.shape} feats differ")
+    feats1 = np.ascontiguousarray(feats1, dtype)
+    feats2 = feats1 if self_test else np.ascontiguousarray(feats2, dtype)
+    if feats1.shape != feats2.shape:
+        raise ValueError(f"first {feats1.shape} and second {feats2.shape} feats differ")
     # int32 indices: at IJB-C size every [M] int64 temporary is 125 MB
     index1, index2 = np.asarray(index1, np.int32).ravel(), np.asarray(index2, np.int32).ravel()
     if index1.shape != index2.shape:
         raise ValueError(f"index1 {index1.shape} and index2 {index2.shape} differ")
-    num_pairs, num_templates = index1.size, query_feats.shape[0]
+    num_pairs, num_templates = index1.size, feats1.shape[0]
     block = max(1, min(int(block), num_templates))
     num_bands = -(-num_templates // block)
     if num_pairs < max(min_density * block * block, 1) or num_pairs >= 2**32 or \
@@ -846,7 +846,7 @@ def score_pairs(query_feats: np.ndarray, gallery_feats: np.ndarray, index1: np.n
         scores = np.empty(num_pairs, dtype)
         for s in range(0, num_pairs, 65_536):
             e = min(s + 65_536, num_pairs)
-            np.einsum("ij,ij->i", query_feats[index1[s:e]], gallery_feats[index2[s:e]], out=scores[s:e])
+            np.einsum("ij,ij->i", feats1[index1[s:e]], feats2[index2[s:e]], out=scores[s:e])
         return scores
     import torch
 
@@ -861,7 +861,7 @@ def score_pairs(query_feats: np.ndarray, gallery_feats: np.ndarray, index1: np.n
     key |= np.arange(num_pairs, dtype=np.int64)
     key.sort()
     bounds = np.searchsorted(key, (np.arange(num_bands + 1, dtype=np.int64) * num_templates) << 32).tolist()
-    query_t, gallery_t = torch.from_numpy(query_feats), torch.from_numpy(gallery_feats)
+    feats1_t, feats2_t = torch.from_numpy(feats1), torch.from_numpy(feats2)
     scores = np.empty(num_pairs, dtype)
     scores_t = torch.from_numpy(scores)
     with warnings.catch_warnings():  # torch's note that beta=0 still multiplies (hence zero values)
@@ -877,14 +877,14 @@ def score_pairs(query_feats: np.ndarray, gallery_feats: np.ndarray, index1: np.n
             pair = part & 0xFFFFFFFF
             cols = index2[pair] - np.int32(c0)
             if e - s >= num_templates * width:  # denser than the band itself (repeats): one GEMM
-                scores[pair] = (query_feats @ gallery_feats[c0:c0 + width].T)[rows, cols]
+                scores[pair] = (feats1 @ feats2[c0:c0 + width].T)[rows, cols]
                 continue
             crow = torch.zeros(num_templates + 1, dtype=torch.int64)
             torch.cumsum(torch.bincount(torch.from_numpy(rows), minlength=num_templates), 0, out=crow[1:])
             pattern = torch.sparse_csr_tensor(crow, torch.from_numpy(cols.astype(np.int64)),
-                                              torch.zeros(e - s, dtype=query_t.dtype),  # 0 * NaN is NaN
+                                              torch.zeros(e - s, dtype=feats1_t.dtype),  # 0 * NaN is NaN
                                               size=(num_templates, width))
-            values = torch.sparse.sampled_addmm(pattern, query_t, gallery_t[c0:c0 + width].T, beta=0.0)
+            values = torch.sparse.sampled_addmm(pattern, feats1_t, feats2_t[c0:c0 + width].T, beta=0.0)
             scores_t.index_copy_(0, torch.from_numpy(pair), values.values())  # faster than numpy's
     return scores
 
@@ -964,36 +964,39 @@ def _float32_score_error(query: Pooled, gallery: Pooled) -> float:
     return 1.01 * ((dim + 3) * unit) * max(query.max_norm * gallery.max_norm, 1.0)
 
 
-def tar_from_scores(meta: IJBMeta, query: Pooled, gallery: Pooled, scores: np.ndarray, rows1: np.ndarray,
+def tar_from_scores(meta: IJBMeta, first: Pooled, second: Pooled, scores: np.ndarray, rows1: np.ndarray,
                     rows2: np.ndarray, fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray,
                     fars: Sequence[float] = metrics.DEFAULT_FARS) -> tuple[dict, dict]:
     """TAR@FAR (nearest point, strict) of float32 pair ``scores`` and their ROC, as insightface's
     float64 arithmetic gives them: pairs near each target FAR are re-scored from the float64
-    templates (:func:`~facecompat.eval.metrics.refine_tar_at_far`). Without float64 templates the
-    float32 ROC is read directly."""
-    if query.exact is None or gallery.exact is None:
+    templates of ``first`` (rows ``rows1``, the pairs' first column) and ``second`` (``rows2``)
+    (:func:`~facecompat.eval.metrics.refine_tar_at_far`). Without float64 templates the float32
+    ROC is read directly."""
+    if first.exact is None or second.exact is None:
         return metrics.tar_at_far(fpr, tpr, fars), metrics.tar_at_far_strict(fpr, tpr, fars)
-    q64, g64 = query.exact, gallery.exact
+    f64, s64 = first.exact, second.exact
 
     def exact_scores(idx: np.ndarray) -> np.ndarray:
-        return np.einsum("ij,ij->i", q64[rows1[idx]], g64[rows2[idx]])
+        return np.einsum("ij,ij->i", f64[rows1[idx]], s64[rows2[idx]])
 
     return metrics.refine_tar_at_far(scores, meta.pair_labels, fpr, thresholds, exact_scores,
-                                     _float32_score_error(query, gallery), fars)
+                                     _float32_score_error(first, second), fars)
 
 
 def verify_1to1(meta: IJBMeta, query: Pooled, gallery: Pooled | None = None,
                 fars: Sequence[float] = metrics.DEFAULT_FARS,
                 return_curves: bool = False) -> dict | tuple[dict, dict]:
-    """1:1 over the meta's pairs from pooled templates: pair first members from ``query``, second
-    members from ``gallery`` (None or ``query`` itself = self test). See :func:`evaluate_1to1`."""
+    """1:1 over the meta's pairs from pooled templates (DESIGN §5): each pair's first template
+    (IJB-C's enrolled side, the G1 ∪ G2 gallery templates) from ``gallery``, its second template
+    (the probe) from ``query``; ``gallery`` None or ``query`` itself = self test. See
+    :func:`evaluate_1to1`."""
     gallery = query if gallery is None else gallery
     _check_pair(query, gallery)
     i1, i2 = meta.pair_rows(query.templates)
-    gallery_feats = query.feats if gallery is query else gallery.feats
-    scores = score_pairs(query.feats, gallery_feats, i1, i2)
+    probe_feats = gallery.feats if gallery is query else query.feats  # the same array: a self test
+    scores = score_pairs(gallery.feats, probe_feats, i1, i2)
     fpr, tpr, thresholds = metrics.roc_curve(scores, meta.pair_labels)
-    tar, strict = tar_from_scores(meta, query, gallery, scores, i1, i2, fpr, tpr, thresholds, fars)
+    tar, strict = tar_from_scores(meta, gallery, query, scores, i1, i2, fpr, tpr, thresholds, fars)
     result = {"tar_at_far": tar, "tar_at_far_strict": strict,
               "auc": metrics.auc(fpr, tpr), "num_pairs": int(scores.size),
               "num_genuine": int(meta.pair_labels.sum())}
@@ -1009,8 +1012,10 @@ def evaluate_1to1(meta: IJBMeta, query_features: np.ndarray, gallery_features: n
 
     Args:
         meta: from :func:`load_ijb_meta`.
-        query_features: [N, D] face features of the model of each pair's first template.
-        gallery_features: [N, D] of the model of the second template (None = self test).
+        query_features: [N, D] face features of the query model, which embeds each pair's second
+            template (the probe side).
+        gallery_features: [N, D] of the gallery model, which embeds each pair's first template
+            (IJB-C's enrolled side); None = self test.
         fars: target FARs.
         score_weighting: weight faces by detector score before pooling (insightface default).
         return_curves: also return ``{"scores" [M] float32, "labels" [M] int8, "fpr", "tpr"}``.

@@ -5,11 +5,12 @@
     verdicts = compatibility(results, ["new", "bct"], old="old", independent="new")
     print(format_matrix(results, ["old", "new", "bct"], "IJBC"))
 
-A cell ``"A|B"`` is the cross-model test of DESIGN §5: model A embeds the first template of every
-1:1 pair and every 1:N probe, model B the second template and the 1:N galleries; ``"A|A"`` is A's
-self test. Compatibility (DESIGN §5): ECC holds for a new model m iff M(m, old) > M(old, old);
-update gain = (M(m, old) - M(old, old)) / (M(new*, new*) - M(old, old)) with new* the
-independently trained new model. M is 1:1 TAR at the ECC FARs (nearest-ROC-point convention).
+A cell ``"A|B"`` is the cross-model test of DESIGN §5: query model A embeds the second template
+of every 1:1 pair (the probe side) and every 1:N probe, gallery model B the first template
+(IJB-C's enrolled side, the G1 ∪ G2 templates) and the 1:N galleries; ``"A|A"`` is A's self test.
+Compatibility (DESIGN §5): ECC holds for a new model m iff M(m, old) > M(old, old); update
+gain = (M(m, old) - M(old, old)) / (M(new*, new*) - M(old, old)) with new* the independently
+trained new model. M is 1:1 TAR at the ECC FARs (nearest-ROC-point convention).
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def evaluate_cells(meta: ijb.IJBMeta, pooled: dict[str, ijb.Pooled], cells: Sequ
         pooled: model name -> :class:`~facecompat.eval.ijb.Pooled` (the same object for a self test).
         cells: (query, gallery) names.
         one_to_n: None = when the meta has the 1:N files.
-        scores_dir: also write ``<query>__<gallery>.npy`` (float32 1:1 scores in pair order) and
-            ``pairs.npy`` ([M, 3] int64: t1, t2, label) there.
+        scores_dir: also write ``<query>__<gallery>.npy`` (float32 1:1 scores in pair order: the
+            gallery model's t1 against the query model's t2) and ``pairs.npy`` ([M, 3] int64: t1,
+            t2, label) there.
         progress: called with one line per finished cell.
 
     Returns:
@@ -187,21 +189,22 @@ def compatibility(results: dict, candidates: Sequence[str], old: str, independen
     return out
 
 
-def mean_rank(results: dict, key: str, rank: str = "1") -> float | None:
-    """CMC rank-``rank`` of cell ``key`` averaged over its galleries (G1, G2); None without 1:N."""
+def pooled_rank(results: dict, key: str, rank: str = "1") -> float | None:
+    """CMC rank-``rank`` of cell ``key`` pooled over its galleries (G1, G2) as the public
+    cross-model evaluator does (:func:`metrics.pooled_over_galleries`); None without 1:N."""
     galleries = results.get(key, {}).get("1:N")
     if not galleries:
         return None
-    return float(np.mean([g["cmc"][rank] for g in galleries.values()]))
+    return metrics.pooled_over_galleries(galleries, lambda g: g["cmc"][rank])
 
 
 def search_compatibility(results: dict, candidates: Sequence[str], old: str,
                          cross_cells: Mapping[str, str] | None = None, rank: str = "1") -> dict:
-    """ECC in 1:N search (DESIGN §5 with M = CMC rank-``rank``, mean over the galleries G1, G2):
+    """ECC in 1:N search (DESIGN §5 with M = CMC rank-``rank``, pooled over the galleries G1, G2):
     ``{m: {"cell", "cross", "old", "holds"}}``, holds iff M(m|old) > M(old|old). Cells are named
     as in :func:`compatibility`."""
     def search(key: str) -> float:
-        value = mean_rank(results, key, rank)
+        value = pooled_rank(results, key, rank)
         if value is None:
             raise KeyError(f"cell {key} has no 1:N results")
         return value

@@ -15,7 +15,7 @@ Result keys: FARs are formatted by :func:`far_key` (``format(x, ".0e")``: ``"1e-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -410,3 +410,20 @@ def identification(similarity: np.ndarray, probe_subjects: np.ndarray, gallery_s
     mated, best_true, best_other, rank = _open_set_scores(similarity, probe_subjects, gallery_subjects)
     return {"cmc": _cmc_from(mated, rank, ranks),
             "tpir_at_fpir": _tpir_from(mated, best_true, best_other, rank, fpirs)}
+
+
+def pooled_over_galleries(per_gallery: Mapping[str, Mapping], value: Callable[[Mapping], float]) -> float:
+    """A 1:N rate over several galleries (IJB-C's G1 and G2) as the public cross-model evaluator
+    pools it (DESIGN §5): the hits in every gallery over all mated probes of all of them, i.e. each
+    gallery's ``value(result)`` weighted by its ``num_mated`` probes -- not the plain mean of the
+    galleries' rates. NaN when no gallery has a mated probe.
+
+    Args:
+        per_gallery: gallery name -> one gallery's 1:N result (with ``num_mated``).
+        value: the rate read from a gallery's result, e.g. ``lambda r: r["cmc"]["1"]``.
+    """
+    results = list(per_gallery.values())
+    weights = np.array([r["num_mated"] for r in results], np.float64)
+    if not results or weights.sum() == 0:
+        return float("nan")
+    return float(np.dot(weights, [value(r) for r in results]) / weights.sum())

@@ -13,22 +13,27 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from facecompat.eval.matrix import mean_rank
+from facecompat.eval.matrix import pooled_rank
 
 OLD, INDEPENDENT = "old", "new"
 
 
 def build_report(stages: dict, evaluation: dict, backfill: dict, *, size: Any = None,
-                 descriptions: dict[str, str] | None = None) -> dict:
-    """One JSON object: models, the matrix, verdicts, backfill curves, data and timings."""
-    descriptions = descriptions or {}
+                 descriptions: dict[str, str] | None = None,
+                 variants: dict[str, list[str]] | None = None) -> dict:
+    """One JSON object: models, the matrix, verdicts, backfill curves, data and timings.
+
+    ``variants``: per model the method settings that differ from its recipe (``["alpha=0.5", ...]``),
+    kept as ``models[name]["variant"]`` and named under every table of its numbers."""
+    descriptions, variants = descriptions or {}, variants or {}
     models: dict[str, dict] = {}
     for name in ("old", "new", "bct", "l2", "mixbct", "side"):
         stage = stages.get(name, {})
         models[name] = {"description": descriptions.get(name, ""), "network": stage.get("network"),
                         "steps": stage.get("steps"), "loss": stage.get("loss"),
                         "lfw_accuracy": stage.get("lfw_accuracy"), "train_seconds": stage.get("seconds"),
-                        "path": str(stage["model"]) if "model" in stage else None}
+                        "path": str(stage["model"]) if "model" in stage else None,
+                        "variant": variants.get(name)}
     fct = stages.get("fct", {})
     models["fct"] = {"description": descriptions.get("fct", ""), "network": "fct", "steps": fct.get("steps"),
                      "held_out_cos_h_new": fct.get("cos_h_new"),
@@ -80,7 +85,7 @@ def _tar(report: dict, cell: str, far_key: str) -> float | None:
 
 
 def _rank1(report: dict, cell: str) -> float | None:
-    return mean_rank(report["matrix"], cell)
+    return pooled_rank(report["matrix"], cell)
 
 
 def _far_label(key: str) -> str:
@@ -193,13 +198,15 @@ def format_report(report: dict) -> str:
               f"FAR {_far_label(first)} is the smallest with at least 20 impostor pairs above the threshold "
               "on this test set.", "", *verdict_lines(report), "",
               "## Compatibility against the old gallery", "", *compatibility_table(report), "",
-              "Cross test: the first template of each pair and the 1:N probes use the first model, the "
-              "second template and the gallery the second (DESIGN §5). *self TAR*: the model against itself "
+              *[f"- {line}" for line in variant_notes(report)], *([""] if variant_notes(report) else []),
+              "Cross test: the first model embeds the probes (each pair's second template, the 1:N probes), "
+              "the second model the enrolled side (each pair's first template, the 1:N galleries; "
+              "DESIGN §5). *self TAR*: the model against itself "
               "(new|new for fct: what re-extracting the whole gallery would give). *rank-1 cross*: 1:N "
-              "rank-1 of the cross test, mean of galleries G1 and G2.", "",
+              "rank-1 of the cross test, galleries G1 and G2 pooled (hits over all mated probes).", "",
               f"## 1:1 TAR @ FAR {_far_label(first)} (%), every query × gallery", "",
               *matrix_table(report, names, lambda c: _tar(report, c, first)), "",
-              "## 1:N rank-1 (%), mean of G1 and G2", "",
+              "## 1:N rank-1 (%), G1 and G2 pooled", "",
               *matrix_table(report, names, lambda c: _rank1(report, c)), "",
               "![ROC of the self and cross tests](roc.png)", "",
               "## Backfilling the upgraded gallery", "",
@@ -221,6 +228,12 @@ def format_report(report: dict) -> str:
     lines += ["Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()
                                              if v is not None), ""]
     return "\n".join(lines)
+
+
+def variant_notes(report: dict) -> list[str]:
+    """One line per model trained with settings other than its recipe's: what ran is named."""
+    return [f"{name}: variant {', '.join(m['variant'])} (not the recipe's settings)"
+            for name, m in report.get("models", {}).items() if m.get("variant")]
 
 
 def format_summary(report: dict) -> str:
@@ -245,11 +258,12 @@ def format_summary(report: dict) -> str:
             for r in rows]
     notes = [f"{name}: {_close_text(m)}" for name in report["ecc"]
              if (m := ecc_margin(report, name)) is not None and m["close"]]
+    notes += variant_notes(report)
     title = (f"compatibility with the old gallery (IJB-C-style 1:1, TAR %; ECC and gain at FAR "
              f"{_far_label(first)}")
     if search:
         own = next(iter(search.values()))["old"]
-        title += f"; 1:N: rank-1 %, mean of G1 and G2, ECC against old|old's {_pct(own)}"
+        title += f"; 1:N: rank-1 %, G1 and G2 pooled, ECC against old|old's {_pct(own)}"
     return "\n".join([title + "):", *text, *notes])
 
 

@@ -162,7 +162,8 @@ def backfill_order(kind: str, meta: ijb.IJBMeta, *, uncertainty: np.ndarray | No
 
 # ----------------------------------------------------------------------------------------- curves
 def check_fractions(fractions: Sequence[float] | np.ndarray) -> np.ndarray:
-    """``fractions`` as float64 [F], F >= 2, strictly increasing from exactly 0 to exactly 1 (ValueError)."""
+    """``fractions`` as float64 [F], F >= 2, evenly spaced from exactly 0 to exactly 1 (ValueError):
+    the curve's area is their plain mean (:func:`curve_area`), which needs even spacing."""
     try:
         out = np.asarray(fractions, np.float64)
     except (TypeError, ValueError):
@@ -175,16 +176,22 @@ def check_fractions(fractions: Sequence[float] | np.ndarray) -> np.ndarray:
         raise ValueError(f"fractions must start at 0 and end at 1, got {out[0]:g} ... {out[-1]:g}")
     if (np.diff(out) <= 0).any():
         raise ValueError(f"fractions must be strictly increasing, got {out.tolist()}")
+    step = 1.0 / (out.size - 1)
+    if np.abs(np.diff(out) - step).max() > 1e-9:
+        raise ValueError(f"fractions must be evenly spaced (0, {step:g}, ..., 1) for the backfill area, "
+                         f"got {out.tolist()}")
     return out
 
 
 def curve_area(fractions: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray) -> float:
-    """Mean of a curve over f in [0, 1]: trapezoidal rule on ``fractions`` (see :func:`check_fractions`)."""
+    """Area of a backfill curve as FastFill defines it (DESIGN §5): the plain mean of the metric
+    over the evenly spaced ``fractions`` 0, ..., 1 (see :func:`check_fractions`). Both ends count
+    fully, so it is not the trapezoid's integral (which halves them)."""
     f = check_fractions(fractions)
     v = np.asarray(values, np.float64)
     if v.shape != f.shape:
         raise ValueError(f"{v.size} curve values for {f.size} fractions")
-    return float(np.sum(np.diff(f) * (v[1:] + v[:-1]) / 2.0))
+    return float(v.mean())
 
 
 def num_backfilled(fractions: np.ndarray, num_items: int) -> np.ndarray:
@@ -221,12 +228,12 @@ def backfill_curve(meta: ijb.IJBMeta, probe_feats_new: np.ndarray | ijb.Pooled, 
         gallery_new: [N, D] new-model face features (only gallery items are read).
         order: [n_items] permutation of item indices (:func:`backfill_order` or the caller's).
         fractions: strictly increasing from 0 to 1.
-        galleries: which galleries to evaluate and average (default: all of the meta's).
+        galleries: which galleries to evaluate and pool (default: all of the meta's).
 
     Returns:
         ``{"fractions": [F], "num_backfilled": [F], "num_items", "galleries": [...],
-        "metric": {name: [F] mean over galleries}, "per_gallery": {g: {name: [F]}},
-        "area": {name: mean over f}}`` with names from :func:`metric_names`.
+        "metric": {name: [F] pooled over galleries}, "per_gallery": {g: {name: [F]}},
+        "area": {name: plain mean over f}}`` with names from :func:`metric_names`.
     """
     fractions = check_fractions(fractions)
     items = gallery_items(meta)
@@ -260,6 +267,7 @@ def backfill_curve(meta: ijb.IJBMeta, probe_feats_new: np.ndarray | ijb.Pooled, 
     counts = num_backfilled(fractions, items.size)
     keys = metric_names(ranks, fpirs)
     per_gallery: dict[str, dict[str, list[float]]] = {g: {n: [] for n in keys} for g in names}
+    mated: dict[str, int] = {}
     done, rows, last = 0, None, None
     for f, count in zip(fractions.tolist(), counts.tolist()):
         if count != done or last is None:
@@ -272,12 +280,16 @@ def backfill_curve(meta: ijb.IJBMeta, probe_feats_new: np.ndarray | ijb.Pooled, 
             last = ijb.identify_1toN(meta, query, ijb.Pooled(query.templates, gallery_feats), ranks, fpirs,
                                      use_faiss)
         for g in names:
+            mated[g] = last[g]["num_mated"]
             for n, v in _flatten(last[g], ranks, fpirs).items():
                 per_gallery[g][n].append(v)
         if progress:
-            r1 = np.mean([per_gallery[g]["rank1"][-1] for g in names]) if 1 in ranks else float("nan")
+            r1 = metrics.pooled_over_galleries(last, lambda r: r["cmc"]["1"]) if 1 in ranks else float("nan")
             progress(f"backfill {f:.3f} ({count}/{items.size} items): rank-1 {r1 * 100:.2f}")
-    metric = {n: np.mean([per_gallery[g][n] for g in names], axis=0).tolist() for n in keys}
+    # over the galleries: hits over all their mated probes (DESIGN §5), not the mean of their rates
+    metric = {n: [metrics.pooled_over_galleries({g: {"num_mated": mated[g], "v": per_gallery[g][n][k]}
+                                                 for g in names}, lambda r: r["v"])
+                  for k in range(fractions.size)] for n in keys}
     return {"fractions": fractions.tolist(), "num_backfilled": counts.tolist(), "num_items": int(items.size),
             "galleries": names, "metric": metric, "per_gallery": per_gallery,
             "area": {n: curve_area(fractions, v) for n, v in metric.items()}}
