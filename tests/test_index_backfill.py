@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,9 @@ def test_curve_from_noise_to_new_matches_the_1n_evaluation(tmp_path: Path) -> No
     # G1 and G2 pooled: hits in both over the mated probes of both (the public evaluator's rate)
     hits = sum(full[g]["cmc"]["1"] * full[g]["num_mated"] for g in ("G1", "G2"))
     assert rank1[-1] == pytest.approx(hits / (full["G1"]["num_mated"] + full["G2"]["num_mated"]))
+    # ... and TPIR the plain mean of the galleries' (each has its own threshold), as that evaluator
+    tpir = curve["metric"]["tpir@fpir=0.01"][-1]
+    assert tpir == pytest.approx(np.mean([full[g]["tpir_at_fpir"]["0.01"] for g in ("G1", "G2")]))
     assert rank1[-1] > rank1[5] > rank1[0]
     assert curve["area"]["rank1"] == pytest.approx(np.mean(rank1))  # FastFill: the plain mean
     # a pooled probe set gives the same curve; one gallery alone is its per-gallery curve
@@ -191,3 +195,23 @@ def test_area_and_fraction_checks() -> None:
               nan, new, order)
     _one_line(ValueError, r"galleries \['G3'\]", backfill.backfill_curve, meta, new, noise, new, order,
               galleries=["G3"])
+
+
+def test_galleries_of_different_sizes_pool_rank_and_average_tpir() -> None:
+    """G1 with 30 mated probes, G2 cut to 10: rank-1 over both is hits over 40 probes (the public
+    cross-model evaluator's rate), not the mean of the two galleries' rates; TPIR is their mean."""
+    meta, new, noise = _synthetic(seed=2)
+    g2 = meta.galleries["G2"]
+    small_g2 = ijb.Subjects(g2.template_ids[:10], g2.subject_ids[:10])
+    meta = dataclasses.replace(meta, galleries={"G1": meta.galleries["G1"], "G2": small_g2})
+    mixed = np.where(np.arange(meta.num_faces)[:, None] % 2 == 0, new, noise)  # half-informative gallery
+    order = backfill.backfill_order("random", meta, seed=0)
+    curve = backfill.backfill_curve(meta, new, mixed, new, order, [0, 1], use_faiss=False)
+    per = ijb.evaluate_1toN(meta, new, mixed, use_faiss=False)
+    mated = {g: per[g]["num_mated"] for g in per}
+    assert mated["G1"] != mated["G2"]
+    pooled = sum(per[g]["cmc"]["1"] * mated[g] for g in per) / sum(mated.values())
+    assert curve["metric"]["rank1"][0] == pytest.approx(pooled)
+    assert abs(pooled - np.mean([per[g]["cmc"]["1"] for g in per])) > 1e-3  # the two rules differ here
+    assert curve["metric"]["tpir@fpir=0.1"][0] == pytest.approx(np.mean([per[g]["tpir_at_fpir"]["0.1"]
+                                                                         for g in per]))

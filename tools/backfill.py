@@ -30,8 +30,9 @@ orderings (--orderings, default: every one that applies):
                its uncertainty)
   distance     the faces whose stored feature lies farthest from their subject's mean first
 
-metrics: 1:N CMC rank-1/5/10 and TPIR at FPIR 1e-2 / 1e-1 (DESIGN §5), pooled over the galleries
-(G1, G2: hits over all their mated probes, as the public cross-model evaluator counts them);
+metrics: 1:N CMC rank-1/5/10 and TPIR at FPIR 1e-2 / 1e-1 (DESIGN §5) over the galleries G1 and
+G2 as the public cross-model evaluator reports them: rank-k pooled (hits over all their mated
+probes), TPIR the mean of the two galleries' TPIRs (each has its own threshold);
 area = the plain mean of the metric over the evenly spaced fractions (FastFill's definition).
 Outputs: a table per metric on stdout; --json {"query", "stored", "orderings": {name: {"fractions",
 "metric": {name: [..]}, "area": {name: x}, "per_gallery", ...}}}; --png the curves of --metric.

@@ -416,7 +416,8 @@ def pooled_over_galleries(per_gallery: Mapping[str, Mapping], value: Callable[[M
     """A 1:N rate over several galleries (IJB-C's G1 and G2) as the public cross-model evaluator
     pools it (DESIGN §5): the hits in every gallery over all mated probes of all of them, i.e. each
     gallery's ``value(result)`` weighted by its ``num_mated`` probes -- not the plain mean of the
-    galleries' rates. NaN when no gallery has a mated probe.
+    galleries' rates. For CMC ranks; that evaluator averages TPIRs plainly (each gallery has its
+    own threshold). NaN when no gallery has a mated probe.
 
     Args:
         per_gallery: gallery name -> one gallery's 1:N result (with ``num_mated``).

@@ -205,6 +205,17 @@ def metric_names(ranks: Sequence[int] = metrics.DEFAULT_RANKS,
     return [f"rank{k}" for k in ranks] + [f"tpir@fpir={metrics.fpir_key(x)}" for x in fpirs]
 
 
+def _over_galleries(name: str, curves: dict[str, list[float]], mated: dict[str, int]) -> list[float]:
+    """One curve over the galleries as the public cross-model evaluator reports G1 and G2 together:
+    rank-k pooled (hits in every gallery over all their mated probes, DESIGN §5), TPIR the plain
+    mean of the galleries' TPIRs (its ``mean_tpirs``: each gallery has its own threshold)."""
+    values = np.array(list(curves.values()), np.float64)  # [galleries, F]
+    if not name.startswith("rank"):
+        return values.mean(axis=0).tolist()
+    weights = np.array([mated[g] for g in curves], np.float64)
+    return (weights @ values / max(weights.sum(), 1.0)).tolist()
+
+
 def _flatten(result: dict, ranks: Sequence[int], fpirs: Sequence[float]) -> dict[str, float]:
     out = {f"rank{k}": result["cmc"][str(k)] for k in ranks}
     tpir = result["tpir_at_fpir"]
@@ -232,7 +243,7 @@ def backfill_curve(meta: ijb.IJBMeta, probe_feats_new: np.ndarray | ijb.Pooled, 
 
     Returns:
         ``{"fractions": [F], "num_backfilled": [F], "num_items", "galleries": [...],
-        "metric": {name: [F] pooled over galleries}, "per_gallery": {g: {name: [F]}},
+        "metric": {name: [F] over the galleries (rank-k pooled, TPIR mean)}, "per_gallery": {g: {name: [F]}},
         "area": {name: plain mean over f}}`` with names from :func:`metric_names`.
     """
     fractions = check_fractions(fractions)
@@ -286,10 +297,7 @@ def backfill_curve(meta: ijb.IJBMeta, probe_feats_new: np.ndarray | ijb.Pooled, 
         if progress:
             r1 = metrics.pooled_over_galleries(last, lambda r: r["cmc"]["1"]) if 1 in ranks else float("nan")
             progress(f"backfill {f:.3f} ({count}/{items.size} items): rank-1 {r1 * 100:.2f}")
-    # over the galleries: hits over all their mated probes (DESIGN §5), not the mean of their rates
-    metric = {n: [metrics.pooled_over_galleries({g: {"num_mated": mated[g], "v": per_gallery[g][n][k]}
-                                                 for g in names}, lambda r: r["v"])
-                  for k in range(fractions.size)] for n in keys}
+    metric = {n: _over_galleries(n, {g: per_gallery[g][n] for g in names}, mated) for n in keys}
     return {"fractions": fractions.tolist(), "num_backfilled": counts.tolist(), "num_items": int(items.size),
             "galleries": names, "metric": metric, "per_gallery": per_gallery,
             "area": {n: curve_area(fractions, v) for n, v in metric.items()}}
