@@ -254,12 +254,12 @@ def _catalog(ctx: QuickstartContext):
 
 def _features(ctx: QuickstartContext, names: list[str], uncertainty: dict | None = None) -> dict:
     from facecompat.cli import resolve_device
-    from facecompat.eval.catalog import target_dir
     from facecompat.eval.extract import read_face_list
     from facecompat.eval.features import model_features, resolve_models
+    from facecompat.eval.ijb import find_target_dir
 
     catalog = _catalog(ctx)
-    ijb_dir = target_dir(catalog.data_root, catalog.target)
+    ijb_dir = find_target_dir(catalog.data_root, catalog.target)
     specs = resolve_models(names, catalog)
     faces = read_face_list(ijb_dir, catalog.target)
     return model_features(specs, catalog, ijb_dir, catalog.target, faces, device=resolve_device(ctx.device),
@@ -268,9 +268,8 @@ def _features(ctx: QuickstartContext, names: list[str], uncertainty: dict | None
 
 def _meta(ctx: QuickstartContext):
     from facecompat.eval import ijb
-    from facecompat.eval.catalog import target_dir
 
-    return ijb.load_ijb_meta(target_dir(ctx.data_dir, "IJBC"), "IJBC", cache_dir=ctx.eval_dir)
+    return ijb.load_ijb_meta(ctx.data_dir, "IJBC", cache_dir=ctx.eval_dir)
 
 
 def headline_far(num_impostors: int, min_false_accepts: int = 20) -> float:

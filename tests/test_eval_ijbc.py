@@ -290,6 +290,63 @@ def test_meta_errors_and_allow_missing(tool, setup, capsys, tmp_path):
     _one_error_line(err, "ijbc_name_5pts_score.txt", "missing")
 
 
+def test_data_folder_by_content_and_partial_1n(tool, setup, capsys, tmp_path):
+    """--data-root: the IJB-C folder under any name; an empty IJBC/ and a half-copied 1:N set are
+    one-line errors naming the path looked at / the missing file, never a 1:1-only exit 0."""
+    meta = ijb.load_ijb_meta(setup["data"])
+    np.save(tmp_path / "f.npy", _subject_features(meta))
+    mine = tmp_path / "mydata"
+    shutil.copytree(setup["data"] / "IJBC" / "meta", mine / "meta")
+    argv = ["--cache-dir", tmp_path / "cache", "--query-features", tmp_path / "f.npy",
+            "--json", tmp_path / "r.json", "--no-faiss"]
+    code, _, err = _run(tool, ["--data-root", mine, *argv], capsys)
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "r.json").read_text())["1:N"]) == {"G1", "G2"}
+
+    (tmp_path / "empty" / "IJBC").mkdir(parents=True)
+    code, _, err = _run(tool, ["--data-root", tmp_path / "empty", *argv], capsys)
+    assert code == 2
+    line = _one_error_line(err, tmp_path / "empty" / "IJBC" / "meta")
+    assert "IJBC/IJBC" not in line
+
+    (mine / "meta" / "ijbc_1N_gallery_G2.csv").unlink()
+    code, _, err = _run(tool, ["--data-root", mine, *argv], capsys)
+    assert code == 2
+    _one_error_line(err, "ijbc_1N_gallery_G2.csv", "missing")
+    for name in ("ijbc_1N_gallery_G1.csv", "ijbc_1N_probe_mixed.csv"):
+        (mine / "meta" / name).unlink()
+    code, _, err = _run(tool, ["--data-root", mine, *argv], capsys)  # none at all: 1:1 only
+    assert code == 0, err
+    assert "1:1 only" in err and "1:N" not in json.loads((tmp_path / "r.json").read_text())
+
+
+def test_weights_file_is_read_at_its_embedding_size(tool, setup, capsys, tmp_path):
+    """A bare 128-d weights file named with --network: 128-d, not the 512 a default would say."""
+    from facecompat.eval.catalog import EvalCatalog, resolve_model
+    from facecompat.models import get_model
+
+    torch.manual_seed(0)
+    weights = tmp_path / "model.pt"
+    torch.save(get_model(NETWORK, 128).state_dict(), weights)
+    assert resolve_model(str(weights), EvalCatalog(), network=NETWORK).embedding_size == 128
+    with pytest.raises(ValueError, match=r"model\.pt: its embedding layer is 128-d, not the 64-d"):
+        resolve_model(str(weights), EvalCatalog(), network=NETWORK, embedding_size=64)
+    code, _, err = _run(tool, ["--config", setup["catalog"], *_data(setup["data"], tmp_path),
+                               "--query", weights, "--network", NETWORK, "--no-1n",
+                               "--json", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert [m["embedding_size"] for m in res["models"].values()] == [128]
+    # a catalog entry that says otherwise: one line naming the file
+    catalog = tmp_path / "c.yaml"
+    catalog.write_text(yaml.safe_dump({"models": {"zoo": {"path": str(weights), "network": NETWORK,
+                                                          "embedding_size": 512}}}))
+    code, _, err = _run(tool, ["--config", catalog, *_data(setup["data"], tmp_path), "--query", "zoo"],
+                        capsys)
+    assert code == 2
+    _one_error_line(err, "models.zoo", "model.pt", "128-d", "512-d")
+
+
 def test_missing_image_with_models(tool, setup, capsys, tmp_path):
     data = _copy_data(setup["data"], tmp_path / "data")
     meta = ijb.load_ijb_meta(data)

@@ -60,8 +60,11 @@ def test_resolve_model_spec(tool, runs, tmp_path):
     assert tool.resolve_model_spec(old) == (NETWORK, EMBEDDING_SIZE, old / "model.pt")
     assert tool.resolve_model_spec(str(old), "r18-w0.25", 64) == ("r18-w0.25", 64, old / "model.pt")
     weights = old / "model.pt"
-    assert tool.resolve_model_spec(weights, "r50") == ("r50", 512, weights)
-    assert tool.resolve_model_spec(weights, "r50", 128) == ("r50", 128, weights)
+    # a weights file: the embedding size its embedding layer has, never a default that disagrees
+    assert tool.resolve_model_spec(weights, "r50") == ("r50", EMBEDDING_SIZE, weights)
+    assert tool.resolve_model_spec(weights, "r50", EMBEDDING_SIZE) == ("r50", EMBEDDING_SIZE, weights)
+    with pytest.raises(ValueError, match=rf"model\.pt: .*{EMBEDDING_SIZE}-d, not the 128-d"):
+        tool.resolve_model_spec(weights, "r50", 128)
     with pytest.raises(ValueError, match=r"model\.pt: .*--network"):
         tool.resolve_model_spec(weights)
     with pytest.raises(FileNotFoundError, match="missing.pt"):

@@ -140,8 +140,9 @@ def test_meta_errors_name_the_file(meta_copy: Path) -> None:
     _edit(csv, lambda ls: [*ls, "1,2,3"])
     with pytest.raises(ijb.IJBMetaError, match="ijbc_1N_gallery_G1.csv:.*columns"):
         ijb.load_ijb_meta(meta_copy)
-    csv.unlink()
-    assert not ijb.load_ijb_meta(meta_copy).has_1n  # 1:N files are optional
+    for name in ("ijbc_1N_gallery_G1.csv", "ijbc_1N_gallery_G2.csv", "ijbc_1N_probe_mixed.csv"):
+        (meta_dir / name).unlink()
+    assert not ijb.load_ijb_meta(meta_copy).has_1n  # 1:N files are optional: none at all is 1:1 only
 
 
 def test_allow_missing_skips_and_counts(meta_copy: Path) -> None:
@@ -152,6 +153,86 @@ def test_allow_missing_skips_and_counts(meta_copy: Path) -> None:
     assert meta.num_missing_faces == 1
     assert meta.num_missing_pairs == 2
     assert 999999 not in meta.pair_t2
+
+
+# ------------------------------------------------------------------------------- the IJB folder
+def _meta_as(src: Path, dst: Path, target: str) -> Path:
+    """A copy of an IJB-C meta folder at ``dst`` named for ``target`` (IJB-B: ijbb_*, S1/S2)."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        name = f.name
+        if target == "IJBB":
+            name = name.replace("ijbc_", "ijbb_").replace("_G1", "_S1").replace("_G2", "_S2")
+        shutil.copy(f, dst / name)
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["IJB_release/IJBC", "mydata", "ijbc", "root-holding-IJBC"])
+def test_the_ijb_folder_is_found_by_its_content(synthetic_tiny: Path, tmp_path: Path, layout: str) -> None:
+    """insightface's ``IJB_release/IJBC``, a folder named anything, and a root holding ``IJBC/``:
+    one rule for every tool (catalog.target_dir is the same function)."""
+    from facecompat.eval.catalog import target_dir
+
+    folder = tmp_path / ("data/IJBC" if layout == "root-holding-IJBC" else layout)
+    _meta_as(synthetic_tiny / "IJBC" / "meta", folder / "meta", "IJBC")
+    given = folder.parent if layout == "root-holding-IJBC" else folder
+    assert ijb.find_target_dir(given, "IJBC") == folder
+    assert ijb.find_target_dir(folder, "IJBC") == folder  # its own answer again: the same folder
+    assert target_dir(given, "IJBC") == folder
+    expected = ijb.load_ijb_meta(synthetic_tiny)
+    for root in (given, folder):
+        meta = ijb.load_ijb_meta(root, "IJBC")
+        assert meta.num_faces == expected.num_faces and meta.has_1n
+
+
+def test_insightface_release_root_holds_both_targets(synthetic_tiny: Path, tmp_path: Path) -> None:
+    release = tmp_path / "IJB_release"
+    _meta_as(synthetic_tiny / "IJBC" / "meta", release / "IJBC" / "meta", "IJBC")
+    _meta_as(synthetic_tiny / "IJBC" / "meta", release / "IJBB" / "meta", "IJBB")
+    assert ijb.find_target_dir(release, "IJBC") == release / "IJBC"
+    assert ijb.find_target_dir(release, "IJBB") == release / "IJBB"
+    # an IJB-B folder is not an IJB-C folder, whatever it holds for IJB-B
+    with pytest.raises(ijb.IJBMetaError, match="IJBC meta files"):
+        ijb.find_target_dir(release / "IJBB", "IJBC")
+
+
+def test_missing_folder_errors_name_the_path_looked_at(tmp_path: Path) -> None:
+    (tmp_path / "IJBC").mkdir()  # an empty IJBC/: the error names IJBC/meta, never IJBC/IJBC/meta
+    for given in (tmp_path, tmp_path / "IJBC"):
+        with pytest.raises(ijb.IJBMetaError) as err:
+            ijb.load_ijb_meta(given, "IJBC")
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path / 'IJBC' / 'meta'}: no IJBC meta files"), message
+        assert "IJBC/IJBC" not in message and "\n" not in message
+    (tmp_path / "other").mkdir()  # a folder of any name: both places named
+    with pytest.raises(ijb.IJBMetaError, match="other/meta: no IJBC meta files.*, nor in .*other/IJBC/meta"):
+        ijb.find_target_dir(tmp_path / "other", "IJBC")
+    with pytest.raises(ijb.IJBMetaError, match="absent: no such folder"):
+        ijb.load_ijb_meta(tmp_path / "absent", "IJBC")
+    with pytest.raises(ijb.IJBMetaError, match="'IJBX'"):
+        ijb.find_target_dir(tmp_path, "IJBX")
+
+
+_ONE_N = {"IJBC": ("ijbc_1N_gallery_G1.csv", "ijbc_1N_gallery_G2.csv", "ijbc_1N_probe_mixed.csv"),
+          "IJBB": ("ijbb_1N_gallery_S1.csv", "ijbb_1N_gallery_S2.csv", "ijbb_1N_probe_mixed.csv")}
+
+
+@pytest.mark.parametrize("target", ["IJBC", "IJBB"])
+@pytest.mark.parametrize("removed", [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)])
+def test_a_partly_present_1n_set_is_an_error(synthetic_tiny: Path, tmp_path: Path, target: str,
+                                             removed: tuple[int, ...]) -> None:
+    meta_dir = _meta_as(synthetic_tiny / "IJBC" / "meta", tmp_path / target / "meta", target)
+    gone = [_ONE_N[target][k] for k in removed]
+    for name in gone:
+        (meta_dir / name).unlink()
+    with pytest.raises(ijb.IJBMetaError, match="missing 1:N file") as err:
+        ijb.load_ijb_meta(tmp_path, target)
+    message = str(err.value)
+    assert all(name in message.split(" (", 1)[0] for name in gone), message  # named as missing
+    assert "\n" not in message
+    for name in set(_ONE_N[target]) - set(gone):  # all three gone: 1:1 only, as before
+        (meta_dir / name).unlink()
+    assert not ijb.load_ijb_meta(tmp_path, target).has_1n
 
 
 # ----------------------------------------------------------------------------------------- end to end
@@ -254,8 +335,8 @@ def test_ijbb_names(synthetic_tiny: Path, tmp_path: Path) -> None:
     meta = ijb.load_ijb_meta(tmp_path, "IJBB")
     assert meta.has_1n and set(meta.galleries) == {"S1", "S2"}
     assert ijb.load_ijb_meta(tmp_path / "IJBB", "IJBB").num_faces == meta.num_faces
-    with pytest.raises(ijb.IJBMetaError, match="IJBC/meta/ijbc_name_5pts_score.txt: missing"):
-        ijb.load_ijb_meta(tmp_path, "IJBC")
+    with pytest.raises(ijb.IJBMetaError, match="no IJBC meta files.* nor in .*IJBC/meta"):
+        ijb.load_ijb_meta(tmp_path, "IJBC")  # an IJB-B root is not an IJB-C one
 
 
 # ----------------------------------------------------------------------------- fast integer parser

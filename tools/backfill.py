@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, log) -> dict:
 
     from facecompat.cli import resolve_device
     from facecompat.eval import ijb
-    from facecompat.eval.catalog import TransformSpec, load_catalog, target_dir
+    from facecompat.eval.catalog import TransformSpec, load_catalog
     from facecompat.eval.extract import read_face_list
     from facecompat.eval.features import model_features, resolve_models
     from facecompat.index import backfill
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, log) -> dict:
     source = str(catalog_path) if catalog_path else "the default catalog (no --config)"
     target = args.target or catalog.target
     data_root = args.data_root or Path(catalog.data_root)
-    ijb_dir = target_dir(data_root, target)
+    ijb_dir = ijb.find_target_dir(data_root, target)
     if args.metric not in backfill.metric_names():
         raise ValueError(f"--metric {args.metric!r}: choose among {', '.join(backfill.metric_names())}")
     fractions = backfill.check_fractions(args.fractions if args.fractions is not None

@@ -161,14 +161,14 @@ def run(args: argparse.Namespace, log) -> dict | None:
 
     from facecompat import dist
     from facecompat.eval import ijb, matrix
-    from facecompat.eval.catalog import load_catalog, target_dir
+    from facecompat.eval.catalog import load_catalog
 
     catalog_path = args.config or (DEFAULT_CATALOG if DEFAULT_CATALOG.is_file() else None)
     catalog = load_catalog(catalog_path)
     catalog_source = str(catalog_path) if catalog_path else "the default catalog (no --config)"
     target = args.target or catalog.target
     data_root = args.data_root or Path(catalog.data_root)
-    ijb_dir = target_dir(data_root, target)
+    ijb_dir = ijb.find_target_dir(data_root, target)  # IJBMetaError naming the folder looked at
     by_features = args.query_features is not None
     if by_features:
         names = [args.query_features.stem]

@@ -88,16 +88,17 @@ def extract(args: argparse.Namespace, log) -> dict | None:
 
     from facecompat import dist
     from facecompat.cli import resolve_device
-    from facecompat.eval.catalog import TransformSpec, load_catalog, resolve_model, target_dir
+    from facecompat.eval.catalog import TransformSpec, load_catalog, resolve_model
     from facecompat.eval.extract import cache_paths, file_sha1, read_face_list
     from facecompat.eval.features import model_features
+    from facecompat.eval.ijb import find_target_dir
     from facecompat.index.upgrade import store_model_features
 
     catalog_path = args.config or (DEFAULT_CATALOG if DEFAULT_CATALOG.is_file() else None)
     catalog = load_catalog(catalog_path)
     source = str(catalog_path) if catalog_path else "the default catalog (no --config)"
     target = args.target or catalog.target
-    ijb_dir = target_dir(args.data_root or Path(catalog.data_root), target)
+    ijb_dir = find_target_dir(args.data_root or Path(catalog.data_root), target)
     cache_dir = args.cache_dir or Path(catalog.cache_dir)
     spec = resolve_model(args.model, catalog, source, args.network)
     if isinstance(spec, TransformSpec):

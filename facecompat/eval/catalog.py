@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from facecompat.config import ConfigError, _check, _FieldError, load_yaml
+from facecompat.eval.ijb import find_target_dir
 
 if TYPE_CHECKING:
     import torch
@@ -119,12 +120,9 @@ class TransformSpec:
 
 
 def target_dir(data_root: str | os.PathLike, target: str) -> Path:
-    """The ``<target>`` folder (holding ``meta/`` and ``loose_crop/``) of a data root, or the root
-    itself when it already is that folder."""
-    data_root = Path(data_root)
-    if (data_root / "meta").is_dir() and data_root.name.upper() == target:
-        return data_root
-    return data_root / target
+    """The ``<target>`` folder (holding ``meta/`` and ``loose_crop/``) of a data root: the same rule
+    as :func:`facecompat.eval.ijb.find_target_dir` (it is that function; IJBMetaError when absent)."""
+    return find_target_dir(data_root, target)
 
 
 def load_catalog(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> EvalCatalog:
@@ -140,15 +138,18 @@ def resolve_model_spec(path: str | Path, network: str | None = None,
         path: a run directory (``model.pt`` + ``config.yaml``) or a weights file.
         network: backbone name; required for a weights file; for a run directory it replaces
             the config's ``model.network``.
-        embedding_size: embedding size; for a weights file 512 when ``None``; for a run directory
-            it replaces the config's ``model.embedding_size``.
+        embedding_size: embedding size; for a weights file read from its embedding layer when
+            ``None`` (512 if it has none we know); for a run directory it replaces the config's
+            ``model.embedding_size``.
 
     Returns:
         ``(network, embedding_size, weights_path)``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist, or a run directory lacks a file (names it).
-        ValueError: a weights file without ``network``; a bad ``config.yaml`` (ConfigError).
+        ValueError: a weights file without ``network``, or an ``embedding_size`` its embedding
+            layer disagrees with (WeightsError, also for an unreadable file); a bad ``config.yaml``
+            (ConfigError).
     """
     path = Path(path)
     if path.is_dir():
@@ -163,7 +164,12 @@ def resolve_model_spec(path: str | Path, network: str | None = None,
         raise FileNotFoundError(f"{path}: model not found (expected a run directory or a .pt file)")
     if not network:
         raise ValueError(f"{path}: a weights file needs its backbone name (--network, e.g. r50)")
-    return network, embedding_size or 512, path
+    from facecompat.models import WeightsError, embedding_size_of  # torch: only for a weights file
+
+    found = embedding_size_of(path)
+    if embedding_size and found and embedding_size != found:
+        raise WeightsError(f"{path}: its embedding layer is {found}-d, not the {embedding_size}-d asked for")
+    return network, embedding_size or found or 512, path
 
 
 def _path_name(path: Path) -> str:

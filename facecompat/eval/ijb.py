@@ -1,6 +1,7 @@
 """IJB-C / IJB-B protocols: meta files, template pooling, 1:1 pair scores and 1:N search.
 
-The folder layout is DESIGN §4 (``<root>/<target>/meta/<prefix>_*``, prefix ``ijbc``/``ijbb``).
+The folder layout is DESIGN §4 (``<target folder>/meta/<prefix>_*``, prefix ``ijbc``/``ijbb``;
+:func:`find_target_dir` finds that folder).
 The face order of every feature array is the line order of ``meta/<prefix>_name_5pts_score.txt``
 (DESIGN §8); templates and media join it by image name, never by line number. Numbers follow
 insightface's ``eval_ijbc.py`` (DESIGN §5): face feature (flip-fused, unnormalised) x detector
@@ -535,12 +536,41 @@ def _preview(values: Sequence[object], n: int = 5) -> str:
 META_CACHE_VERSION = 1
 
 
+def find_target_dir(root: str | Path, target: str = "IJBC") -> Path:
+    """The IJB-C / IJB-B folder (``meta/``, ``loose_crop/``) of ``root``: the one rule every tool uses.
+
+    The folder is known by its content, not its name: ``root`` itself when its ``meta/`` holds
+    ``<ijbc|ijbb>_*`` files (insightface's ``IJB_release/IJBC``, or a folder named anything),
+    else ``root/<target>`` when that one's ``meta/`` does. Calling it again on its answer gives
+    the same folder.
+
+    Raises:
+        IJBMetaError: an unknown target, or neither folder holds the target's meta files; the
+            message names the meta folder looked at (``root/<target>/meta`` when that folder
+            exists, else ``root/meta``).
+    """
+    if target not in GALLERY_NAMES:
+        raise IJBMetaError(f"target {target!r}: expected one of {sorted(GALLERY_NAMES)}")
+    root, prefix = Path(root), target.lower()
+    for folder in (root, root / target):
+        if (folder / "meta").is_dir() and any((folder / "meta").glob(f"{prefix}_*")):
+            return folder
+    if not root.is_dir():
+        raise IJBMetaError(f"{root}: no such folder (the {target} folder, or a folder holding it)")
+    # name what was looked at, the folder that exists first; never a doubled <target>/<target>
+    looked_at = [root / "meta"] if root.name.upper() == target else [root / target / "meta", root / "meta"]
+    looked_at.sort(key=lambda p: not p.parent.is_dir())
+    also = f", nor in {looked_at[1]}" if len(looked_at) > 1 else ""
+    raise IJBMetaError(f"{looked_at[0]}: no {target} meta files ({prefix}_face_tid_mid.txt etc.){also}; "
+                       f"give the {target} folder (holding meta/) or a folder holding {target}/meta/")
+
+
 def load_ijb_meta(root: str | Path, target: str = "IJBC", allow_missing: bool = False,
                   cache_dir: str | Path | None = None) -> IJBMeta:
     """Read an IJB-C / IJB-B meta folder.
 
     Args:
-        root: the data root holding ``<target>/meta/`` (or the ``<target>`` folder itself).
+        root: the ``<target>`` folder (any name) or a folder holding it; see :func:`find_target_dir`.
         target: "IJBC" or "IJBB".
         allow_missing: skip (and count) faces present in only one face file and pairs naming a
             template without faces, instead of raising.
@@ -549,15 +579,13 @@ def load_ijb_meta(root: str | Path, target: str = "IJBC", allow_missing: bool = 
             key); parsing IJB-C's 235 MB of text takes seconds, loading the arrays a fraction.
 
     Returns:
-        :class:`IJBMeta`. 1:N fields are filled only when all three 1:N CSVs exist.
+        :class:`IJBMeta`. 1:N fields are filled when all three 1:N CSVs exist; with none, 1:1 only.
 
     Raises:
-        IJBMetaError: a missing 1:1 file or a malformed line, naming the file and line or value.
+        IJBMetaError: no meta folder, a missing 1:1 file, one or two of the three 1:N CSVs missing,
+            or a malformed line; naming the file and line or value.
     """
-    if target not in GALLERY_NAMES:
-        raise IJBMetaError(f"target {target!r}: expected one of {sorted(GALLERY_NAMES)}")
-    root = Path(root)
-    meta_dir = root / "meta" if (root / "meta").is_dir() and root.name == target else root / target / "meta"
+    meta_dir = find_target_dir(root, target) / "meta"
     prefix = target.lower()
     pts_path = meta_dir / f"{prefix}_name_5pts_score.txt"
     tid_path = meta_dir / f"{prefix}_face_tid_mid.txt"
@@ -695,7 +723,13 @@ def _parse_meta(meta_dir: Path, target: str, allow_missing: bool) -> IJBMeta:
                    num_missing_faces=num_missing, num_missing_pairs=num_missing_pairs)
     csvs = {g: meta_dir / f"{prefix}_1N_gallery_{g}.csv" for g in GALLERY_NAMES[target]}
     probe_csv = meta_dir / f"{prefix}_1N_probe_mixed.csv"
-    if all(p.is_file() for p in (*csvs.values(), probe_csv)):
+    missing = [p for p in (*csvs.values(), probe_csv) if not p.is_file()]
+    if missing and len(missing) < len(csvs) + 1:  # a half-copied 1:N set: not a silent "1:1 only"
+        present = sorted({*csvs.values(), probe_csv} - set(missing))
+        raise IJBMetaError(f"{meta_dir}: missing 1:N file {' and '.join(p.name for p in missing)} "
+                           f"({', '.join(p.name for p in present)} present; 1:N needs all "
+                           f"{len(csvs) + 1}, or none for 1:1 only)")
+    if not missing:
         meta.galleries = {g: _parse_subject_csv(p) for g, p in csvs.items()}
         meta.probes = _parse_subject_csv(probe_csv)
     return meta

@@ -11,6 +11,7 @@ from facecompat.models import iresnet, mobilefacenet  # noqa: F401  (registers t
 from facecompat.models._registry import (
     WeightsError,
     count_parameters,
+    embedding_size_of,
     get_model,
     list_models,
     load_backbone_weights,
@@ -21,6 +22,7 @@ from facecompat.models._registry import (
 __all__ = [
     "WeightsError",
     "count_parameters",
+    "embedding_size_of",
     "get_model",
     "list_models",
     "load_backbone_weights",

@@ -210,6 +210,27 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+# The embedding BatchNorm1d of each backbone family (its weight is [D]): iresnet's ``features``,
+# MobileFaceNet's GDC ``features.layers.3``. A new family with another name adds it here.
+EMBEDDING_KEYS = ("features.weight", "features.layers.3.weight")
+
+
+def embedding_size_of(path_or_state: str | os.PathLike | Mapping[str, Any]) -> int | None:
+    """The embedding size D that weights were trained with, read from their embedding layer.
+
+    Returns:
+        D, or ``None`` when no key of :data:`EMBEDDING_KEYS` is a 1-D tensor in them.
+
+    Raises:
+        WeightsError: an unreadable file or not a state dict (names the file).
+    """
+    state = strip_prefixes(_read_state(path_or_state)[0])
+    for key in EMBEDDING_KEYS:
+        if key in state and state[key].dim() == 1:
+            return int(state[key].shape[0])
+    return None
+
+
 def _first(keys: list[str], n: int = 3) -> str:
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
