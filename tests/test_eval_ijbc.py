@@ -190,6 +190,31 @@ def test_precomputed_features(tool, setup, capsys, tmp_path):
     assert res["matrix"]["good|good"]["1:1"]["auc"] == 1.0
 
 
+def test_precomputed_cross_features_reproduce_verification_11(tool, setup, capsys, tmp_path):
+    """--query-features NEW --gallery-features OLD gives, TAR for TAR, the public cross-model
+    evaluator's verification_11(old templates, ..., new templates, ..., p1, p2) with its ROC and
+    TAR rule (tools/bench_ijbc.py's reference code, loop for loop; the IJB-C-sized run of the same
+    check is `tools/bench_ijbc.py --cross`)."""
+    bench = load_tool(REPO / "tools" / "bench_ijbc.py", "bench_ijbc_tool")
+    meta = ijb.load_ijb_meta(setup["data"])
+    old = _subject_features(meta, seed=0, noise=0.6)
+    new = bench.make_new_features(old, seed=3, noise=0.8)
+    np.save(tmp_path / "new.npy", new)
+    np.save(tmp_path / "old.npy", old)
+    code, _, err = _run(tool, [*_data(setup["data"], tmp_path), "--query-features", tmp_path / "new.npy",
+                               "--gallery-features", tmp_path / "old.npy", "--json", tmp_path / "r.json"],
+                        capsys)
+    assert code == 0, err
+    ours = json.loads((tmp_path / "r.json").read_text())["matrix"]["new|old"]["1:1"]["tar_at_far"]
+    t, ref_old = bench.reference_pool(old, meta.template_ids, meta.media_ids, meta.det_scores)
+    _, ref_new = bench.reference_pool(new, meta.template_ids, meta.media_ids, meta.det_scores)
+    scores = bench.reference_scores(ref_old, t, meta.pair_t1, meta.pair_t2, ref_new)
+    assert ours == bench.reference_tar(*bench.reference_roc(scores, meta.pair_labels))
+    reversed_ = bench.reference_scores(ref_new, t, meta.pair_t1, meta.pair_t2, ref_old)
+    assert np.abs(reversed_ - scores).max() > 0.05  # the direction matters on this data
+    assert 0.0 < ours["1e-02"] < 1.0
+
+
 def test_ijbb_target(tool, setup, capsys, tmp_path):
     src, dst = setup["data"] / "IJBC" / "meta", tmp_path / "IJBB" / "meta"
     dst.mkdir(parents=True)

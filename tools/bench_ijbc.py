@@ -30,6 +30,11 @@ process has it loaded for feature extraction anyway.
 loops over templates and media for pooling into float64 templates, pair scores in batches of
 100,000 by row gather and multiply-sum, sklearn's argsort-based ROC algorithm, TAR read from the
 flipped ROC by min(zip(...))), prints the speed-up and checks that the TAR@FAR values agree.
+--cross checks the cross-model test instead of timing: a second "new" feature set (the first plus
+noise), then `tools/eval_ijbc.py --query-features NEW.npy --gallery-features OLD.npy --no-1n` as a
+user runs it, against the public cross-model evaluator's verification_11(old templates, ..., new
+templates, ..., p1, p2) written the reference way (old-model templates in the pair file's first
+column, new-model ones in the second); every TAR@FAR must be identical (exit status 1 if not).
 --pairs N scales the pair count down for quick checks (genuine pairs scaled alike).
 Exit status 2 with a one-line reason on bad input.
 """
@@ -185,14 +190,17 @@ def reference_pool(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray,
 
 
 def reference_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p1: np.ndarray,
-                     p2: np.ndarray) -> np.ndarray:
-    """insightface verification(): row gathers + multiply-sum in batches of 100,000 pairs."""
+                     p2: np.ndarray, template_feats2: np.ndarray | None = None) -> np.ndarray:
+    """insightface verification(): row gathers + multiply-sum in batches of 100,000 pairs. With
+    ``template_feats2`` the cross-model evaluator's verification_11: ``p1`` from the first array
+    (the gallery model), ``p2`` from the second (the query model), same template order."""
+    second = template_feats if template_feats2 is None else template_feats2
     template2id = np.zeros(max(unique_templates) + 1, dtype=int)
     template2id[unique_templates] = np.arange(len(unique_templates))
     score = np.zeros(len(p1))
     for s in tqdm(range(0, len(p1), 100_000), desc="reference scores", leave=False, mininterval=5):
         sel = slice(s, s + 100_000)
-        score[sel] = np.sum(template_feats[template2id[p1[sel]]] * template_feats[template2id[p2[sel]]], -1)
+        score[sel] = np.sum(template_feats[template2id[p1[sel]]] * second[template2id[p2[sel]]], -1)
     return score
 
 
@@ -218,6 +226,53 @@ def reference_roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return fps / fps[-1], tps / tps[-1]
 
 
+# ---------------------------------------------------------------------------------- cross check
+def make_new_features(old: np.ndarray, seed: int = 2, noise: float = 0.7) -> np.ndarray:
+    """A "new model": the old features plus Gaussian noise, chunk by chunk. Cross scores then sit
+    between the self tests' and the two directions of a pair give different scores."""
+    rng = np.random.default_rng(seed)
+    new = np.empty_like(old)
+    for s in range(0, old.shape[0], 65_536):
+        e = min(s + 65_536, old.shape[0])
+        rng.standard_normal((e - s, old.shape[1]), dtype=np.float32, out=new[s:e])
+        new[s:e] *= np.float32(noise)
+        new[s:e] += old[s:e]
+    return new
+
+
+def cross_check(data_dir: Path, meta: ijb.IJBMeta, old: np.ndarray, new: np.ndarray) -> dict:
+    """tools/eval_ijbc.py with --query-features NEW --gallery-features OLD against verification_11."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_ijbc_tool", Path(__file__).with_name("eval_ijbc.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    work = data_dir / "cross"
+    work.mkdir(exist_ok=True)
+    np.save(work / "old.npy", old)
+    np.save(work / "new.npy", new)
+    t0 = time.perf_counter()
+    code = tool.main(["--query-features", str(work / "new.npy"), "--gallery-features", str(work / "old.npy"),
+                      "--data-root", str(data_dir), "--target", "IJBC", "--no-1n",
+                      "--cache-dir", str(work / "cache"), "--json", str(work / "result.json")])
+    tool_s = time.perf_counter() - t0
+    if code != 0:
+        raise RuntimeError(f"eval_ijbc.py exited with {code}")
+    result = json.loads((work / "result.json").read_text())
+    ours = result["matrix"]["new|old"]["1:1"]["tar_at_far"]
+    t0 = time.perf_counter()
+    ref_t, ref_old = reference_pool(old, meta.template_ids, meta.media_ids, meta.det_scores)
+    _, ref_new = reference_pool(new, meta.template_ids, meta.media_ids, meta.det_scores)
+    ref_scores = reference_scores(ref_old, ref_t, meta.pair_t1, meta.pair_t2, ref_new)
+    head = slice(0, 100_000)  # the other direction, on a sample: how much the choice of direction matters
+    reversed_scores = reference_scores(ref_new, ref_t, meta.pair_t1[head], meta.pair_t2[head], ref_old)
+    ref_tar = reference_tar(*reference_roc(ref_scores, meta.pair_labels))
+    return {"tar_at_far": ours, "reference_tar_at_far": ref_tar, "tool_s": tool_s,
+            "reference_s": time.perf_counter() - t0,
+            "tar_agree_abs": max(abs(ref_tar[k] - ours[k]) for k in ours),
+            "direction_score_diff": float(np.abs(reversed_scores - ref_scores[head]).max())}
+
+
 # ------------------------------------------------------------------------------------------ run
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -238,7 +293,7 @@ def _parse_parts(meta_dir: Path) -> dict[str, float]:
     return parts
 
 
-def run(data_dir: Path, num_pairs: int, reference: bool) -> dict:
+def run(data_dir: Path, num_pairs: int, reference: bool, cross: bool = False) -> dict:
     info = data_dir / "IJBC" / "meta" / "bench.json"
     num_genuine = max(1, round(FULL["genuine"] * num_pairs / FULL["pairs"]))
     stored = json.loads(info.read_text()) if info.is_file() else {}
@@ -264,6 +319,9 @@ def run(data_dir: Path, num_pairs: int, reference: bool) -> dict:
         ijb.load_ijb_meta(data_dir, "IJBC", cache_dir=cache)
         out["parse_cached_s"] = time.perf_counter() - t0
     feats = make_features(meta, np.load(meta_dir / "bench_template_subject.npy"))
+    if cross:
+        return {**out, "genuine": int(meta.pair_labels.sum()),
+                "cross": cross_check(data_dir, meta, feats, make_new_features(feats))}
     # the phases are the calls of ijb.verify_1to1(meta, pooled), one by one
     t0 = time.perf_counter()
     pooled = ijb.pool(meta, feats)
@@ -344,6 +402,18 @@ def _table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _cross_table(res: dict) -> str:
+    cross, ref = res["cross"], res["cross"]["reference_tar_at_far"]
+    lines = [f"IJB-C cross test new|old: {res['faces']:,} faces, {res['pairs']:,} pairs "
+             f"({res['genuine']:,} genuine)", f"{'FAR':<8}{'eval_ijbc.py':>14}{'verification_11':>17}"]
+    lines += [f"{k:<8}{v:>14.6f}{ref[k]:>17.6f}" for k, v in cross["tar_at_far"].items()]
+    verdict = "identical" if cross["tar_agree_abs"] == 0 else "DIFFER"
+    lines.append(f"max |TAR diff| {cross['tar_agree_abs']:.2e} ({verdict}); "
+                 f"the reversed direction moves pair scores by up to {cross['direction_score_diff']:.3f}; "
+                 f"eval_ijbc.py {cross['tool_s']:.1f} s (4 cells), reference {cross['reference_s']:.1f} s")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -351,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the meta folder is written/reused (default: temp)")
     parser.add_argument("--pairs", type=int, default=FULL["pairs"], help="number of 1:1 pairs")
     parser.add_argument("--reference", action="store_true", help="also time the insightface-style code")
+    parser.add_argument("--cross", action="store_true",
+                        help="check eval_ijbc.py's cross test against verification_11 instead of timing")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if args.pairs < 100:
@@ -359,12 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.data_dir is None:
             with tempfile.TemporaryDirectory(prefix="bench_ijbc_") as tmp:
-                res = run(Path(tmp), args.pairs, args.reference)
+                res = run(Path(tmp), args.pairs, args.reference, args.cross)
         else:
-            res = run(args.data_dir, args.pairs, args.reference)
+            res = run(args.data_dir, args.pairs, args.reference, args.cross)
     except (ijb.IJBMetaError, OSError) as err:
         print(f"bench_ijbc: {err}", file=sys.stderr)
         return 2
+    if args.cross:
+        print(json.dumps(res, indent=2) if args.json else _cross_table(res))
+        return 0 if res["cross"]["tar_agree_abs"] == 0 else 1
     print(json.dumps(res, indent=2) if args.json else _table(res))
     return 0
 
