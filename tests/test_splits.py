@@ -170,8 +170,11 @@ def test_property_random_class_sizes(sizes, ratio, seed, shuffle_seed):
     by_id = dict(zip(ids.tolist(), labels.tolist()))
 
     opdata = split_records(ids, labels, "opdata", ratio, seed)
-    assert np.intersect1d(opdata.old_records, opdata.new_records).size == 0
+    # only one-image identities are shared (they cannot be split by images: both parts get them)
+    singles = np.sort(ids[np.isin(labels, np.flatnonzero(np.asarray(sizes) == 1))])
+    np.testing.assert_array_equal(np.intersect1d(opdata.old_records, opdata.new_records), singles)
     np.testing.assert_array_equal(np.union1d(opdata.old_records, opdata.new_records), np.sort(ids))
+    assert {by_id[i] for i in opdata.new_records.tolist()} == set(range(len(sizes)))
     old_counts = np.bincount([by_id[i] for i in opdata.old_records.tolist()], minlength=len(sizes))
     sizes_arr = np.asarray(sizes)
     assert (old_counts >= 1).all()
@@ -269,14 +272,28 @@ def test_rec_sets_read_back_with_original_payloads(dataset, tmp_path, protocol):
             assert (tmp_path / "a" / part / name).read_bytes() == (tmp_path / "b" / part / name).read_bytes()
 
 
-def test_rec_sets_one_image_identity_renumbered(tmp_path):
+def test_rec_sets_one_image_identity_in_both_parts(tmp_path):
     dataset = FaceRecords(make_rec(tmp_path / "src", [3, 1, 4]), flip=False)
     split = make_split(dataset, "opdata")
-    assert split.summary(dataset)["parts"]["new"]["classes"] == 2  # class 1 is old-only
+    summary = split.summary(dataset)
+    assert summary["parts"]["new"]["classes"] == 3 and summary["parts"]["old"]["classes"] == 3
+    assert summary["shared_images"] == 1 and summary["shared_classes"] == 3  # class 1's one image
     summary = write_split_recs(dataset, split, tmp_path / "out", progress=False)
+    assert summary["parts"]["new"]["written_classes_renumbered"] is False
+    for part in PARTS:
+        assert load_record_map(tmp_path / "out" / part)[1].tolist() == [0, 1, 2]
+        assert FaceRecords(tmp_path / "out" / part).num_classes == 3
+
+
+def test_rec_sets_renumber_a_class_without_images(tmp_path, dataset):
+    """A view that drops a whole identity keeps its id as a gap; a written part renumbers it away."""
+    view = dataset.subset(records=dataset.record_ids[dataset.labels != 1])
+    split = make_split(view, "opdata")
+    assert split.view(view, "new").num_classes == len(CLASS_SIZES)  # the gap stays a class id
+    summary = write_split_recs(view, split, tmp_path / "out", progress=False)
     assert summary["parts"]["new"]["written_classes_renumbered"] is True
-    assert load_record_map(tmp_path / "out" / "new")[1].tolist() == [0, 2]
-    assert FaceRecords(tmp_path / "out" / "new").num_classes == 2
+    want = [c for c in range(len(CLASS_SIZES)) if c != 1]
+    assert load_record_map(tmp_path / "out" / "new")[1].tolist() == want
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from facecompat.cli import OneLineParser
 EPILOG = """\
 protocols (DESIGN §6):
   opclass  old = first RATIO of the identities; new = the others, relabelled 0..k-1
-  opdata   old = ~RATIO of each identity's images; new = the rest, same labels
+  opdata   old = ~RATIO of each identity's images; new = the rest, same labels (a one-image
+           identity goes to both parts: it cannot be split by images)
   exclass  old = as opclass; new = the full set
   exdata   old = as opdata; new = the full set
 

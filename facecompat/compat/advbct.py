@@ -9,7 +9,9 @@ old class centre (unit mean of the old features of class c, from the bank):
   (w_c one trainable scalar per class, initialised U(−1, 1)). Per sample
   ``e_i = relu(‖φ̂_new(x_i) − m_{y_i}‖ − ρ_{y_i})`` and the term is the mean of e_i over the samples
   that violate their boundary (e_i > 0; zero when none does). Classes whose old statistics come
-  from fewer than two images carry no boundary and are skipped.
+  from fewer than two images carry no boundary and are skipped. A class id without any image (a
+  gap in the labels of a view that does not relabel) is never a label: it gets count 0, radius 0
+  and no boundary as placeholders, and its w_c never receives a gradient.
 - adversarial: a discriminator D (Linear D→h, BatchNorm, ReLU, Linear h→1) tells old features
   (the bank's feature of the same image and flip, normalised; label 1) from new embeddings
   (normalised, label 0). New embeddings reach D through a gradient-reversal layer, so minimising
@@ -59,7 +61,7 @@ from facecompat.compat.base import (
     param_error,
     register_method,
 )
-from facecompat.compat.lce import view_class_rows
+from facecompat.compat.lce import take_class_rows, view_class_rows
 
 _STREAM = 0xAD7B_C7E1
 
@@ -158,8 +160,10 @@ class AdvBCT(CompatMethod):
         self.stats = ctx.bank.class_stats()
         self.rows = view_class_rows(ctx)  # view label -> class-stats row
         angle = self.stats.angle_max if p["radius"] == "max" else self.stats.angle_mean
-        self.radius = chord(np.asarray(angle)[self.rows].astype(np.float64)).astype(np.float32)
-        self.has_boundary = np.asarray(self.stats.count)[self.rows] >= 2
+        angle = take_class_rows(np.asarray(angle), self.rows).astype(np.float64)
+        self.radius = chord(angle).astype(np.float32)
+        # a class id without images (row -1, never a label) has count 0: no boundary, radius 0
+        self.has_boundary = take_class_rows(np.asarray(self.stats.count), self.rows) >= 2
 
         seed = (int(ctx.seed) * 1_000_003 + _STREAM) % (2**63)  # the same on every rank
         self.discriminator = build_discriminator(ctx.embedding_size, p["disc_hidden"], seed, ctx.device)

@@ -348,12 +348,19 @@ class FeatureBank:
             self._angles = angles
         return self._angles
 
-    def class_rows(self, classes: np.ndarray | Sequence[int]) -> np.ndarray:
-        """int64 index into :meth:`class_stats` of each dataset class; BankError for a class absent."""
+    def class_rows(self, classes: np.ndarray | Sequence[int], missing: int | None = None) -> np.ndarray:
+        """int64 index into :meth:`class_stats` of each dataset class.
+
+        A class without a record in the bank is a BankError, or, with ``missing`` (e.g. -1), gets
+        that value: a view that keeps the dataset's labels can hold class ids without any image
+        (gaps in the labels), which are never a label; callers give them placeholder statistics.
+        """
         class_ids = self.class_stats().class_ids
         classes = np.asarray(classes, dtype=np.int64)
         pos = np.searchsorted(class_ids, classes).clip(0, max(class_ids.size - 1, 0))
         bad = (class_ids[pos] != classes) if class_ids.size else np.ones(classes.shape, bool)
+        if missing is not None:
+            return np.where(bad, missing, pos).astype(np.int64, copy=False)
         if bad.any():
             raise BankError(f"{self.directory}: dataset class {int(classes[bad][0])} has no record "
                             "in the bank")

@@ -9,7 +9,12 @@ scale. Rows of that classifier, one per class of the new training view:
 - identities the old model never saw: the L2-normalised mean of the old features of their images
   (the bank's class means), which is where the old model puts them;
 - ``prototype: class_mean`` uses class means for every class (old models without a classifier,
-  e.g. insightface zoo backbones).
+  e.g. insightface zoo backbones);
+- class ids without any image (gaps in the dataset's labels, kept by views that do not relabel:
+  OPdata, EXclass/EXdata's new part): a zero row. Such a class is never a label, so the row is
+  never a positive; normalised it stays zero, so its logit is 0 for every sample (a negative like
+  an orthogonal class) and, frozen, it takes no gradient and makes no NaN.
+
 
 The frozen classifier is sharded over ranks exactly like the new head (the same class ranges and
 sample rate ρ), so the influence loss costs one more Partial FC forward and works at any world
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor
 
 from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error, register_method
+from facecompat.compat.lce import take_class_rows
 from facecompat.config import ConfigError
 from facecompat.heads.partial_fc import PartialFC
 from facecompat.train import checkpoint as ckpt
@@ -56,14 +62,23 @@ def old_labels_of(classes: np.ndarray, old_view) -> np.ndarray:
     return np.where(seen, labels, -1).astype(np.int64)
 
 
+def shard_class_means(ctx: CompatContext) -> tuple[Tensor, Tensor]:
+    """(float32 ``[num_local, D]`` the bank's class means of this rank's head shard, bool
+    ``[num_local]`` which classes have one); a class without a record gets a zero row."""
+    head = ctx.head
+    classes = view_classes(ctx.view)[np.arange(head.class_start, head.class_start + head.num_local)]
+    rows = ctx.bank.class_rows(classes, missing=-1)
+    means = take_class_rows(ctx.bank.class_stats().means, rows).astype(np.float32)
+    return torch.from_numpy(means), torch.from_numpy(rows >= 0)
+
+
 def old_classifier_rows(ctx: CompatContext, prototype: str) -> tuple[Tensor, Tensor]:
     """(float32 ``[num_local, D]`` frozen-classifier rows of this rank's shard, bool ``[num_local]``
     which came from the old classifier)."""
     head = ctx.head
     labels = np.arange(head.class_start, head.class_start + head.num_local)
     classes = view_classes(ctx.view)[labels]
-    stats = ctx.bank.class_stats()
-    rows = torch.from_numpy(np.asarray(stats.means[ctx.bank.class_rows(classes)], dtype=np.float32)).clone()
+    rows, _ = shard_class_means(ctx)  # zero rows for class ids without images
     from_old = torch.zeros(len(labels), dtype=torch.bool)
     if prototype == "class_mean":
         return rows, from_old

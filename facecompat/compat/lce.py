@@ -30,6 +30,12 @@ Checked against the public implementation (``IrvingMeng/LCE``, ``main.py``), wit
   ``normalize(normalize(f_img) + normalize(f_flip))`` (the same direction up to the two norms).
 - as in the reference, a class with a single old image has boundary angle 0: its samples are
   pulled all the way onto the old centre.
+
+A class id of the view without any image (a gap in the dataset's labels, kept by views that do
+not relabel: OPdata, EXclass/EXdata's new part) has no old features. It is never a label, so it
+gets placeholders (:func:`view_class_rows` gives it row -1; its centre is a zero vector, its
+boundary angle 0) and no alignment term: its head row is left out of the alignment mean, which is
+taken over the classes that have a centre.
 """
 
 from __future__ import annotations
@@ -48,19 +54,29 @@ BOUNDARIES = ("max", "mean")
 
 
 def view_class_rows(ctx: CompatContext) -> np.ndarray:
-    """int64 ``[num_view_classes]``: the class-stats row of each view label (via the view's label map)."""
+    """int64 ``[num_view_classes]``: the class-stats row of each view label (via the view's label
+    map); -1 for a class id with no record in the bank (no image in the view: never a label)."""
     view = ctx.view
     classes = view.label_map if view.label_map is not None else np.arange(view.num_classes)
-    return np.asarray(ctx.bank.class_rows(np.asarray(classes, dtype=np.int64)), dtype=np.int64)
+    return np.asarray(ctx.bank.class_rows(np.asarray(classes, dtype=np.int64), missing=-1), dtype=np.int64)
+
+
+def take_class_rows(values: np.ndarray, rows: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """``values[rows]`` (a per-class statistic) with ``fill`` where ``rows`` is -1 (no record)."""
+    known = rows >= 0
+    out = np.full((len(rows), *np.shape(values)[1:]), fill, dtype=np.asarray(values[:0]).dtype)
+    out[known] = values[rows[known]]
+    return out
 
 
 def shard_centres(ctx: CompatContext, stats, rows: np.ndarray) -> Tensor:
-    """``[num_local, D]`` float32 old class means of this rank's head shard, on ``ctx.device``."""
+    """``[num_local, D]`` float32 old class means of this rank's head shard, on ``ctx.device``
+    (zero rows for classes without a record)."""
     head = ctx.head
     if head.num_classes != len(rows):
         raise ValueError(f"the head has {head.num_classes} classes but the view {len(rows)}")
     shard = rows[head.class_start : head.class_start + head.num_local]
-    return torch.from_numpy(np.asarray(stats.means[shard], dtype=np.float32)).to(ctx.device)
+    return torch.from_numpy(take_class_rows(stats.means, shard).astype(np.float32)).to(ctx.device)
 
 
 def alignment_loss(weight: Tensor, centres: Tensor, num_classes: int) -> Tensor:
@@ -110,10 +126,17 @@ class LCE(CompatMethod):
         self.stats = ctx.bank.class_stats()
         self.rows = view_class_rows(ctx)  # view label -> class-stats row
         angle = np.asarray(self.stats.angle_max if p["boundary"] == "max" else self.stats.angle_mean)
-        angle = np.clip(angle[self.rows].astype(np.float64) * p["boundary_scale"], 0.0, np.pi)
+        angle = take_class_rows(angle, self.rows).astype(np.float64)
+        angle = np.clip(angle * p["boundary_scale"], 0.0, np.pi)
         self.boundary_cos = np.cos(angle).astype(np.float32)  # [num_view_classes]
         # Only this rank's shard of the centres (1/world of the classes); not part of the state.
         self.register_buffer("shard_centres", shard_centres(ctx, self.stats, self.rows), persistent=False)
+        # Classes without a record have no centre: out of the alignment mean (None: every class has one).
+        known = self.rows >= 0
+        head = ctx.head
+        local = known[head.class_start : head.class_start + head.num_local]
+        self.shard_aligned = None if known.all() else torch.from_numpy(local).to(ctx.device)
+        self.num_aligned = int(known.sum())
 
     def batch_inputs(self, record_ids: np.ndarray, flipped: np.ndarray,
                      labels: np.ndarray) -> dict[str, Tensor]:
@@ -124,7 +147,10 @@ class LCE(CompatMethod):
 
     def forward(self, emb: Tensor, labels: Tensor, inputs: Mapping[str, Tensor]) -> CompatOutput:
         head = self.ctx.head  # the trainer's module, deliberately not a child of this one
-        align = alignment_loss(head.weight, self.shard_centres, head.num_classes)
+        weight, centres = head.weight, self.shard_centres
+        if self.shard_aligned is not None:
+            weight, centres = weight[self.shard_aligned], centres[self.shard_aligned]
+        align = alignment_loss(weight, centres, self.num_aligned)
         if self.ctx.world_size > 1:  # value: the global mean; gradient: this shard's rows only
             share = align.detach()
             align = align + (dist.all_reduce_(share.clone(), "sum") - share)

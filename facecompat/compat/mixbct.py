@@ -69,11 +69,14 @@ class MixBCT(CompatMethod):
         self.alpha, self.keep_ratio = float(alpha), float(keep)
         if self.params["head_init"] == "old_means":
             # Class centres start at the old model's class means (a resumed run loads its own).
-            from facecompat.compat.bct import old_classifier_rows
+            # A class id without images (no record in the bank, never a label) keeps its random
+            # centre: a zero row would take 1/eps gradients through the head's normalisation.
+            from facecompat.compat.bct import shard_class_means
 
-            rows, _ = old_classifier_rows(ctx, "class_mean")
+            rows, known = shard_class_means(ctx)
+            weight = ctx.head.weight
             with torch.no_grad():
-                ctx.head.weight.copy_(rows.to(ctx.head.weight.device, ctx.head.weight.dtype))
+                weight[known.to(weight.device)] = rows[known].to(weight.device, weight.dtype)
         self.bank = ctx.bank
         self.credible = ctx.bank.credible(self.keep_ratio)  # bool [N], memory-mapped
         self.generator = torch.Generator(device=ctx.device)

@@ -13,7 +13,14 @@ exdata     as opdata                                   the full set, original la
 
 Counts round half up (``floor(ratio * n + 0.5)``). opclass keeps at least one identity on
 each side; opdata puts at least one image of every identity in ``old`` and, when the
-identity has two or more images, at least one in ``new`` (a one-image identity is old-only).
+identity has two or more images, at least one in ``new``. An identity with one image cannot be
+split by images: opdata puts that image in BOTH parts, as MixBCT's reference split does (DESIGN
+§6), so both models train on every identity and the new view's old-feature bank has a record of
+every class the new head can be given as a label. (Left old-only, the new view would keep the
+class without an image, and every method reading the bank's class statistics would stop.)
+Class ids with no image at all (gaps in the labels) stay gaps: views that keep the dataset's
+labels (opdata, and the new part of exclass/exdata) keep them in ``num_classes``; the methods
+treat them as never-positive placeholders (see ``docs/ARCHITECTURE.md``, "Protocol edge cases").
 Which images of an identity go ``old`` is decided by a splitmix64 hash of
 ``(seed, record id)``: the choice depends only on the seed and the identity's record ids,
 so it is the same on every run, platform and view order.
@@ -184,10 +191,17 @@ def _opclass(record_ids: np.ndarray, labels: np.ndarray, ratio: float, seed: int
     return record_ids[old], record_ids[~old]
 
 
+def single_image_mask(labels: np.ndarray) -> np.ndarray:
+    """Mask of the images whose class has exactly one image."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return counts[inverse.reshape(-1)] == 1
+
+
 @register_protocol("opdata", old_relabel=False, new_relabel=False)
 def _opdata(record_ids: np.ndarray, labels: np.ndarray, ratio: float, seed: int) -> Halves:
     old = per_class_mask(record_ids, labels, ratio, seed)
-    return record_ids[old], record_ids[~old]
+    # A one-image identity cannot be split by images: it goes to both parts (module docstring).
+    return record_ids[old], record_ids[~old | single_image_mask(labels)]
 
 
 @register_protocol("exclass", old_relabel=True, new_relabel=False)
@@ -347,8 +361,8 @@ def write_split_recs(dataset: FaceRecords, split: Split, out_dir: str | os.PathL
     - ``label_map.npy``: int64 ``[k]``, the source rec's class of each new label.
 
     New labels are the part's classes renumbered ``0..k-1`` in ascending source order (for
-    opclass/exclass old and opdata parts this is the identity unless an identity is missing,
-    e.g. a one-image identity in opdata's new part). Images keep the source's class-then-id
+    opclass/exclass old and opdata parts this is the identity unless a class id has no image in
+    the source, a gap in its labels). Images keep the source's class-then-id
     order. ``split.json`` (summary) is written last. Returns the summary.
     """
     out_dir = Path(out_dir)
