@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -112,27 +113,35 @@ def _reference(ids: np.ndarray, labels: np.ndarray, feats: np.ndarray, ratios: l
     f = feats.astype(np.float64)
     u = _unit(_unit(f[:, 0]) + _unit(f[:, 1]))
     classes = np.unique(labels)
-    means, angle_mean, angle_max, count = [], [], [], []
-    angles = np.zeros(len(ids))
+    v = _unit(f[:, 0])
+    w = v / np.linalg.norm(v, axis=0)  # MixBCT: every column to unit L2 norm over the bank
+    means, angle_mean, angle_max, count, centres, radius = [], [], [], [], [], []
+    dists = np.zeros(len(ids))
     for c in classes:
         members = np.flatnonzero(labels == c)
         m = _unit(u[members].mean(axis=0))
         a = np.arccos(np.clip(u[members] @ m, -1, 1))
-        angles[members] = a
         means.append(m)
         angle_mean.append(a.mean())
         angle_max.append(a.max())
         count.append(members.size)
+        centres.append(v[members].mean(axis=0))
+        d = sorted(np.linalg.norm(v[members] - centres[-1], axis=1))
+        n = len(d)
+        q1, q3 = (d[int(n / 4)], d[int(3 * n / 4)]) if n >= 4 else (-np.inf, np.inf)
+        radius.append(max(x for x in d if q1 - 1.5 * (q3 - q1) <= x <= q3 + 1.5 * (q3 - q1)))
+        dists[members] = np.linalg.norm(w[members] - w[members].mean(axis=0), axis=1)
     credible = {}
     for ratio in ratios:
         mask = np.zeros(len(ids), bool)
         for c in classes:
             members = np.flatnonzero(labels == c)
-            k = max(1, int(np.floor(ratio * members.size + 0.5)))
-            ranked = sorted(members, key=lambda i: (round(angles[i], 5), ids[i]))
+            k = math.ceil(round(ratio * members.size, 9))
+            ranked = sorted(members, key=lambda i: (round(dists[i], 9), ids[i]))
             mask[ranked[:k]] = True
         credible[ratio] = mask
-    return classes, np.array(means), np.array(count), np.array(angle_mean), np.array(angle_max), credible
+    return (classes, np.array(means), np.array(count), np.array(angle_mean), np.array(angle_max), credible,
+            np.array(centres), np.array(radius))
 
 
 def test_statistics_match_their_definitions(tmp_path):
@@ -148,7 +157,7 @@ def test_statistics_match_their_definitions(tmp_path):
     bank = FeatureBank.from_arrays(tmp_path / "bank", ids, labels, feats, model={}, chunk_rows=7)
     order = np.argsort(ids)
     ratios = [0.9, 0.5, 0.25, 0.1, 1.0]
-    classes, means, count, angle_mean, angle_max, credible = _reference(
+    classes, means, count, angle_mean, angle_max, credible, centres, radius = _reference(
         ids[order], labels[order], np.asarray(bank.features), ratios)
     stats = bank.class_stats()
     np.testing.assert_array_equal(stats.class_ids, classes)
@@ -156,6 +165,8 @@ def test_statistics_match_their_definitions(tmp_path):
     np.testing.assert_allclose(stats.means, means, atol=2e-6)
     np.testing.assert_allclose(stats.angle_mean, angle_mean, atol=2e-3)  # arccos near 1 amplifies float32
     np.testing.assert_allclose(stats.angle_max, angle_max, atol=2e-3)
+    np.testing.assert_allclose(stats.centres, centres, atol=2e-6)
+    np.testing.assert_allclose(stats.radius, radius, atol=2e-6)
     for ratio in ratios:
         np.testing.assert_array_equal(bank.credible(ratio), credible[ratio], err_msg=f"ratio {ratio}")
     assert bank.credible(1.0).all()
@@ -170,7 +181,8 @@ def test_statistics_match_their_definitions(tmp_path):
     again = FeatureBank.open(tmp_path / "bank")
     assert isinstance(again.class_stats().means, np.memmap)
     np.testing.assert_array_equal(again.class_stats().angle_max, stats.angle_max)
-    assert isinstance(again.credible(0.9), np.memmap) and (tmp_path / "bank" / "credible_0.9.npy").is_file()
+    assert isinstance(again.credible(0.9), np.memmap)
+    assert (tmp_path / "bank" / "credible_v2_0.9.npy").is_file()
 
 
 # --- building on generated data ---------------------------------------------------------------------------
@@ -260,7 +272,7 @@ def test_two_ranks_resume_a_one_process_build_to_the_same_bytes(reference, synth
     expected = (len(reference) - BUILD_KW["chunk_rows"], int(reference.credible(0.9).sum()))
     assert results == [expected, expected]
     _same_files(reference.directory, directory)
-    assert (directory / "credible_0.9.npy").is_file() and (directory / "class_means.npy").is_file()
+    assert (directory / "credible_v2_0.9.npy").is_file() and (directory / "class_means.npy").is_file()
 
 
 def test_mismatching_banks_are_errors_not_rebuilds(reference, synthetic_tiny, runs):
@@ -307,7 +319,7 @@ def test_extract_features_tool(tmp_path, synthetic_tiny, runs, capsys):
     out = json.loads(capsys.readouterr().out)
     assert Path(out["path"]).parent == tmp_path / "runs" / "banks" and out["dims"] == 32
     assert out["records"] == out["extracted"] == out["view_records"] > 0 and out["images_per_s"] > 0
-    assert (Path(out["path"]) / "credible_0.9.npy").is_file()
+    assert (Path(out["path"]) / "credible_v2_0.9.npy").is_file()
     # the same bank claimed for another model: one line, exit 2, the bank untouched
     bad = ["--set", f"compat.old.checkpoint={runs[1]}", "--out", out["path"]]
     assert tool.main([str(config), *bad]) == 2

@@ -67,6 +67,16 @@ def bank(tmp_path_factory: pytest.TempPathFactory) -> FeatureBank:
     np.testing.assert_allclose(stats.angle_max, WANT_MAX, atol=2e-3)
     np.testing.assert_allclose(stats.angle_mean, WANT_MEAN, atol=2e-3)
     np.testing.assert_array_equal(stats.count, WANT_COUNT)
+    # AdvBCT's centres: plain means of the unit image features; classes under 4 images are not
+    # fenced, so each radius is the largest distance to that centre.
+    unit_rows = features[:, 0].astype(np.float64)
+    unit_rows /= np.linalg.norm(unit_rows, axis=1, keepdims=True)
+    for row, cls in enumerate(BANK_CLASSES):
+        members = unit_rows[labels == cls]
+        np.testing.assert_allclose(stats.centres[row], members.mean(axis=0), atol=1e-6)
+        want = np.linalg.norm(members - members.mean(axis=0), axis=1).max()
+        assert stats.radius[row] == pytest.approx(want, abs=1e-6)
+    assert 0 < np.linalg.norm(stats.centres[0]) < 0.95  # not renormalised
     return out
 
 
@@ -224,8 +234,8 @@ def test_lce_zero_on_old_centres_and_inside_boundary(bank, stats):
 # ------------------------------------------------------------------------------------------- AdvBCT
 
 ADV_LABELS = np.array([0, 2, 1, 0])  # view label 2 = class 5 has one image: no boundary
-# Sample 0: 1.0 rad from e3 (chord 0.959 > r = chord(0.6) = 0.591); sample 1: 90 degrees from e1 but
-# without a boundary; sample 2: on e0; sample 3: 0.2 rad from e3. Only sample 0 counts.
+# Sample 0: 1.0 rad from e3 (0.909 from class 9's centre 0.884·e3, radius 0.568); sample 1: 90 degrees
+# from e1 but without a boundary; sample 2: on e0; sample 3: 0.2 rad from e3. Only sample 0 counts.
 ADV_EMB = np.array([
     [math.sin(1.0), 0.0, 0.0, math.cos(1.0)],
     [0.0, 0.0, 1.0, 0.0],
@@ -235,12 +245,13 @@ ADV_EMB = np.array([
 
 
 def adv_expected_boundary(stats, emb: np.ndarray, labels: np.ndarray, radius: np.ndarray) -> float:
-    """Mean of the hinge over the violating samples of classes with two or more images."""
+    """Mean of the hinge over the violating samples of classes with two or more images, distances to
+    the (unnormalised) boundary centres."""
     excess = []
     for e, y, r in zip(emb, labels, radius):
         if stats.count[VIEW_ROWS[y]] < 2:
             continue
-        d = np.linalg.norm(unit(e) - stats.means[VIEW_ROWS[y]])
+        d = np.linalg.norm(unit(e) - stats.centres[VIEW_ROWS[y]])
         if d > r:
             excess.append(d - r)
     return float(np.mean(excess)) if excess else 0.0
@@ -254,9 +265,8 @@ def test_advbct_batch_inputs(bank, stats):
     want_old = features[pick, flipped.astype(int)].astype(np.float32)
     np.testing.assert_array_equal(inputs["old"].numpy(), want_old)
     assert inputs["old"][0].norm() > 1.5 and inputs["old"][1].norm() < 1.01  # the flip is stored at 2x
-    np.testing.assert_array_equal(inputs["centre"].numpy(), stats.means[VIEW_ROWS[ADV_LABELS]])
-    want_radius = 2 * np.sin(stats.angle_max[VIEW_ROWS[ADV_LABELS]] / 2)
-    np.testing.assert_allclose(inputs["radius"].numpy(), want_radius, rtol=1e-6)
+    np.testing.assert_array_equal(inputs["centre"].numpy(), stats.centres[VIEW_ROWS[ADV_LABELS]])
+    np.testing.assert_array_equal(inputs["radius"].numpy(), stats.radius[VIEW_ROWS[ADV_LABELS]])
     np.testing.assert_array_equal(inputs["valid"].numpy(), [True, False, True, True])
     assert stats.count[VIEW_ROWS[2]] == 1
 
@@ -267,13 +277,13 @@ def test_advbct_fixed_boundary_matches_formula(bank, stats):
     inputs = method.batch_inputs(record_ids(bank), np.zeros(4, bool), ADV_LABELS)
     emb = torch.tensor(ADV_EMB, dtype=torch.float32, requires_grad=True)
     out = method(emb, torch.from_numpy(ADV_LABELS), inputs)
-    radius = 2 * np.sin(stats.angle_max[VIEW_ROWS[ADV_LABELS]] / 2)
+    radius = stats.radius[VIEW_ROWS[ADV_LABELS]].astype(np.float64)
     expected = adv_expected_boundary(stats, ADV_EMB, ADV_LABELS, radius)
     assert expected > 0
     assert out.terms["advbct_boundary"].item() == pytest.approx(0.5 * 2.0 * expected, rel=1e-5)
     # Only sample 0 violates: the gradient is λ w ∂‖ê − m‖/∂e on it (mean over one violator).
     out.terms["advbct_boundary"].backward()
-    u, m = unit(ADV_EMB[0]), stats.means[3].astype(np.float64)
+    u, m = unit(ADV_EMB[0]), stats.centres[3].astype(np.float64)
     diff = u - m
     g_u = diff / np.linalg.norm(diff)
     want = (g_u - (g_u @ u) * u) / np.linalg.norm(ADV_EMB[0])
@@ -288,11 +298,11 @@ def test_advbct_elastic_radius_and_its_gradient(bank, stats):
     inputs = method.batch_inputs(record_ids(bank), np.zeros(4, bool), ADV_LABELS)
     emb = torch.tensor(ADV_EMB, dtype=torch.float32, requires_grad=True)
     out = method(emb, torch.from_numpy(ADV_LABELS), inputs)
-    r = 2 * np.sin(stats.angle_max[VIEW_ROWS[ADV_LABELS]] / 2)
+    r = stats.radius[VIEW_ROWS[ADV_LABELS]].astype(np.float64)
     sig = 1 / (1 + np.exp(-logit[ADV_LABELS]))
     rho = r + sig * (1.2 - r)
     expected = adv_expected_boundary(stats, ADV_EMB, ADV_LABELS, rho)
-    assert expected > 0  # sample 0 (chord 0.959) is still outside rho_0 < 1.2
+    assert expected > 0  # sample 0 (0.909 from its centre) is still outside rho_0 < 1.2
     assert out.terms["advbct_boundary"].item() == pytest.approx(expected, rel=1e-5)
     out.terms["advbct_boundary"].backward()
     # d/dw_0 of (d − ρ) = −σ'(w_0)(T − r_0); view classes 1, 2 get nothing (no boundary / inside).
@@ -399,6 +409,7 @@ def test_advbct_mean_radius(bank, stats):
     inputs = method.batch_inputs(record_ids(bank), np.zeros(4, bool), ADV_LABELS)
     want = 2 * np.sin(stats.angle_mean[VIEW_ROWS[ADV_LABELS]] / 2)
     np.testing.assert_allclose(inputs["radius"].numpy(), want, rtol=1e-6)
+    np.testing.assert_array_equal(inputs["centre"].numpy(), stats.means[VIEW_ROWS[ADV_LABELS]])  # unit
     valid = inputs["valid"].numpy()
     assert np.all(want[valid] < 2 * np.sin(stats.angle_max[VIEW_ROWS[ADV_LABELS]] / 2)[valid] + 1e-9)
 
@@ -445,6 +456,7 @@ def test_chord():
     (AdvBCT, "threshold", 2.5),
     (AdvBCT, "boundary_weight", -2.0),
     (AdvBCT, "radius", "median"),
+    (AdvBCT, "radius", "max"),  # the largest angle over every image: replaced by the reference's
     (AdvBCT, "schedule", "cosine"),
 ])
 def test_out_of_range_parameter(bank, cls, key: str, value):

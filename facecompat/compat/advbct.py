@@ -1,17 +1,25 @@
 """AdvBCT: an elastic boundary around the old classes plus adversarial alignment (Pan et al., CVPR 2023).
 
-Two terms on top of the new model's ArcFace loss, with φ̂ the L2-normalised embedding and m_c the
-old class centre (unit mean of the old features of class c, from the bank):
+Two terms on top of the new model's ArcFace loss, with φ̂ the L2-normalised embedding and c_c the
+old centre of class c (from the bank's :class:`~facecompat.compat.bank.ClassStats`):
 
-- elastic boundary: the old radius of class c is ``r_c = 2 sin(θmax_c / 2)``, the largest Euclidean
-  distance between a unit old feature of the class and m_c (θmax_c from the bank). Its elastic
-  radius moves it towards a threshold T by a learnable share: ``ρ_c = r_c + σ(w_c) · (T − r_c)``
-  (w_c one trainable scalar per class, initialised U(−1, 1)). Per sample
-  ``e_i = relu(‖φ̂_new(x_i) − m_{y_i}‖ − ρ_{y_i})`` and the term is the mean of e_i over the samples
-  that violate their boundary (e_i > 0; zero when none does). Classes whose old statistics come
-  from fewer than two images carry no boundary and are skipped. A class id without any image (a
-  gap in the labels of a view that does not relabel) is never a label: it gets count 0, radius 0
-  and no boundary as placeholders, and its w_c never receives a gradient.
+- elastic boundary: the old radius r_c of class c is the reference's (``radius: tukey``, the
+  default; ``gen_class_meta`` of ``Ashespt/AdvBCT``, also in MixBCT's face reproduction): each old
+  feature is L2-normalised (``v = normalize(f)``, the un-flipped image's feature; the reference
+  extracts one view per image), the centre c_c is the plain mean of the class's ``v``, NOT
+  renormalised, and r_c is the largest ``‖v − c_c‖`` inside the Tukey fences of the class's
+  distances (1.5·IQR on both sides, quartiles as the reference indexes them, classes under 4
+  images unfenced; :func:`~facecompat.compat.bank.fenced_max`): one or two mislabelled images no
+  longer set the radius. The boundary's distance ``‖φ̂_new − c_c‖`` is to that same unnormalised
+  centre, as the reference's loss computes it, so radius and distance are on one scale (a unit
+  vector against a point inside the unit ball). Its elastic radius moves r_c towards a threshold
+  T by a learnable share: ``ρ_c = r_c + σ(w_c) · (T − r_c)`` (w_c one trainable scalar per class,
+  initialised U(−1, 1)). Per sample ``e_i = relu(‖φ̂_new(x_i) − c_{y_i}‖ − ρ_{y_i})`` and the term
+  is the mean of e_i over the samples that violate their boundary (e_i > 0; zero when none does).
+  Classes whose old statistics come from fewer than two images carry no boundary and are skipped
+  (the reference skips a class whose kept distances number one or none). A class id without any
+  image (a gap in the labels of a view that does not relabel) is never a label: it gets count 0,
+  radius 0 and no boundary as placeholders, and its w_c never receives a gradient.
 - adversarial: a discriminator D (Linear D→h, BatchNorm, ReLU, Linear h→1) tells old features
   (the bank's feature of the same image and flip, normalised; label 1) from new embeddings
   (normalised, label 0). New embeddings reach D through a gradient-reversal layer, so minimising
@@ -37,10 +45,12 @@ the same as ρ_c above; default T = 1.0. Differences:
   and weights the adversarial loss by ``(E − e + 1) / E`` (epoch e of E). ``schedule: ramp`` (the
   default) does the same from the trainer's progress, the weight decaying continuously as
   ``1 − p``; ``schedule: constant`` keeps ``grl_factor`` and ``adv_weight`` as given.
-- the reference's radii are distances to a normalised class centre stored per class; ours are
-  derived from the bank's largest angle (same quantity: chord of the angle between unit vectors).
-  ``radius: mean`` uses the class's mean angle instead: a tighter cone, for data where the largest
-  angle is wide enough that new features satisfy it untrained.
+- ``radius: mean`` (ours, not the reference's) uses the unit class mean m_c of the fused
+  (image + flip) old features as centre and the chord ``2 sin(θmean_c / 2)`` of the class's mean
+  angle to it as radius: a tighter cone, for data where the old classes are wide enough that new
+  features satisfy the reference's radius untrained (``configs/synthetic_advbct.yaml``).
+- MixBCT's face reproduction of AdvBCT multiplies the boundary term by 4 and uses T = 0.4
+  (``configs/ms1mv3_advbct.yaml`` takes its T).
 """
 
 from __future__ import annotations
@@ -80,7 +90,8 @@ def boundary_loss(emb: Tensor, centres: Tensor, radius: Tensor, valid: Tensor) -
     """Mean of ``relu(‖normalize(emb_i) − centres_i‖ − radius_i)`` over the violating valid samples.
 
     Args:
-        emb: ``[b, D]`` new embeddings; centres: ``[b, D]`` unit old class centres of their labels;
+        emb: ``[b, D]`` new embeddings; centres: ``[b, D]`` old class centres of their labels (as
+            the radius was measured from: unnormalised means for ``radius: tukey``, unit for ``mean``);
         radius: ``[b]`` each sample's boundary radius; valid: bool ``[b]`` samples with a boundary.
     Returns:
         A scalar; 0 when no valid sample lies outside its boundary.
@@ -129,13 +140,14 @@ def adversarial_loss(disc: nn.Module, emb: Tensor, old: Tensor, grl_factor: floa
 class AdvBCT(CompatMethod):
     """Params: ``boundary_weight`` (1.0), ``adv_weight`` (1.0), ``grl_factor`` (1.0), ``disc_hidden``
     (100), ``threshold`` (T of the elastic radius, 1.0), ``elastic`` (learn the radius, true; false:
-    the old radius as is), ``radius`` (``max`` or ``mean`` angle of the old class), ``schedule``
-    (``ramp``: reversal factor and adversarial weight follow training progress; ``constant``)."""
+    the old radius as is), ``radius`` (``tukey``: the reference's, default; ``mean``: chord of the
+    class's mean angle around its unit mean), ``schedule`` (``ramp``: reversal factor and
+    adversarial weight follow training progress; ``constant``)."""
 
     name = "advbct"
     needs = frozenset({"bank", "class_stats"})
     defaults = {"boundary_weight": 1.0, "adv_weight": 1.0, "grl_factor": 1.0, "disc_hidden": 100,
-                "threshold": 1.0, "elastic": True, "radius": "max", "schedule": "ramp"}
+                "threshold": 1.0, "elastic": True, "radius": "tukey", "schedule": "ramp"}
 
     def __init__(self, ctx: CompatContext):
         super().__init__(ctx)
@@ -150,8 +162,8 @@ class AdvBCT(CompatMethod):
         self.boundary_weight, self.adv_weight = float(p["boundary_weight"]), float(p["adv_weight"])
         self.grl_factor, self.threshold = float(p["grl_factor"]), float(p["threshold"])
         self.elastic = bool(p["elastic"])
-        if p["radius"] not in ("max", "mean"):
-            raise param_error("radius", p["radius"], "must be max or mean")
+        if p["radius"] not in ("tukey", "mean"):
+            raise param_error("radius", p["radius"], "must be tukey (the reference's) or mean")
         if p["schedule"] not in ("ramp", "constant"):
             raise param_error("schedule", p["schedule"], "must be ramp or constant")
         self.schedule = p["schedule"]
@@ -159,9 +171,13 @@ class AdvBCT(CompatMethod):
         self.bank = ctx.bank
         self.stats = ctx.bank.class_stats()
         self.rows = view_class_rows(ctx)  # view label -> class-stats row
-        angle = self.stats.angle_max if p["radius"] == "max" else self.stats.angle_mean
-        angle = take_class_rows(np.asarray(angle), self.rows).astype(np.float64)
-        self.radius = chord(angle).astype(np.float32)
+        if p["radius"] == "tukey":
+            self.centres = np.asarray(self.stats.centres)
+            self.radius = take_class_rows(np.asarray(self.stats.radius), self.rows).astype(np.float32)
+        else:
+            self.centres = np.asarray(self.stats.means)
+            angle = take_class_rows(np.asarray(self.stats.angle_mean), self.rows).astype(np.float64)
+            self.radius = chord(angle).astype(np.float32)
         # a class id without images (row -1, never a label) has count 0: no boundary, radius 0
         self.has_boundary = take_class_rows(np.asarray(self.stats.count), self.rows) >= 2
 
@@ -184,7 +200,7 @@ class AdvBCT(CompatMethod):
 
     def batch_inputs(self, record_ids: np.ndarray, flipped: np.ndarray,
                      labels: np.ndarray) -> dict[str, Tensor]:
-        centres = np.asarray(self.stats.means[self.rows[labels]], dtype=np.float32)
+        centres = np.asarray(self.centres[self.rows[labels]], dtype=np.float32)
         return {"old": torch.from_numpy(self.bank.lookup(record_ids, flipped)),
                 "centre": torch.from_numpy(centres),
                 "radius": torch.from_numpy(self.radius[labels]),

@@ -14,7 +14,7 @@ Directory layout::
     progress.npy     uint8 [chunks]     1 = chunk extracted and flushed (while building)
     build.json       what is being built (counts, chunking, model and dataset fingerprints)
     bank.json        written atomically, last: {"format": 1, "complete": true, ...}
-    class_*.npy, credible_<ratio>.npy   derived statistics, written atomically on first use
+    class_*.npy, credible_v2_<ratio>.npy   derived statistics, written atomically on first use
 
 A directory without a complete ``bank.json`` is an unfinished build: it is resumed, never read.
 
@@ -23,9 +23,21 @@ Statistics (float32 maths, computed in chunks of ``chunk_rows`` records):
 - fused unit vector of a record: ``u = normalize(normalize(f_img) + normalize(f_flip))``;
 - class mean: ``m_c = normalize(mean of u over the class's records)``;
 - angle of a record: ``arccos(clip(u . m_c, -1, 1))`` (radians); per class its mean and its max;
-- credible mask (MixBCT, keep ratio ``T`` in (0, 1]): in each class the
-  ``k = max(1, floor(T * n_c + 0.5))`` records with the smallest angle to their class mean (ties:
-  lower record id first) are True, the others False.
+- boundary centre and radius (AdvBCT, the reference's ``gen_class_meta``): with ``v =
+  normalize(f_img)`` the unit feature of the un-flipped image, ``c_c = mean of v`` (NOT
+  renormalised) and ``d = |v - c_c|``; the radius is the largest ``d`` of the class inside the
+  Tukey fences ``[q1 - 1.5 IQR, q3 + 1.5 IQR]``, ``q1 = d_(floor(n/4))``, ``q3 = d_(floor(3n/4))``
+  (0-based order statistics of the class's sorted distances, as the reference indexes them;
+  classes of fewer than 4 records are not fenced: radius = their largest ``d``);
+- credible mask (MixBCT, keep ratio ``T`` in (0, 1], the reference's ``denoise_credible.py``):
+  ``v`` as above, each feature column divided by its L2 norm over the whole bank (``w = v / |v[:,
+  j]|``, sklearn's ``normalize(axis=0)``); in each class the ``k = ceil(T * n_c)`` records with
+  the smallest Euclidean distance ``|w - mean_c w|`` are True (ties: lower record id first), the
+  others False. ``T * n_c`` is taken exactly, with ``T`` as the decimal it was written as
+  (``0.07 * 100`` keeps 7, although it is 7.000000000000001 in float64).
+
+Both reference tools read one view per image (MixBCT's extraction: the training loader's random
+flip; AdvBCT's: none); the un-flipped image's feature is that view, deterministically.
 
 ``normalize(x) = x / max(|x|, 1e-12)`` (as ``torch.nn.functional.normalize``).
 """
@@ -37,7 +49,8 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -59,7 +72,10 @@ FEATURES, RECORD_IDS, LABELS, PROGRESS = "features.npy", "record_ids.npy", "labe
 BUILD_META, BANK_META = "build.json", "bank.json"
 _STAT_FILES = {"class_ids": ("class_ids.npy", np.int64), "means": ("class_means.npy", np.float32),
                "count": ("class_count.npy", np.int64), "angle_mean": ("class_angle_mean.npy", np.float32),
-               "angle_max": ("class_angle_max.npy", np.float32)}
+               "angle_max": ("class_angle_max.npy", np.float32),
+               "centres": ("class_boundary_centres.npy", np.float32),
+               "radius": ("class_boundary_radius.npy", np.float32)}
+_CREDIBLE_RULE = 2  # in the mask's file name: masks of an earlier rule are never reused
 _EPS = 1e-12
 
 
@@ -76,6 +92,10 @@ class ClassStats(NamedTuple):
         count: int64 ``[C]`` records per class.
         angle_mean: float32 ``[C]`` mean angle (radians) of a class's records to its mean.
         angle_max: float32 ``[C]`` largest such angle.
+        centres: float32 ``[C, D]`` AdvBCT boundary centres: plain means of the unit image features
+            (not renormalised, so inside the unit ball).
+        radius: float32 ``[C]`` AdvBCT boundary radius: the largest distance of a unit image feature
+            to its centre inside the class's Tukey fences (:func:`fenced_max`).
     """
 
     class_ids: np.ndarray
@@ -83,6 +103,8 @@ class ClassStats(NamedTuple):
     count: np.ndarray
     angle_mean: np.ndarray
     angle_max: np.ndarray
+    centres: np.ndarray
+    radius: np.ndarray
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -93,6 +115,45 @@ def fuse(features: np.ndarray) -> np.ndarray:
     """``[n, 2, D]`` (image, flip) features -> float32 ``[n, D]`` fused unit vectors ``u``."""
     f = _normalize(np.asarray(features, dtype=np.float32))
     return _normalize(f[:, 0] + f[:, 1])
+
+
+def fenced_max(values: np.ndarray, groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """Per group, the largest of its ``values`` inside the Tukey fences ``[q1 - 1.5 IQR, q3 + 1.5 IQR]``.
+
+    ``q1`` and ``q3`` are the group's sorted values at 0-based positions ``floor(n/4)`` and
+    ``floor(3n/4)`` (AdvBCT's ``gen_class_meta`` indexes them so; no numpy percentile method does
+    for every ``n``). Groups of fewer than 4 values are not fenced.
+
+    Args:
+        values: ``[N]`` finite values; groups: int ``[N]`` group of each, in ``[0, num_groups)``.
+    Returns:
+        ``values.dtype`` ``[num_groups]``; 0 for an empty group.
+    """
+    groups = np.asarray(groups, dtype=np.int64)
+    order = np.lexsort((values, groups))
+    v, g = values[order], groups[order]
+    count = np.bincount(groups, minlength=num_groups)
+    start = np.r_[0, np.cumsum(count)[:-1]].astype(np.int64)
+    has = count > 0
+    q1, q3 = np.zeros(num_groups, v.dtype), np.zeros(num_groups, v.dtype)
+    q1[has] = v[start[has] + count[has] // 4]
+    q3[has] = v[start[has] + (3 * count[has]) // 4]
+    iqr = q3 - q1
+    low, high = q1 - 1.5 * iqr, q3 + 1.5 * iqr
+    inside = (count[g] < 4) | ((v >= low[g]) & (v <= high[g]))
+    out = np.zeros(num_groups, v.dtype)
+    if has.any():  # q1 and q3 themselves are always inside: no group keeps nothing
+        out[has] = np.maximum.reduceat(np.where(inside, v, -np.inf).astype(v.dtype), start[has])
+    return out
+
+
+def keep_counts(ratio: float, counts: np.ndarray) -> np.ndarray:
+    """int64 ``ceil(ratio * n)`` for each ``n`` in ``counts``, with ``ratio`` read as the decimal it
+    was written as (``0.9`` is 9/10), so float64 rounding never keeps one more (``0.07 * 100`` is
+    7.000000000000001: 7 are kept, not 8)."""
+    frac = Fraction(float(ratio)).limit_denominator(1_000_000)
+    counts = np.asarray(counts, dtype=np.int64)
+    return -(-(counts * frac.numerator) // frac.denominator)
 
 
 def _segments(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -164,7 +225,6 @@ class FeatureBank:
         self.chunk_rows = int(meta.get("chunk_rows") or 8192)
         self.num_extracted = 0
         self._stats: ClassStats | None = None
-        self._angles: np.ndarray | None = None
         self._credible: dict[float, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -285,9 +345,9 @@ class FeatureBank:
 
     # -- statistics ------------------------------------------------------------------------------
     def _chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, fused unit vectors ``[n, D]``) of consecutive slices of the bank."""
+        """(start, float32 ``[n, 2, D]`` features) of consecutive slices of the bank."""
         for start in range(0, len(self), self.chunk_rows):
-            yield start, fuse(self.features[start:start + self.chunk_rows])
+            yield start, np.asarray(self.features[start:start + self.chunk_rows], dtype=np.float32)
 
     def class_stats(self) -> ClassStats:
         """Per-class statistics; computed and written (atomically) on first use, memory-mapped after."""
@@ -301,6 +361,8 @@ class FeatureBank:
         return self._stats
 
     def _load_stats(self) -> ClassStats | None:
+        """The stored statistics; None when a file is absent (e.g. written before a field existed),
+        unreadable or of the wrong dtype or shape: they are then computed again."""
         arrays = {}
         for key, (name, dtype) in _STAT_FILES.items():
             try:
@@ -309,9 +371,9 @@ class FeatureBank:
                 return None
             if arrays[key].dtype != dtype:
                 return None
-        c = arrays["class_ids"].shape[0]
-        shapes_ok = arrays["means"].shape == (c, self.embedding_size) and all(
-            arrays[k].shape == (c,) for k in ("class_ids", "count", "angle_mean", "angle_max"))
+        c, dim = arrays["class_ids"].shape[0], self.embedding_size
+        shapes_ok = all(arrays[k].shape == (c, dim) for k in ("means", "centres")) and all(
+            arrays[k].shape == (c,) for k in ("class_ids", "count", "angle_mean", "angle_max", "radius"))
         return ClassStats(**arrays) if shapes_ok else None
 
     def _class_index(self) -> tuple[np.ndarray, np.ndarray]:
@@ -319,34 +381,37 @@ class FeatureBank:
         class_ids = np.unique(labels)
         return class_ids, np.searchsorted(class_ids, labels)
 
+    def _class_sums(self, inv: np.ndarray, num_classes: int, rows_of: Callable[[np.ndarray], np.ndarray],
+                    width: int, dtype: type = np.float32) -> np.ndarray:
+        """``[C, width]`` sums over each class of ``rows_of(chunk features)``, one pass over the bank."""
+        sums = np.zeros((num_classes, width), dtype)
+        for start, f in self._chunks():
+            order, starts, keys = _segments(inv[start:start + len(f)])
+            if keys.size:
+                sums[keys] += np.add.reduceat(rows_of(f)[order], starts, axis=0)
+        return sums
+
     def _compute_stats(self) -> ClassStats:
         class_ids, inv = self._class_index()
-        num_classes, dim = class_ids.size, self.embedding_size
-        sums = np.zeros((num_classes, dim), np.float32)
-        for start, u in self._chunks():
-            order, starts, keys = _segments(inv[start:start + len(u)])
-            if keys.size:
-                sums[keys] += np.add.reduceat(u[order], starts, axis=0)
-        means = _normalize(sums)
-        angles = self._record_angles(means, inv)
+        num_classes, n = class_ids.size, len(self)
         count = np.bincount(inv, minlength=num_classes).astype(np.int64)
+        dim = self.embedding_size
+        sums = self._class_sums(inv, num_classes, lambda f: np.concatenate([fuse(f), _normalize(f[:, 0])], 1),
+                                2 * dim)
+        means = _normalize(sums[:, :dim])
+        centres = (sums[:, dim:] / np.maximum(count, 1)[:, None]).astype(np.float32)
+        angles, dists = np.empty(n, np.float32), np.empty(n, np.float32)
+        for start, f in self._chunks():
+            part = inv[start:start + len(f)]
+            cos = np.einsum("nd,nd->n", fuse(f), means[part])
+            angles[start:start + len(f)] = np.arccos(np.clip(cos, -1.0, 1.0))
+            dists[start:start + len(f)] = np.linalg.norm(_normalize(f[:, 0]) - centres[part], axis=1)
         angle_sum = np.bincount(inv, weights=angles, minlength=num_classes)
         angle_max = np.zeros(num_classes, np.float32)
         np.maximum.at(angle_max, inv, angles)
         angle_mean = (angle_sum / np.maximum(count, 1)).astype(np.float32)
-        return ClassStats(class_ids.astype(np.int64), means, count, angle_mean, angle_max)
-
-    def _record_angles(self, means: np.ndarray, inv: np.ndarray | None = None) -> np.ndarray:
-        """float32 ``[N]`` angle of each record's fused vector to its class mean (cached)."""
-        if self._angles is None:
-            if inv is None:
-                inv = self._class_index()[1]
-            angles = np.empty(len(self), np.float32)
-            for start, u in self._chunks():
-                cos = np.einsum("nd,nd->n", u, means[inv[start:start + len(u)]])
-                angles[start:start + len(u)] = np.arccos(np.clip(cos, -1.0, 1.0))
-            self._angles = angles
-        return self._angles
+        radius = fenced_max(dists, inv, num_classes)
+        return ClassStats(class_ids.astype(np.int64), means, count, angle_mean, angle_max, centres, radius)
 
     def class_rows(self, classes: np.ndarray | Sequence[int], missing: int | None = None) -> np.ndarray:
         """int64 index into :meth:`class_stats` of each dataset class.
@@ -368,13 +433,13 @@ class FeatureBank:
 
     def credible(self, keep_ratio: float) -> np.ndarray:
         """bool ``[N]`` MixBCT credible mask for ``keep_ratio`` in (0, 1] (see the module docstring);
-        written to ``credible_<ratio>.npy`` on first use and memory-mapped after."""
+        written to ``credible_v2_<ratio>.npy`` on first use and memory-mapped after."""
         ratio = float(keep_ratio)
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"credible keep ratio must be in (0, 1], got {keep_ratio}")
         if ratio in self._credible:
             return self._credible[ratio]
-        path = self.directory / f"credible_{ratio!r}.npy"
+        path = self.directory / f"credible_v{_CREDIBLE_RULE}_{ratio!r}.npy"
         try:
             mask = np.load(path, mmap_mode="r")
             if mask.shape != (len(self),) or mask.dtype != bool:
@@ -385,18 +450,37 @@ class FeatureBank:
         self._credible[ratio] = mask
         return mask
 
-    def _credible_mask(self, ratio: float) -> np.ndarray:
-        stats = self.class_stats()
+    def credible_distances(self) -> np.ndarray:
+        """float64 ``[N]`` distance of each record to its class mean in MixBCT's denoising space:
+        unit image features with every column divided by its L2 norm over the bank."""
         class_ids, inv = self._class_index()
-        angles = self._record_angles(np.asarray(stats.means), inv)
-        # by class, then angle, then row (= record id, rows are sorted by it)
-        order = np.lexsort((np.arange(len(self)), angles, inv))
-        counts = np.asarray(stats.count)
+        square = np.zeros(self.embedding_size, np.float64)
+        for _, f in self._chunks():
+            square += np.square(_normalize(f[:, 0]), dtype=np.float64).sum(axis=0)
+        column = np.sqrt(square)
+        column[column == 0] = 1.0  # as sklearn: an all-zero column stays zero
+
+        def scaled(f: np.ndarray) -> np.ndarray:
+            return _normalize(f[:, 0]).astype(np.float64) / column
+
+        count = np.bincount(inv, minlength=class_ids.size)
+        means = self._class_sums(inv, class_ids.size, scaled, self.embedding_size, np.float64) \
+            / np.maximum(count, 1)[:, None]
+        dists = np.empty(len(self), np.float64)
+        for start, f in self._chunks():
+            dists[start:start + len(f)] = np.linalg.norm(scaled(f) - means[inv[start:start + len(f)]], axis=1)
+        return dists
+
+    def _credible_mask(self, ratio: float) -> np.ndarray:
+        _, inv = self._class_index()
+        dists = self.credible_distances()
+        # by class, then distance, then row (= record id, rows are sorted by it)
+        order = np.lexsort((np.arange(len(self)), dists, inv))
+        counts = np.bincount(inv)
         class_start = np.r_[0, np.cumsum(counts)[:-1]]
         rank_in_class = np.arange(len(self)) - class_start[inv[order]]
-        keep = np.maximum(1, np.floor(ratio * counts + 0.5)).astype(np.int64)
         mask = np.zeros(len(self), bool)
-        mask[order] = rank_in_class < keep[inv[order]]
+        mask[order] = rank_in_class < keep_counts(ratio, counts)[inv[order]]
         return mask
 
     # -- checks ----------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Per rank and micro-batch of b samples, up to ``int(alpha * b)`` rows of the new embeddings are
 replaced by the old model's feature of the same image with the same flip (from the bank), chosen
-uniformly at random among the batch's *credible* samples: those among the ``keep_ratio`` share of
-their class that lie closest to the old class mean (:meth:`FeatureBank.credible`). One ArcFace loss
+uniformly at random among the batch's *credible* samples: the ``ceil(keep_ratio · n_c)`` images of
+each class nearest (Euclidean) to its mean in the reference's denoising space, the unit old image
+features with each column scaled to unit L2 norm over the training set (``denoise_credible.py``;
+:meth:`FeatureBank.credible`). One ArcFace loss
 on the mix then pulls the new model's class centres towards the old features, which makes new
 embeddings land where the old model put that identity.
 
