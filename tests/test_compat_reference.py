@@ -4,21 +4,31 @@ computation written here independently:
 - AdvBCT's boundary radius (``Ashespt/AdvBCT`` ``gen_class_meta``): Tukey-fenced largest distance of
   the unit old features to their plain (unnormalised) mean;
 - MixBCT's credible samples (``denoise_credible.py``): row- then column-normalised old features,
-  Euclidean distance to the class mean, ``ceil(T·n)`` kept, exactly.
+  Euclidean distance to the class mean, ``ceil(T·n)`` kept, exactly;
+- BCT's old classifier from the same training step as the old backbone (``model.pt``).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from facecompat.compat.advbct import AdvBCT
 from facecompat.compat.bank import FeatureBank, fenced_max, keep_counts
 from facecompat.compat.base import CompatContext
+from facecompat.compat.bct import BCT, old_labels_of, view_classes
+from facecompat.config import ConfigError, load_config
+from facecompat.data.loader import build_dataset
 from facecompat.heads import PartialFC
+from facecompat.train import checkpoint as ckpt
+from facecompat.train.trainer import Trainer, train
+from tests.test_compat import DIM, context, new_config, random_bank
+from tests.test_trainer import write_config
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -168,3 +178,73 @@ def test_a_credible_mask_of_the_old_rule_is_not_reused(tmp_path):
     again = FeatureBank.open(tmp_path / "bank")
     mask = np.asarray(again.credible(0.9))
     assert [int(mask[np.asarray(again.labels) == c].sum()) for c in (0, 1)] == [15, 9]
+
+
+# ------------------------------------------------------------------------------------- BCT pairing
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def stopped_old_run(tmp_path_factory, synthetic_tiny) -> Path:
+    """A real old run stopped one step into its second epoch, right after a mid-epoch checkpoint:
+    model.pt is the first epoch's end, the latest checkpoint one step newer."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    cfg = load_config(write_config(tmp, synthetic_tiny, "old", **{
+        "data.protocol": "exclass", "data.part": "old", "data.val_targets": [], "model.embedding_size": DIM,
+        "train.epochs": 2, "train.checkpoint_every": 1}))
+    run_dir = tmp / "runs" / "old"
+    step = Trainer.train_step
+
+    def stop_in_epoch_two(self, batches):
+        if self.position.epoch == 1 and self.position.step_in_epoch == 1:
+            raise _Stop
+        step(self, batches)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "train_step", stop_in_epoch_two)
+        with pytest.raises(_Stop):
+            train(cfg, run_dir)
+    return run_dir
+
+
+def _bct(tmp_path: Path, root: Path, old_run: Path) -> tuple[BCT | None, object, object]:
+    cfg = new_config(tmp_path, root, old_run, "bct")
+    view = build_dataset(cfg.data)
+    bank = random_bank(tmp_path / "bank", view)
+    old_cfg = load_config(old_run / "config.yaml")
+    ctx = context(view, PartialFC(DIM, view.num_classes), bank, old_run_dir=old_run, old_config=old_cfg)
+    return ctx, view, old_cfg
+
+
+def test_bct_takes_the_old_classifier_of_model_pts_step(tmp_path, synthetic_tiny, stopped_old_run):
+    kept = ckpt.list_checkpoints(stopped_old_run)
+    assert len(kept) == 2
+    epoch_end, latest = kept
+    steps = [ckpt.load_common(p)["position"] for p in kept]
+    assert steps[0]["step_in_epoch"] == 0 and steps[1]["step_in_epoch"] == 1  # model.pt's step, one later
+    ctx, view, old_cfg = _bct(tmp_path, synthetic_tiny, stopped_old_run)
+    method = BCT(ctx)
+    rows, seen = method.old_head.weight.detach(), method.from_old_classifier
+    old_labels = old_labels_of(view_classes(view), build_dataset(old_cfg.data))[seen.numpy()]
+    paired, _ = ckpt.load_head_rows(epoch_end, old_labels)
+    newer, _ = ckpt.load_head_rows(latest, old_labels)
+    assert int(seen.sum()) == 9 and torch.equal(rows[seen], paired)
+    assert not torch.equal(paired, newer)  # the data tell the two steps apart
+
+
+def test_bct_refuses_when_no_checkpoint_holds_model_pts_step(tmp_path, synthetic_tiny, stopped_old_run):
+    run = tmp_path / "old"
+    shutil.copytree(stopped_old_run, run)
+    epoch_end, latest = ckpt.list_checkpoints(run)
+    shutil.rmtree(epoch_end)  # what the rotation (keep 2) does after one more mid-epoch checkpoint
+    model_step = int(epoch_end.name.split("_")[1])
+    ctx, _, _ = _bct(tmp_path, synthetic_tiny, run)
+    with pytest.raises(ConfigError) as err:
+        BCT(ctx)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("compat.old.checkpoint:")
+    assert f"{run / 'model.pt'} (step {model_step}, the last epoch end)" in message
+    assert f"{latest} (step {model_step + 1})" in message

@@ -4,8 +4,9 @@
 every sample goes through a frozen copy of the old classifier, with the old head's margin and
 scale. Rows of that classifier, one per class of the new training view:
 
-- identities the old model was trained on: the old run's Partial FC class centre (read from its
-  last checkpoint, whatever world size wrote it);
+- identities the old model was trained on: the old run's Partial FC class centre, read from the
+  checkpoint of the step its ``model.pt`` was written at (the bank's backbone; a later mid-epoch
+  checkpoint is never paired with it), whatever world size wrote it;
 - identities the old model never saw: the L2-normalised mean of the old features of their images
   (the bank's class means), which is where the old model puts them;
 - ``prototype: class_mean`` uses class means for every class (old models without a classifier,
@@ -14,7 +15,6 @@ scale. Rows of that classifier, one per class of the new training view:
   OPdata, EXclass/EXdata's new part): a zero row. Such a class is never a label, so the row is
   never a positive; normalised it stays zero, so its logit is 0 for every sample (a negative like
   an orthogonal class) and, frozen, it takes no gradient and makes no NaN.
-
 
 The frozen classifier is sharded over ranks exactly like the new head (the same class ranges and
 sample rate ρ), so the influence loss costs one more Partial FC forward and works at any world
@@ -25,6 +25,7 @@ never raw cosines.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,10 +86,12 @@ def old_classifier_rows(ctx: CompatContext, prototype: str) -> tuple[Tensor, Ten
     if ctx.old_run_dir is None or ctx.old_config is None:
         raise ConfigError("compat.params.prototype: 'classifier' needs the old model's run directory "
                           "(compat.old.checkpoint); for a bare weights file set prototype: class_mean")
-    path = ckpt.latest_checkpoint(ctx.old_run_dir)
-    if path is None:
-        raise ConfigError(f"compat.old.checkpoint: {ctx.old_run_dir} has no complete checkpoint with the "
-                          "old classifier (or set compat.params.prototype: class_mean)")
+    # the classifier of the step model.pt (backbone and bank) comes from, never a later one
+    try:
+        path = ckpt.checkpoint_of_weights(ctx.old_run_dir, Path(ctx.old_run_dir) / "model.pt")
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"compat.old.checkpoint: the old classifier: {exc} "
+                          "(or set compat.params.prototype: class_mean)") from None
     from facecompat.data.loader import build_dataset
 
     old_view = build_dataset(ctx.old_config.data)

@@ -151,6 +151,42 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_of_weights(run_dir: str | os.PathLike, weights: str | os.PathLike) -> Path:
+    """The newest complete checkpoint of ``run_dir`` whose backbone is the one in ``weights``.
+
+    ``model.pt`` is written at epoch ends only, checkpoints also mid-epoch: a run stopped after a
+    mid-epoch checkpoint has a latest checkpoint newer than its ``model.pt``. Whatever is read from a
+    checkpoint to go with ``model.pt`` (BCT's old classifier) must come from this one, the same step.
+
+    Raises:
+        CheckpointError: one line naming ``weights`` and the latest checkpoint with their steps when no
+            kept checkpoint holds those weights (the epoch end's checkpoint was rotated away), or
+            naming the run when it has no complete checkpoint.
+    """
+    weights = Path(weights)
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{checkpoint_dir(run_dir)}: no complete checkpoint")
+    model = _load(weights, mmap=True)
+    for path in reversed(found):
+        if _same_tensors(model, _load(path / "common.pt", mmap=True).get("backbone") or {}):
+            return path
+    position = _load(found[-1] / "common.pt", mmap=True).get("position") or {}
+    step, in_epoch = int(position.get("step", -1)), int(position.get("step_in_epoch", 0))
+    # the trainer writes model.pt at epoch ends: the latest one is where the current epoch began
+    model_step = f"step {step - in_epoch}, the last epoch end" if 0 < in_epoch < step else "step unknown"
+    kept = ", ".join(str(int(m.group(1))) for m in (_STEP_DIR.match(p.name) for p in found) if m)
+    raise CheckpointError(f"{weights} ({model_step}) and the latest checkpoint {found[-1]} (step {step}) are "
+                          f"from different training steps, and no kept checkpoint (steps {kept}) holds "
+                          f"{weights.name}'s weights; resume the run to its next epoch end")
+
+
+def _same_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Two state dicts with the same keys and bit-identical tensors."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
 # ----------------------------------------------------------------------------- save / load
 
 
