@@ -176,7 +176,9 @@ def test_training_learns_the_planted_map_on_records_it_never_saw(trained):
     cfg, summary = trained
     held = summary["fit"]["held_out"]
     assert abs(held["cos_old"]) < 0.3  # untransformed, the spaces are unrelated
-    assert held["cos"] > 0.95, held
+    # h learns the rotation: 0.956 here (one or two threads), 0.956-0.966 over six planted seeds;
+    # 0.95 sits within a float path's wobble of that, 0.9 does not (an unlearnt h stays near 0).
+    assert held["cos"] > 0.9, held
     out = Path(cfg.output)
     meta = json.loads((out / "fct.json").read_text())
     assert meta["models"]["side"]["embedding_size"] == SIDE_DIM

@@ -101,10 +101,17 @@ def test_verdicts_follow_their_definitions(tiny):
 def test_the_independent_model_is_incompatible_and_mixbct_moves_into_the_old_space(tiny):
     _, _, report = tiny
     tar = _tars(report)
-    # both new models are better than the old one on their own ...
-    assert tar["new|new"] > tar["old|old"] and tar["mixbct|mixbct"] > tar["old|old"]
-    # ... the independent one is at chance against the old gallery: ECC fails by far
-    assert not report["ecc"]["new"] and tar["new|old"] < 0.25 * tar["old|old"]
+    auc = {cell: v["1:1"]["auc"] for cell, v in report["matrix"].items()}
+    # The tiny set has 47 genuine pairs: a TAR moves in steps of 2.1 points and another float path
+    # (here: one vs two math threads) moves a trained model's TAR at FAR 1e-1 by 2-9 points, so
+    # TAR comparisons need margins of several pairs. Measured at one / two threads:
+    # TAR old|old 0.872 / 0.851, new|new 0.936 / 0.979, new|old 0.213 / 0.191, mixbct|old
+    # 0.851 / 0.936; AUC (over all 1,416 pairs) old|old 0.955 / 0.962, new|new 0.985 / 0.990,
+    # mixbct|mixbct 0.981 / 0.986, new|old 0.539 / 0.529.
+    # Both new models are better than the old one on their own (AUC: 3-4 times its wobble) ...
+    assert auc["new|new"] > auc["old|old"] and auc["mixbct|mixbct"] > auc["old|old"], auc
+    # ... the independent one is at chance against the old gallery (AUC 0.5): ECC fails by far
+    assert not report["ecc"]["new"] and auc["new|old"] < 0.65 < auc["old|old"] - 0.2, auc
     # MixBCT's queries find the old gallery's faces many times more often than the independent
     # model's, in 1:1 and in 1:N. (Beating old|old takes more steps than CI has:
     # test_small_quickstart_holds_search_ecc...)

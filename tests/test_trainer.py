@@ -108,7 +108,10 @@ def test_training_writes_every_output_and_learns(tmp_path, synthetic_tiny):
     assert load_config(run_dir / "config.yaml") == cfg
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
-    assert losses[-1] < 0.7 * losses[0], losses
+    # Windows of 5 logged losses, not single values: one step's loss swings by +-20% with the batch,
+    # and the float path of another CPU moves each value (measured here over 4 seeds: last/first
+    # window 0.44-0.53, single values 0.42-0.51); a run that does not learn stays near 1.
+    assert len(losses) >= 20 and sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
     assert [r for r in records if r["kind"] == "val"], "verification never ran"
     assert 0.0 <= summary["verification"]["lfw"] <= 1.0
     kept = ckpt.list_checkpoints(run_dir)
