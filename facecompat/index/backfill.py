@@ -12,8 +12,10 @@ rest their stored one (old model, or FCT-transformed); gallery templates are the
 (:func:`facecompat.eval.ijb.pool_templates`: feature x detector score, media mean, template sum, L2)
 and searched by the new model's probe templates, which are pooled once. The metrics are those of
 :func:`facecompat.eval.ijb.identify_1toN` (DESIGN §5: CMC over mated probes, TPIR@FPIR with the
-non-mated threshold rule), averaged over the galleries (G1 and G2); per-gallery curves are kept too.
-The area under a curve is its mean over f in [0, 1], by the trapezoidal rule on the given fractions.
+non-mated threshold rule) over the galleries G1 and G2 as the public cross-model evaluator reports
+them (rank-k pooled over all mated probes, TPIR the mean of the galleries'); per-gallery curves are
+kept too. The area of a curve is FastFill's: the plain mean of the metric over the evenly spaced
+fractions 0, ..., 1.
 
 Orderings (:data:`ORDERINGS`): ``random`` (seeded permutation), ``uncertainty`` (largest predicted
 uncertainty first, FastFill), ``distance`` (largest cosine distance of the stored feature to its
