@@ -195,7 +195,8 @@ def pooled_rank(results: dict, key: str, rank: str = "1") -> float | None:
     galleries = results.get(key, {}).get("1:N")
     if not galleries:
         return None
-    return metrics.pooled_over_galleries(galleries, lambda g: g["cmc"][rank])
+    return metrics.pooled_over_galleries([g["cmc"][rank] for g in galleries.values()],
+                                         [g["num_mated"] for g in galleries.values()])
 
 
 def search_compatibility(results: dict, candidates: Sequence[str], old: str,

@@ -15,7 +15,7 @@ Result keys: FARs are formatted by :func:`far_key` (``format(x, ".0e")``: ``"1e-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -412,19 +412,20 @@ def identification(similarity: np.ndarray, probe_subjects: np.ndarray, gallery_s
             "tpir_at_fpir": _tpir_from(mated, best_true, best_other, rank, fpirs)}
 
 
-def pooled_over_galleries(per_gallery: Mapping[str, Mapping], value: Callable[[Mapping], float]) -> float:
+def pooled_over_galleries(rates: Sequence | np.ndarray, num_mated: Sequence[int]) -> float | np.ndarray:
     """A 1:N rate over several galleries (IJB-C's G1 and G2) as the public cross-model evaluator
     pools it (DESIGN §5): the hits in every gallery over all mated probes of all of them, i.e. each
-    gallery's ``value(result)`` weighted by its ``num_mated`` probes -- not the plain mean of the
-    galleries' rates. For CMC ranks; that evaluator averages TPIRs plainly (each gallery has its
-    own threshold). NaN when no gallery has a mated probe.
+    gallery's rate weighted by its mated probes -- not the plain mean of the galleries' rates. For
+    CMC ranks; that evaluator averages TPIRs plainly (each gallery has its own threshold).
 
     Args:
-        per_gallery: gallery name -> one gallery's 1:N result (with ``num_mated``).
-        value: the rate read from a gallery's result, e.g. ``lambda r: r["cmc"]["1"]``.
+        rates: ``[G]`` one rate per gallery, or ``[G, F]`` one curve per gallery.
+        num_mated: ``[G]`` mated probes of each gallery.
+
+    Returns:
+        a float (``[G]`` rates) or ``[F]`` float64 (curves); NaN when no gallery has a mated probe.
     """
-    results = list(per_gallery.values())
-    weights = np.array([r["num_mated"] for r in results], np.float64)
-    if not results or weights.sum() == 0:
-        return float("nan")
-    return float(np.dot(weights, [value(r) for r in results]) / weights.sum())
+    values, weights = np.asarray(rates, np.float64), np.asarray(num_mated, np.float64)
+    total = weights.sum()
+    pooled = weights @ values / total if total > 0 else np.full(values.shape[1:], np.nan)
+    return float(pooled) if np.ndim(pooled) == 0 else pooled

@@ -214,8 +214,7 @@ def _over_galleries(name: str, curves: dict[str, list[float]], mated: dict[str, 
     values = np.array(list(curves.values()), np.float64)  # [galleries, F]
     if not name.startswith("rank"):
         return values.mean(axis=0).tolist()
-    weights = np.array([mated[g] for g in curves], np.float64)
-    return (weights @ values / max(weights.sum(), 1.0)).tolist()
+    return metrics.pooled_over_galleries(values, [mated[g] for g in curves]).tolist()
 
 
 def _flatten(result: dict, ranks: Sequence[int], fpirs: Sequence[float]) -> dict[str, float]:
@@ -297,7 +296,8 @@ def backfill_curve(meta: ijb.IJBMeta, probe_feats_new: np.ndarray | ijb.Pooled, 
             for n, v in _flatten(last[g], ranks, fpirs).items():
                 per_gallery[g][n].append(v)
         if progress:
-            r1 = metrics.pooled_over_galleries(last, lambda r: r["cmc"]["1"]) if 1 in ranks else float("nan")
+            r1 = _over_galleries("rank1", {g: per_gallery[g]["rank1"][-1:] for g in names}, mated)[0] \
+                if 1 in ranks else np.nan
             progress(f"backfill {f:.3f} ({count}/{items.size} items): rank-1 {r1 * 100:.2f}")
     metric = {n: _over_galleries(n, {g: per_gallery[g][n] for g in names}, mated) for n in keys}
     return {"fractions": fractions.tolist(), "num_backfilled": counts.tolist(), "num_items": int(items.size),
