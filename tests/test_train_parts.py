@@ -144,3 +144,22 @@ def test_bench_train_tool_rejects_an_unknown_network(capsys):
     assert tool.main(["--network", "r19", "--steps", "1", "--warmup", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "r19" in err[0]
+
+
+def test_head_memory_bench_measures_the_formula_peak():
+    """tools/bench_head_memory.py in its own process (the peak is the process's): one rank of 2M
+    classes over 8 ranks at ρ 0.1 peaks where head_memory_bytes says (1.48 GiB), within 5%."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_head_memory.py"
+    out = subprocess.run([sys.executable, str(tool), "--json"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = json.loads(out.stdout)
+    assert result["num_local"] == 250_000 and result["formula_gib"] > 1.4
+    assert abs(result["measured_gib"] / result["formula_gib"] - 1.0) < 0.05, result
+    bad = subprocess.run([sys.executable, str(tool), "--sample-rate", "2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "2" in bad.stderr

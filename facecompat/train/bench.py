@@ -87,3 +87,48 @@ def bench_train_step(spec: StepBenchSpec, device: torch.device | str | None = No
         "samples_per_s": round(per_rank * world, 1), "samples_per_s_per_rank": round(per_rank, 1),
         "peak_memory_gib": round(peak / 2**30, 3), "loss": float(losses[-1]),
     }
+
+
+def bench_head_memory(num_classes: int, world_size: int = 8, sample_rate: float = 0.1,
+                      global_batch: int = 1024, embedding_size: int = 512, steps: int = 2) -> dict:
+    """Peak memory of one Partial FC rank against :func:`facecompat.heads.head_memory_bytes`.
+
+    One process holds a rank's exact shapes (``ceil(C / W)`` local classes, the all-gathered global
+    batch) on the CPU and trains ``steps`` SGD-with-momentum steps after one warm-up step. The
+    measured peak is the process's peak resident memory (``ru_maxrss``) minus the resident memory
+    without the head (after the warm-up, less its weights and momentum). ``ru_maxrss`` is the
+    process's lifetime peak: run one configuration per process.
+
+    Returns:
+        ``{"num_local", "sample_rate", "global_batch", "embedding_size", "measured_gib",
+        "formula_gib"}``.
+    """
+    from facecompat.heads import PartialFC, head_memory_bytes
+
+    if num_classes < 1 or world_size < 1 or global_batch < 1 or embedding_size < 1 or steps < 1:
+        raise ValueError("num_classes, world_size, global_batch, embedding_size and steps must be >= 1")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    num_local = -(-num_classes // world_size)
+    gen = torch.Generator().manual_seed(0)
+    head = PartialFC(embedding_size, num_local, sample_rate=sample_rate)
+    optim = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    emb = torch.randn(global_batch, embedding_size, generator=gen)
+    labels = torch.randint(0, num_local, (global_batch,), generator=gen)
+
+    def step() -> None:
+        head(emb, labels).backward()
+        optim.step()
+        optim.zero_grad()
+
+    step()  # the momentum buffer and the allocator's pools exist from here on
+    with open("/proc/self/statm") as f:
+        resident = int(f.read().split()[1]) * resource.getpagesize()
+    without_head = resident - 2 * num_local * embedding_size * 4  # less the weights and momentum
+    for _ in range(steps):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    formula = head_memory_bytes(num_local * world_size, embedding_size, world_size, sample_rate, global_batch)
+    return {"num_local": num_local, "sample_rate": sample_rate, "global_batch": global_batch,
+            "embedding_size": embedding_size, "measured_gib": (peak - without_head) / 2**30,
+            "formula_gib": formula["peak"] / 2**30}
