@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 # (tools/env.sh installs the CPU wheel on machines without a GPU) so that pip does not
 # pull several GB of CUDA packages to satisfy a bare requirement.
 CORE = [
-    "torch>=2.1",
+    "torch>=2.4",  # tested floor: dist.data_parallel passes what each DDP release accepts
     "numpy>=1.24",
     "pyyaml>=6.0",
     "opencv-python-headless>=4.8",

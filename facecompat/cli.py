@@ -55,21 +55,15 @@ def comma_floats(text: str, what: str) -> list[float]:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """``--device`` value -> torch.device: default cuda (this rank's GPU under torchrun) when
-    available, else cpu. Raises ValueError (one line) for a malformed name or CUDA that is absent."""
-    import torch
-
+    """``--device`` value -> torch.device, made this process's current device
+    (:func:`facecompat.dist.use_device`: default this rank's GPU when CUDA is available, else cpu).
+    Raises ValueError naming the flag (one line) for a malformed name, absent CUDA or a missing GPU."""
     from facecompat import dist
 
     try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
+        return dist.use_device(name)
+    except dist.DeviceError as exc:
         raise ValueError(f"--device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", dist.get_local_rank())
-    return device
 
 
 def run_collective(work: Callable[[], T],

@@ -6,11 +6,13 @@ no-ops), so library code runs unchanged in one CPU process.
 
 from __future__ import annotations
 
+import inspect
 import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def is_initialized() -> bool:
@@ -33,6 +35,78 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+# --- devices: the one place a device name becomes a torch.device ----------------------------------
+
+
+class DeviceError(ValueError):
+    """A device that cannot be used here (malformed name, no CUDA, no such GPU); one line."""
+
+
+def local_gpu_index() -> int:
+    """This process's GPU: ``LOCAL_RANK`` modulo the visible GPUs.
+
+    torchrun gives every process all the node's GPUs and a distinct LOCAL_RANK; launchers that
+    give each process one visible GPU (SLURM with ``--gpus-per-task=1``, Kubernetes device
+    plugins) still number LOCAL_RANK 0..n-1, and each must use its only GPU, index 0.
+    """
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise DeviceError("CUDA is not available here")
+    return get_local_rank() % count
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """A device name (or None) → the torch.device this process computes on.
+
+    ``None`` → this process's GPU (:func:`local_gpu_index`) when CUDA is available, else the CPU;
+    ``"cuda"`` without an index → this process's GPU; ``"cuda:i"`` → GPU i, checked to exist.
+    Raises :class:`DeviceError` for a malformed name, CUDA that is absent or a GPU index out of range.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"not a device: {device!r} ({exc})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{device}: CUDA is not available here")
+        if device.index is None:
+            return torch.device("cuda", local_gpu_index())
+        if device.index >= torch.cuda.device_count():
+            raise DeviceError(f"{device}: this process sees {torch.cuda.device_count()} GPU(s)")
+    elif device.type not in ("cpu", "meta"):
+        raise DeviceError(f"{device}: unsupported device type (cpu or cuda[:index])")
+    return device
+
+
+def use_device(device: torch.device | str | None = None) -> torch.device:
+    """:func:`resolve_device`, and make a CUDA result the current device (NCCL, ``.cuda()``, new
+    tensors without a device); the entry point of a process that computes."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _ddp_accepts(name: str) -> bool:
+    return name in inspect.signature(DistributedDataParallel.__init__).parameters
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``module`` wrapped in DDP the way every training here wraps it.
+
+    Buffers (BN statistics) stay per rank, as in insightface (``broadcast_buffers=False``):
+    torch >= 2.13 spells that ``forward_sync_buffers=False`` and deprecates the old name, older
+    releases (the floor is in setup.py) know only ``broadcast_buffers``; the signature decides.
+    Gradients are bucket views (no second copy of the gradients).
+    """
+    no_sync = {"forward_sync_buffers": False} if _ddp_accepts("forward_sync_buffers") \
+        else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, **no_sync)
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int]:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT). Without those variables this is a single process and nothing
@@ -43,7 +117,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
         return 0, 1
     backend = backend or default_backend()
     if backend == "nccl":
-        torch.cuda.set_device(get_local_rank())
+        torch.cuda.set_device(local_gpu_index())
     timeout = timedelta(seconds=timeout_s)
     store = _attempt_store(timeout)
     if store is None:

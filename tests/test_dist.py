@@ -104,3 +104,76 @@ def test_run_distributed_reports_failing_rank() -> None:
 def _fail_on_rank_1(rank: int, world: int) -> None:
     if rank == 1:
         raise ValueError("boom on rank 1")
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def _gpus(monkeypatch: pytest.MonkeyPatch, count: int, local_rank: int | None = None) -> None:
+    """Pretend this process sees ``count`` GPUs (torch.device objects need no real GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+
+
+@pytest.mark.parametrize(("count", "local_rank", "index"), [(8, 5, 5), (1, 3, 0), (2, 3, 1), (4, None, 0)])
+def test_cuda_without_an_index_is_this_process_gpu_local_rank_modulo_visible(monkeypatch, count, local_rank,
+                                                                             index):
+    _gpus(monkeypatch, count, local_rank)
+    assert dist.resolve_device("cuda") == torch.device("cuda", index)
+    assert dist.resolve_device(None) == torch.device("cuda", index)
+    assert dist.local_gpu_index() == index
+
+
+def test_device_names_resolve_or_fail_in_one_line(monkeypatch):
+    _gpus(monkeypatch, 2)
+    assert dist.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert dist.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(dist.DeviceError, match=r"^cuda:2: this process sees 2 GPU\(s\)$"):
+        dist.resolve_device("cuda:2")
+    with pytest.raises(dist.DeviceError, match="^not a device: 'gpu0'"):
+        dist.resolve_device("gpu0")
+    with pytest.raises(dist.DeviceError, match="unsupported device type"):
+        dist.resolve_device("mps")
+    _gpus(monkeypatch, 0)
+    assert dist.resolve_device(None) == torch.device("cpu")
+    with pytest.raises(dist.DeviceError, match="^cuda: CUDA is not available here$"):
+        dist.resolve_device("cuda")
+    with pytest.raises(dist.DeviceError, match="CUDA is not available"):
+        dist.local_gpu_index()
+
+
+def test_the_tools_device_flag_names_itself(monkeypatch):
+    from facecompat.cli import resolve_device
+
+    _gpus(monkeypatch, 0)
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^--device: cuda:0: CUDA is not available here$"):
+        resolve_device("cuda:0")
+
+
+def test_data_parallel_passes_what_the_installed_ddp_accepts(monkeypatch):
+    """forward_sync_buffers (torch >= 2.13) or broadcast_buffers (older), never both."""
+    seen = {}
+
+    class Recorder:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True, gradient_as_bucket_view=False):
+            seen.update(device_ids=device_ids, broadcast_buffers=broadcast_buffers,
+                        gradient_as_bucket_view=gradient_as_bucket_view)
+
+    monkeypatch.setattr(dist, "DistributedDataParallel", Recorder)
+    dist.data_parallel(torch.nn.Linear(2, 2), torch.device("cpu"))
+    assert seen == {"device_ids": None, "broadcast_buffers": False, "gradient_as_bucket_view": True}
+
+    class Recorder213(Recorder):
+        def __init__(self, module, device_ids=None, broadcast_buffers=None, gradient_as_bucket_view=False,
+                     forward_sync_buffers=None):
+            assert broadcast_buffers is None
+            seen.update(device_ids=device_ids, forward_sync_buffers=forward_sync_buffers)
+
+    monkeypatch.setattr(dist, "DistributedDataParallel", Recorder213)
+    dist.data_parallel(torch.nn.Linear(2, 2), torch.device("cuda", 3))
+    assert seen["device_ids"] == [3] and seen["forward_sync_buffers"] is False

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dist_util import run_distributed
+from torch.nn.parallel import DistributedDataParallel
 
+from facecompat import dist
 from facecompat.config import load_config
 from facecompat.models import get_model
 from facecompat.train import checkpoint as ckpt
@@ -263,6 +266,45 @@ def test_two_nodes_on_loopback_train_one_model(two_rank_reference):
     assert [a.returncode for a in agents] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "world size 2" in (tmp / "runs" / "multinode" / "train.log").read_text()
     assert_same_state(ref_dir, tmp / "runs" / "multinode")
+
+
+class _DDPBefore213(DistributedDataParallel):
+    """DistributedDataParallel with torch 2.4-2.12's constructor: no ``forward_sync_buffers``
+    (passing it is a TypeError, as on those releases). Records the keywords it was built with."""
+
+    built_with: list[dict] = []
+
+    def __init__(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True,
+                 process_group=None, bucket_cap_mb=None, find_unused_parameters=False,
+                 check_reduction=False, gradient_as_bucket_view=False, static_graph=False):
+        type(self).built_with.append({"broadcast_buffers": broadcast_buffers,
+                                      "gradient_as_bucket_view": gradient_as_bucket_view})
+        super().__init__(module, device_ids=device_ids, output_device=output_device, dim=dim,
+                         broadcast_buffers=broadcast_buffers, process_group=process_group,
+                         bucket_cap_mb=bucket_cap_mb, find_unused_parameters=find_unused_parameters,
+                         check_reduction=check_reduction, gradient_as_bucket_view=gradient_as_bucket_view,
+                         static_graph=static_graph)
+
+
+def _train_with_ddp_before_213(rank: int, world: int, cfg_path: str, run_dir: str) -> list[dict]:
+    import warnings
+
+    dist.DistributedDataParallel = _DDPBefore213  # what a torch < 2.13 install provides
+    cfg = load_config(cfg_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # 2.13 calls the old keyword deprecated
+        Trainer(cfg, run_dir).train()
+    return _DDPBefore213.built_with
+
+
+def test_two_rank_training_with_the_ddp_of_torch_before_2_13(two_rank_reference):
+    """Every multi-rank run builds DDP through dist.data_parallel, which passes only what the
+    installed DistributedDataParallel accepts: per-rank buffers by the old keyword, same training."""
+    tmp, cfg, ref_dir = two_rank_reference
+    run_dir = tmp / "runs" / "ddp_before_213"
+    built = run_distributed(_train_with_ddp_before_213, 2, str(cfg), str(run_dir))
+    assert built == [[{"broadcast_buffers": False, "gradient_as_bucket_view": True}]] * 2
+    assert_same_state(ref_dir, run_dir)
 
 
 def _children(pid: int) -> list[int]:

@@ -8,15 +8,20 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FACECOMPAT_VENV:-$repo/.venv}"
 py="${PYTHON:-python3}"
 
+has_gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then has_gpu=1; fi
+
 if [ ! -x "$venv/bin/python" ]; then
   echo "[env] creating virtual env at $venv"
-  "$py" -m venv "$venv"
+  if [ "$has_gpu" = 1 ]; then
+    # A GPU machine's image ships the PyTorch its driver and cluster were built for: reuse it.
+    "$py" -m venv --system-site-packages "$venv"
+  else
+    "$py" -m venv "$venv"
+  fi
 fi
 vpy="$venv/bin/python"
 "$vpy" -m pip install --quiet --upgrade pip setuptools wheel >/dev/null
-
-has_gpu=0
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then has_gpu=1; fi
 
 # torch first, so the project's 'torch>=…' requirement is already satisfied.
 if ! "$vpy" -c "import torch" >/dev/null 2>&1; then

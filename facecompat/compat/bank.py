@@ -670,7 +670,6 @@ def build_bank(view: FaceRecords, spec: ModelSpec, directory: str | os.PathLike,
             dimension is not ``spec.embedding_size``, non-finite features, or a build left unfinished
             (``max_chunks``).
     """
-    from facecompat.data.loader import resolve_device
     from facecompat.eval.catalog import load_model
 
     directory = Path(directory)
@@ -698,7 +697,7 @@ def build_bank(view: FaceRecords, spec: ModelSpec, directory: str | os.PathLike,
     error: Exception | None = None
     if mine:
         try:
-            device = resolve_device(device)
+            device = dist.resolve_device(device)
             model = load_model(spec, device)
             _extract_chunks(model, sorted_view, directory, mine, int(chunk_rows), batch_size=batch_size,
                             num_workers=num_workers, device=device, autocast_dtype=autocast_dtype,

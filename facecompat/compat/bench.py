@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from facecompat import dist
 from facecompat.compat.bank import FeatureBank
@@ -101,9 +100,7 @@ def _build_setup(name: str, view: BenchView, bank: FeatureBank, *, network: str,
         method = get_method(name)(ctx).to(device)
     model = backbone
     if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(backbone, device_ids=ids, forward_sync_buffers=False,
-                                        gradient_as_bucket_view=True)
+        model = dist.data_parallel(backbone, device)
     optimizer = build_optimizer(backbone, head, OptimConfig(), device, compat=method)
     step = TrainStep(model, backbone, head, optimizer, LossScaler(enabled=precision == "fp16"),
                      amp_dtype=autocast_dtype(precision), channels_last=False, grad_clip=5.0,
@@ -221,9 +218,7 @@ def bench_compat_step(methods: Sequence[str], *, network: str = "r18", embedding
     if batch_size > num_records:
         raise ValueError(f"batch_size ({batch_size}) is larger than the bank ({num_records} records)")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if device is None:
-        device = f"cuda:{dist.get_local_rank()}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = dist.use_device(device)
     precision = resolve_precision(precision, device)
     view, bank, directory = _open_bank(workdir, names, num_records=num_records, num_classes=num_classes,
                                        embedding_size=embedding_size)

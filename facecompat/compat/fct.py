@@ -398,12 +398,12 @@ def train_transformation(cfg: FCTConfig, *, device: torch.device | str | None = 
     from tqdm import tqdm
 
     from facecompat.compat.bank import default_bank_dir, ensure_bank
-    from facecompat.data.loader import build_dataset, resolve_device
+    from facecompat.data.loader import build_dataset
     from facecompat.eval.catalog import ModelSpec, resolve_model_spec
 
     log = log or logging.getLogger("facecompat.fct")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = resolve_device(device)
+    device = dist.resolve_device(device)
     view = build_dataset(cfg.data)
 
     def spec_of(role: str, ref: OldModelConfig) -> ModelSpec:

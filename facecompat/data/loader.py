@@ -314,7 +314,7 @@ class ShardedLoader:
         self.rank = dist.get_rank() if rank is None else int(rank)
         self.world_size = dist.get_world_size() if world_size is None else int(world_size)
         self.seed = records.seed if seed is None else int(seed)
-        self.device = resolve_device(device)
+        self.device = dist.resolve_device(device)
         self.sampler = ShardBatchSampler(records.num_images, self.batch_size, rank=self.rank,
                                          world_size=self.world_size, seed=self.seed)
         if self.sampler.steps == 0:
@@ -398,17 +398,6 @@ class TorchLoader(ShardedLoader):
                         self._inputs(host.record_ids.numpy(), host.flipped.numpy(), host.labels.numpy()))
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``None`` → the current CUDA device when there is one, else CPU; ``"cuda"`` → ``cuda:<current>``."""
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto",
                  rank: int | None = None, world_size: int | None = None, seed: int | None = None,
                  device: torch.device | str | None = None, num_workers: int = 4,
@@ -439,7 +428,7 @@ def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto"
         raise ValueError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
     from facecompat.data import dali as dali_mod  # imports this module; nvidia.dali stays unimported
 
-    device = resolve_device(device)
+    device = dist.resolve_device(device)
     if backend == "auto":
         use_dali = augment is None and device.type == "cuda" and dali_mod.dali_available()
         backend = "dali" if use_dali else "torch"
@@ -470,7 +459,7 @@ def build_train_loader(cfg: DataConfig, *, rank: int | None = None, world_size: 
     """(view, loader) for a data config: :func:`build_dataset` then :func:`build_loader`
     (``augment``: two augmented views per image, the contrastive objective's batches)."""
     records = build_dataset(cfg)
-    device = resolve_device(device)
+    device = dist.resolve_device(device)
     if cfg.loader == "dali" and cfg.dali_device == "cpu":
         device = torch.device("cpu")
     loader = build_loader(records, cfg.batch_size, backend=cfg.loader, rank=rank, world_size=world_size,

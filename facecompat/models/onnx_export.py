@@ -15,6 +15,7 @@ written to ``out_path`` atomically, so a failed check leaves no file behind.
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import warnings
@@ -45,8 +46,10 @@ def _export_torchscript(model: nn.Module, sample: torch.Tensor, opset: int, batc
         # Chosen deliberately (module docstring); its deprecation notices are noise for our users.
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message="The feature will be removed.*")
+        # torch 2.4 has no ``dynamo`` keyword (its export is TorchScript's); 2.9+ defaults it to True.
+        choice = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
         torch.onnx.export(model, (sample,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          opset_version=opset, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+                          opset_version=opset, dynamic_axes=axes, do_constant_folding=True, **choice)
     return buffer.getvalue()
 
 

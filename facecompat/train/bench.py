@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from facecompat import dist
 from facecompat.config import HeadConfig, OptimConfig
@@ -35,9 +34,7 @@ def bench_train_step(spec: StepBenchSpec, device: torch.device | str | None = No
     """Time ``spec.steps`` training steps after ``spec.warmup``; returns samples/s (this rank and
     all ranks), ms per step and peak memory. Collective under torchrun."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    if device is None:
-        device = f"cuda:{dist.get_local_rank()}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = dist.use_device(device)
     precision = resolve_precision(spec.precision, device)
     channels_last = spec.channels_last and device.type == "cuda"
     torch.manual_seed(0)
@@ -48,9 +45,7 @@ def bench_train_step(spec: StepBenchSpec, device: torch.device | str | None = No
                       embedding_size=spec.embedding_size).to(device)
     model = backbone
     if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(backbone, device_ids=ids, forward_sync_buffers=False,
-                                        gradient_as_bucket_view=True)
+        model = dist.data_parallel(backbone, device)
     optimizer = build_optimizer(backbone, head, OptimConfig(), device)
     scaler = LossScaler(enabled=precision == "fp16")
     step = TrainStep(model, backbone, head, optimizer, scaler, amp_dtype=autocast_dtype(precision),

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from facecompat import dist
 from facecompat.compat.build import build_compat
@@ -67,18 +66,15 @@ class Trainer:
     Args:
         cfg: the resolved config.
         run_dir: where the run writes (``config.yaml``, ``checkpoints/``, ``model.pt``, logs).
-        device: default: ``cuda:<LOCAL_RANK>`` when CUDA is available, else CPU.
+        device: default: this process's GPU (``LOCAL_RANK`` modulo the visible GPUs) when CUDA is
+            available, else CPU (:func:`facecompat.dist.resolve_device`).
     """
 
     def __init__(self, cfg: Config, run_dir: str | os.PathLike, device: torch.device | str | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        if device is None:
-            device = f"cuda:{dist.get_local_rank()}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self.device = dist.use_device(device)
         self.log = setup_logging(self.run_dir, self.rank)
         self._seed_everything()
 
@@ -119,9 +115,7 @@ class Trainer:
             trained = self.backbone
         if self.world_size > 1:
             # Buffers (BN statistics) stay per rank, as in insightface; rank 0's are saved.
-            self.model = DistributedDataParallel(
-                trained, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                forward_sync_buffers=False, gradient_as_bucket_view=True)
+            self.model = dist.data_parallel(trained, self.device)
         else:
             self.model = trained
         last = self.projector if self.contrastive else self.head
