@@ -31,7 +31,17 @@ def get_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+BACKEND_ENV = "FACECOMPAT_DIST_BACKEND"
+
+
 def default_backend() -> str:
+    """``$FACECOMPAT_DIST_BACKEND`` when set (``gloo`` lets several ranks share one GPU, which NCCL
+    refuses), else NCCL with CUDA and gloo without."""
+    chosen = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if chosen:
+        if chosen not in ("nccl", "gloo"):
+            raise DeviceError(f"{BACKEND_ENV}={chosen!r}: expected nccl or gloo")
+        return chosen
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 

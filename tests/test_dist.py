@@ -177,3 +177,14 @@ def test_data_parallel_passes_what_the_installed_ddp_accepts(monkeypatch):
     monkeypatch.setattr(dist, "DistributedDataParallel", Recorder213)
     dist.data_parallel(torch.nn.Linear(2, 2), torch.device("cuda", 3))
     assert seen["device_ids"] == [3] and seen["forward_sync_buffers"] is False
+
+
+def test_backend_override_lets_ranks_share_a_gpu_over_gloo(monkeypatch):
+    monkeypatch.setenv(dist.BACKEND_ENV, "GLOO")
+    assert dist.default_backend() == "gloo"
+    monkeypatch.setenv(dist.BACKEND_ENV, "mpi")
+    with pytest.raises(dist.DeviceError, match="^FACECOMPAT_DIST_BACKEND='mpi': expected nccl or gloo$"):
+        dist.default_backend()
+    monkeypatch.delenv(dist.BACKEND_ENV)
+    _gpus(monkeypatch, 0)
+    assert dist.default_backend() == "gloo"
