@@ -364,6 +364,47 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(method_runs, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a), method
 
 
+def _philox_state(seed: int, offset: int = 0) -> torch.Tensor:
+    """What a CUDA generator's ``get_state()`` returns: 16 bytes, the Philox seed and offset."""
+    return torch.from_numpy(np.array([seed, offset], dtype=np.uint64).view(np.uint8).copy())
+
+
+def _as_if_written_on_a_gpu(checkpoint: Path, into: Path) -> Path:
+    """A copy of ``checkpoint`` whose random streams are what a GPU run writes (CUDA states)."""
+    import shutil
+
+    shutil.copytree(checkpoint, into)
+    for rank_file in sorted(into.glob("rank_*.pt")):
+        state = torch.load(rank_file, weights_only=True)
+        state["rng"]["sampler"] = _philox_state(11, 4096)
+        state["rng"]["cuda"] = _philox_state(12, 8192)
+        state["compat"]["_extra_state"]["generator"] = _philox_state(13, 64)
+        torch.save(state, rank_file)
+    meta = json.loads((into / "meta.json").read_text())
+    meta["files"] = {name: (into / name).stat().st_size for name in meta["files"]}
+    (into / "meta.json").write_text(json.dumps(meta))
+    return into
+
+
+def test_a_gpu_checkpoint_resumes_on_the_cpu_reseeded_and_reproducible(method_runs, tmp_path, synthetic_tiny):
+    """The Partial FC sampler's and MixBCT's CUDA streams cannot load into CPU generators: both are
+    re-seeded deterministically, the log says so, and two such resumes train the same weights."""
+    cfg, run_dir, *_ = method_runs["mixbct"]
+    gpu_written = _as_if_written_on_a_gpu(ckpt.list_checkpoints(run_dir)[0], tmp_path / "gpu_step")
+    models = []
+    for name in ("cross-a", "cross-b"):
+        again = tmp_path / "runs" / name
+        train(load_config(write_config(tmp_path, synthetic_tiny, name, **_sets(cfg, gpu_written))), again)
+        log = (again / "train.log").read_text()
+        assert "Partial FC negative-class sampler: the checkpoint's random stream was saved on another " \
+               "device type (a 16-byte state; a cpu generator's is 5056 bytes); re-seeded" in log
+        assert "MixBCT choice of mixed samples: the checkpoint's random stream was saved" in log
+        models.append(torch.load(again / "model.pt", weights_only=True))
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    uninterrupted = torch.load(run_dir / "model.pt", weights_only=True)
+    assert any(not torch.equal(uninterrupted[k], models[0][k]) for k in uninterrupted)  # other draws
+
+
 def _sets(cfg, resume_from) -> dict:
     tree = cfg.to_dict()
     out = {f"{section}.{key}": value for section, values in tree.items() if isinstance(values, dict)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
+import pytest
 import torch
 from _dist_util import run_distributed
 
@@ -163,3 +165,36 @@ def test_head_memory_bench_measures_the_formula_peak():
     assert abs(result["measured_gib"] / result["formula_gib"] - 1.0) < 0.05, result
     bad = subprocess.run([sys.executable, str(tool), "--sample-rate", "2"], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "2" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- random streams at a resume
+
+
+def test_a_generator_restores_its_own_device_types_state_and_reseeds_from_another(caplog):
+    from facecompat import rng
+
+    source = torch.Generator().manual_seed(5)
+    torch.rand(3, generator=source)
+    target = torch.Generator()
+    assert rng.restore_generator(target, source.get_state(), seed=5, what="sampler")
+    assert torch.equal(torch.rand(4, generator=target), torch.rand(4, generator=source))
+    philox = torch.from_numpy(np.array([5, 128], dtype=np.uint64).view(np.uint8).copy())  # a CUDA state
+    with caplog.at_level("WARNING", logger="facecompat.train"):
+        assert not rng.restore_generator(target, philox, seed=5, step=30, what="the sampler")
+    assert "the sampler: the checkpoint's random stream was saved on another device type" in caplog.text
+    expected = torch.Generator().manual_seed(rng.resume_seed(5, 30))
+    assert torch.equal(torch.rand(4, generator=target), torch.rand(4, generator=expected))
+    assert rng.resume_seed(5, 30) not in (5, rng.resume_seed(5, 31), rng.resume_seed(6, 30))
+
+
+@pytest.mark.gpu
+def test_a_cpu_checkpoint_stream_reseeds_a_cuda_generator():
+    from facecompat import rng
+
+    cuda = torch.Generator(device="cuda")
+    cpu_state = torch.Generator().manual_seed(1).get_state()
+    assert not rng.restore_generator(cuda, cpu_state, seed=1, what="sampler")
+    expected = torch.Generator(device="cuda").manual_seed(rng.resume_seed(1))
+    assert torch.equal(torch.rand(4, device="cuda", generator=cuda),
+                       torch.rand(4, device="cuda", generator=expected))
+    assert rng.restore_generator(cuda, expected.get_state(), seed=1, what="sampler")  # same type: exact

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from facecompat import rng
 from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error, register_method
 from facecompat.compat.lce import take_class_rows
 from facecompat.config import ConfigError
@@ -152,4 +153,6 @@ class BCT(CompatMethod):
         return {"generator": self.old_head.generator.get_state()}
 
     def set_extra_state(self, state: dict) -> None:
-        self.old_head.generator.set_state(state["generator"].cpu())
+        head = self.old_head
+        rng.restore_generator(head.generator, state["generator"], seed=head.sample_seed,
+                              what="BCT old-head negative-class sampler")

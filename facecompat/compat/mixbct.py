@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from facecompat import rng
 from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error, register_method
 
 _STREAM = 0x31C5_B7A1
@@ -82,7 +83,8 @@ class MixBCT(CompatMethod):
         self.bank = ctx.bank
         self.credible = ctx.bank.credible(self.keep_ratio)  # bool [N], memory-mapped
         self.generator = torch.Generator(device=ctx.device)
-        self.generator.manual_seed(_seed(ctx.seed, ctx.rank))
+        self._stream_seed = _seed(ctx.seed, ctx.rank)
+        self.generator.manual_seed(self._stream_seed)
 
     @classmethod
     def credible_ratios(cls, params: Mapping[str, Any]) -> tuple[float, ...]:
@@ -105,7 +107,8 @@ class MixBCT(CompatMethod):
         return {"generator": self.generator.get_state()}
 
     def set_extra_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator"].cpu())
+        rng.restore_generator(self.generator, state["generator"], seed=self._stream_seed,
+                              what="MixBCT choice of mixed samples")
 
 
 def _seed(seed: int, rank: int) -> int:

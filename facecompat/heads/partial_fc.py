@@ -231,6 +231,11 @@ class PartialFC(nn.Module):
                 f"shard=[{self.class_start}, {stop}) rank {self.rank}/{self.world_size}, "
                 f"sample_rate={self.sample_rate}, margins={self.margins}, scale={self.margin.scale}")
 
+    @property
+    def sample_seed(self) -> int:
+        """The seed of this rank's negative-class sampling stream."""
+        return self._sample_seed
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PartialFC:
         super()._apply(fn, recurse)
         # Keep the sampling generator on the weight's device (torch.rand needs them to match).

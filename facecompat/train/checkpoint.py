@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from facecompat import dist
+from facecompat import dist, rng
 from facecompat.data.recordio import atomic_write
 
 FORMAT_VERSION = 1
@@ -72,17 +72,29 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
+def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = None, *,
+                  generator_seed: int = 0, seed: int = 0, step: int = 0) -> None:
+    """Restore what :func:`rng_state` saved. A stream saved on another device type (a GPU checkpoint
+    resumed on a CPU or the reverse) is re-seeded deterministically with a logged warning
+    (:mod:`facecompat.rng`): ``generator`` from ``generator_seed``, the CUDA stream from ``seed``,
+    each salted with ``step``."""
     torch.set_rng_state(state["torch"])
     npst = state["numpy"]
     np.random.set_state(("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
                          npst["cached"]))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if torch.cuda.is_available():
+        if state.get("cuda") is not None:
+            torch.cuda.set_rng_state(state["cuda"])
+        else:
+            cuda_seed = rng.resume_seed(seed, step)
+            torch.cuda.manual_seed(cuda_seed)
+            rng.log.warning("CUDA random stream: the checkpoint was written without CUDA; re-seeded "
+                            "deterministically (seed %d)", cuda_seed)
     if generator is not None and state.get("sampler") is not None:
-        generator.set_state(state["sampler"])
+        rng.restore_generator(generator, state["sampler"], seed=generator_seed, step=step,
+                              what="Partial FC negative-class sampler")
 
 
 # ----------------------------------------------------------------------------- optimiser split

@@ -447,7 +447,8 @@ class Trainer:
         self.scaler.load_state_dict(common["scaler"])
         self.position = Position(**common["position"])
         if state.get("rng") is not None:
-            ckpt.set_rng_state(state["rng"], self.head.generator)
+            ckpt.set_rng_state(state["rng"], self.head.generator, generator_seed=self.head.sample_seed,
+                               seed=self.cfg.train.seed + self.rank, step=self.position.step)
         if self.compat is not None:
             saved = state.get("compat") or common.get("compat")
             if saved is None:
@@ -474,7 +475,7 @@ class Trainer:
             except Exception as exc:  # a truncated or foreign file: name it
                 raise ckpt.CheckpointError(f"{rank_file}: cannot load "
                                            f"({type(exc).__name__}: {exc})") from None
-            ckpt.set_rng_state(state["rng"])
+            ckpt.set_rng_state(state["rng"], seed=self.cfg.train.seed + self.rank, step=self.position.step)
         self.last_checkpoint = path
         self.log.info("resumed from %s at step %d", path, self.position.step)
 
