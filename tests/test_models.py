@@ -315,6 +315,41 @@ def test_channels_last_same_output(name):
                                    rtol=1e-4, atol=1e-4)
 
 
+# The module whose input is the trunk output: after it, insightface runs float32 outside autocast.
+HEAD_ENTRY = {"r18-w0.125": "fc", "mbf-w0.125": "conv_sep"}
+
+
+@pytest.mark.parametrize("name", list(HEAD_ENTRY))
+def test_embedding_head_in_fp32_under_autocast(name):
+    """bf16 trunk, float32 head (iresnet fc + features, mbf conv_sep + GDC), as arcface_torch does."""
+    model = _calibrated(name, embedding_size=32)
+    head = getattr(model, HEAD_ENTRY[name])
+    inputs = []
+    head.register_forward_pre_hook(lambda _module, args: inputs.append(args[0].detach()))
+    upstream = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = model(_images(2))
+    (emb * upstream).sum().backward()
+    trunk = inputs[0].float()
+    assert torch.equal(trunk, trunk.bfloat16().float())  # the trunk itself did run in bf16
+    head_params = {f"{HEAD_ENTRY[name]}.{k}": p for k, p in head.named_parameters()}
+    head_params.update({f"features.{k}": p for k, p in model.features.named_parameters() if p.requires_grad})
+    grads = {k: p.grad.clone() for k, p in head_params.items()}
+    model.zero_grad()
+
+    reference = model.features(head(trunk))  # float32, no autocast
+    (reference * upstream).sum().backward()
+    assert emb.dtype == torch.float32
+    torch.testing.assert_close(emb, reference, rtol=1e-5, atol=1e-5)
+    for key, p in head_params.items():
+        assert grads[key].dtype == torch.float32, key
+        torch.testing.assert_close(grads[key], p.grad, rtol=1e-5, atol=1e-5, msg=key)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        all_bf16 = model.features(head(trunk))  # what autocast over the whole forward gave
+    assert all_bf16.dtype == torch.bfloat16
+    assert not torch.allclose(emb, all_bf16.float(), rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", ["r18-w0.125", "mbf-w0.125"])
 def test_grad_checkpoint_same_loss_grads_and_running_stats(name):
     torch.manual_seed(0)

@@ -2,8 +2,9 @@
 
 Machinery shared by the backbone modules: ``register_model`` / ``list_models`` / ``get_model``
 (timm's pattern), the width-variant name syntax ``<base>-w<float>``, channel scaling,
-activation checkpointing that leaves BatchNorm running statistics untouched on recompute, and
-``load_backbone_weights`` for insightface ``model.pt`` files and our own checkpoints.
+activation checkpointing that leaves BatchNorm running statistics untouched on recompute, the
+float32 embedding head under autocast, and ``load_backbone_weights`` for insightface ``model.pt``
+files and our own checkpoints.
 """
 
 from __future__ import annotations
@@ -155,6 +156,24 @@ def run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.
         return block(x)
     return checkpoint(block, x, use_reentrant=False,
                       context_fn=lambda: (nullcontext(), _keep_running_stats(block)))
+
+
+# --- mixed precision ----------------------------------------------------------------------------
+
+
+def run_fp32(head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``head(x)``, but under an autocast on ``x``'s device ``head(x.float())`` with autocast off.
+
+    insightface's arcface_torch runs only the trunk under autocast and the layers after it (iresnet's
+    ``fc`` + ``features``, MobileFaceNet's ``conv_sep`` + GDC) in float32, so the embedding (and the
+    margin head that reads it) is never rounded to bf16/fp16 and those layers' gradients come from a
+    float32 product. Without autocast nothing changes (no cast in a traced or exported graph).
+    """
+    device_type = x.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return head(x)
+    with torch.autocast(device_type=device_type, enabled=False):
+        return head(x.float())
 
 
 # --- weights ------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ Parameter names, shapes, BatchNorm eps (1e-5) and initialisation follow
     bn2 - flatten - dropout - fc (512*7*7 -> D) - features (BatchNorm1d, weight fixed at 1)
 
 IBasicBlock (pre-activation style): bn1 - conv1 3x3/1 - bn2 - prelu - conv2 3x3/s - bn3, plus the
-identity or ``downsample`` (conv1x1/s + BN) when the stride or width changes. Unlike insightface,
-no autocast inside the model (AMP is the trainer's job) and checkpointing is per model, not a
-module-level switch.
+identity or ``downsample`` (conv1x1/s + BN) when the stride or width changes. Mixed precision as
+insightface's: under an autocast the caller opens (the trainer, extraction) the trunk runs in
+bf16/fp16 and ``fc`` + ``features`` run in float32 with autocast off, so the embedding is float32.
+Unlike insightface, the model opens no autocast itself (AMP is the caller's choice) and
+checkpointing is per model, not a module-level switch.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from facecompat.models._registry import register_model, run_block, scale_channels
+from facecompat.models._registry import register_model, run_block, run_fp32, scale_channels
 
 BN_EPS = 1e-5
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -120,13 +122,21 @@ class IResNet(nn.Module):
                     nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, 3, 112, 112] float -> embeddings [B, embedding_size], not normalised."""
+        """x [B, 3, 112, 112] float -> embeddings [B, embedding_size] float32, not normalised.
+
+        Under autocast everything up to dropout runs in the autocast dtype; ``fc`` and ``features``
+        run in float32 (:func:`run_fp32`), as insightface's ``self.fc(x.float())`` outside autocast.
+        """
         x = self.prelu(self.bn1(self.conv1(x)))
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 x = run_block(block, x, self.grad_checkpoint)
-        x = torch.flatten(self.bn2(x), 1)
-        return self.features(self.fc(self.dropout(x)))
+        x = self.dropout(torch.flatten(self.bn2(x), 1))
+        return run_fp32(self._embed, x)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding head: ``features(fc(x))``, [B, C*7*7] -> [B, embedding_size]."""
+        return self.features(self.fc(x))
 
 
 def _variant(name: str) -> None:

@@ -17,8 +17,10 @@ insightface ``model.pt`` loads with ``strict=True``. Layout (input 112x112; c = 
 
 ConvBlock = conv (no bias) + BN + PReLU (``.layers.{0,1,2}``); LinearBlock = conv + BN;
 DepthWise = ConvBlock 1x1 (expand) - ConvBlock 3x3 depthwise - LinearBlock 1x1 (project), with
-an identity shortcut inside ``Residual``. All BatchNorm eps 1e-5. Unlike insightface, ``dropout``
-(before the final Linear) is supported, and there is no autocast inside the model.
+an identity shortcut inside ``Residual``. All BatchNorm eps 1e-5. Mixed precision as insightface's:
+under an autocast the caller opens, ``layers`` run in bf16/fp16 and ``conv_sep`` + ``features`` (the
+GDC head) run in float32 with autocast off, so the embedding is float32. Unlike insightface,
+``dropout`` (before the final Linear) is supported, and the model opens no autocast itself.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from facecompat.models._registry import register_model, run_block, scale_channels
+from facecompat.models._registry import register_model, run_block, run_fp32, scale_channels
 
 Kernel = tuple[int, int]
 
@@ -157,13 +159,21 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, 3, 112, 112] float -> embeddings [B, embedding_size], not normalised."""
+        """x [B, 3, 112, 112] float -> embeddings [B, embedding_size] float32, not normalised.
+
+        Under autocast ``layers`` run in the autocast dtype; ``conv_sep`` and ``features`` run in
+        float32 (:func:`run_fp32`), as insightface's ``self.conv_sep(x.float())`` outside autocast.
+        """
         for group in self.layers:
             if isinstance(group, Residual):
                 for block in group.layers:
                     x = run_block(block, x, self.grad_checkpoint)
             else:
                 x = group(x)
+        return run_fp32(self._embed, x)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding head: ``features(conv_sep(x))``, [B, C, 7, 7] -> [B, embedding_size]."""
         return self.features(self.conv_sep(x))
 
 
