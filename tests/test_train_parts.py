@@ -50,14 +50,36 @@ def test_disabled_scaler_is_transparent():
     assert scaler.unscale_(_params([float("nan")])) is False
 
 
-def _skip_decision(rank: int, world: int) -> bool:
-    # Only rank 1's (head-shard) gradient overflowed; every rank must skip the step.
+def _skip_decision(rank: int, world: int) -> tuple[bool, int]:
+    # Only rank 1's (head-shard) gradient overflowed; every rank must skip the step, and decide it
+    # with one read of a device value (on a GPU, one host synchronisation).
     scaler = LossScaler(enabled=True, init_scale=2.0)
-    return scaler.unscale_(_params([1.0, float("inf") if rank == 1 else 1.0]))
+    reads = []
+    item = torch.Tensor.item
+
+    def counted(t):
+        reads.append(t.shape)
+        return item(t)
+
+    torch.Tensor.item = counted
+    try:
+        skipped = scaler.unscale_(_params([1.0, float("inf") if rank == 1 else 1.0]))
+    finally:
+        torch.Tensor.item = item
+    return skipped, len(reads)
 
 
-def test_every_rank_skips_when_one_rank_overflows():
-    assert run_distributed(_skip_decision, 2) == [True, True]
+def test_every_rank_skips_when_one_rank_overflows_after_one_host_read():
+    assert run_distributed(_skip_decision, 2) == [(True, 1), (True, 1)]
+
+
+def test_loss_scale_grows_after_100_good_steps_as_insightface():
+    scaler = LossScaler(enabled=True, init_scale=4.0)
+    for _ in range(99):
+        scaler.update(False)
+    assert scaler.scale_value == 4.0
+    scaler.update(False)
+    assert scaler.scale_value == 8.0
 
 
 def test_precision_resolution():
