@@ -220,6 +220,20 @@ def test_sampling_generator_and_positives() -> None:
     assert int((head.weight.grad.abs().sum(1) > 0).sum()) == 100  # zero rows for unsampled classes
 
 
+def test_sampling_reads_the_positive_count_only_when_it_can_exceed_the_sample(monkeypatch) -> None:
+    """The sampled count is max(int(rho n), #positives); when the batch cannot hold more positives
+    than int(rho n) it is known without reading the count back (no host sync on a GPU)."""
+    reads = []
+    to_int = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(1) or to_int(t))
+    head = PartialFC(D, 1000, sample_rate=0.1, seed=1)  # samples 100 of 1000
+    small = torch.arange(0, 960, 12)  # 80 positives in a batch of 80 <= 100
+    chosen = head.sample_classes(small)
+    assert len(chosen) == 100 and set(small.tolist()) <= set(chosen.tolist()) and reads == []
+    big = torch.arange(0, 1000, 5)  # a batch of 200 could hold 200 positives > 100: read the count
+    assert head.sample_classes(big).tolist() == big.tolist() and reads == [1]
+
+
 def test_autocast_bf16_runs_in_float32() -> None:
     head = PartialFC(D, C, scale=16.0)
     emb, labels = torch.randn(6, D), torch.tensor([0, 1, 2, 3, 9, 9])

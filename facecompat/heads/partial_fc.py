@@ -325,7 +325,10 @@ class PartialFC(nn.Module):
         # per local class every step, so the generator advances the same whatever the labels.
         scores = torch.rand(self.num_local, generator=self.generator, device=self.weight.device)
         scores.masked_fill_(positive.to(scores.device), 2.0)
-        num_sampled = max(self.num_sample, int(positive.sum()))  # host sync: the shape depends on it
+        if self.num_sample >= min(labels.shape[0], self.num_local):
+            num_sampled = self.num_sample  # the positives cannot outnumber it: no host sync (the usual case)
+        else:
+            num_sampled = max(self.num_sample, int(positive.sum()))  # host sync: the shape depends on it
         return torch.topk(scores, num_sampled, sorted=False).indices.sort().values.to(local.device)
 
     def shard_state(self) -> dict:
