@@ -200,6 +200,17 @@ def test_cli_checks_every_recipe_before_training(tmp_path):
     assert not (tmp_path / "w" / "data").exists() and not (tmp_path / "w" / "runs").exists()
 
 
+def test_cli_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
+    command = [sys.executable, "tools/quickstart.py", "--work-dir", str(tmp_path / "w"), "--size", "tiny"]
+    for device, message in (("cuda", "--device: cuda: CUDA is not available here"),
+                            ("gpu0", "--device: not a device: 'gpu0'")):
+        out = subprocess.run([*command, "--device", device], cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert message in out.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_on_a_gpu_the_recipes_use_dali_and_bf16_and_the_sizes_grow(tmp_path):
     from facecompat.config import load_config
     from facecompat.quickstart import RECIPES, SIZES, QuickstartContext, _training_overrides, pick_size

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from", dest="redo_from", choices=list(STAGES), metavar="STAGE",
                         help="redo this stage and every later one")
     parser.add_argument("--force", action="store_true", help="redo every stage")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", help="cpu, cuda (this process's GPU) or cuda:N (default: cuda if any)")
     parser.add_argument("--workers", type=int, default=None, help="processes for rendering and decoding")
     parser.add_argument("--configs", default="configs", help="folder of the synthetic_*.yaml recipes")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or training logs")
@@ -57,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from facecompat.cli import resolve_device
+
+    try:  # before any work: a device that cannot be used is an argument error
+        device = str(resolve_device(args.device))
+    except ValueError as exc:
+        parser.error(str(exc))
 
     from facecompat.compat.bank import BankError
     from facecompat.compat.fct import FCTError
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         state = run_quickstart(args.work_dir, size=args.size, force=args.force, redo_from=args.redo_from,
-                               workers=args.workers, progress=not args.quiet, device=args.device,
+                               workers=args.workers, progress=not args.quiet, device=device,
                                config_dir=args.configs, log=log)
     except (ConfigError, RecordIOError, SyntheticError, BankError, FCTError, ExtractError, IJBMetaError,
             WeightsError, ValueError, OSError) as exc:
