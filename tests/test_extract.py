@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import cv2
@@ -20,6 +21,8 @@ from facecompat.eval.extract import (
     ExtractError,
     FaceList,
     cache_paths,
+    default_num_workers,
+    embed_batches,
     extract_cached,
     extract_features,
     file_sha1,
@@ -207,6 +210,97 @@ def test_bf16_autocast_returns_float32(ijbc: Path) -> None:
     feats = extract_features(model, ijbc, sub, num_workers=0, autocast_dtype=torch.bfloat16, progress=False)
     assert feats.dtype == np.float32
     np.testing.assert_allclose(feats, ref, rtol=0.05, atol=0.05)
+
+
+def _plain_loop(model: nn.Module, batches: list[torch.Tensor], flip: bool = True,
+                autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The extraction loop as it was: embed a batch, read it back to the host, next batch."""
+    model.eval()
+    out = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
+                                         enabled=autocast_dtype is not None):
+        for images in batches:
+            x = (images.float() - 127.5) / 127.5
+            emb = model(x) + model(x.flip(3)) if flip else model(x)
+            out.append(emb.float().cpu())
+    return torch.cat(out)
+
+
+def _face_batches(root: Path, faces: FaceList, batch_size: int) -> list[torch.Tensor]:
+    dataset = AlignedFaces(root, faces)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return list(images.split(batch_size))
+
+
+@pytest.mark.parametrize("network", ["tiny", "r18-w0.125"])
+def test_features_bit_equal_to_a_plain_per_batch_loop(ijbc: Path, network: str) -> None:
+    faces = _head(read_face_list(ijbc), 23)
+    torch.manual_seed(0)
+    model = TinyNet() if network == "tiny" else get_model(network, embedding_size=16)
+    autocast = torch.bfloat16 if network != "tiny" else None  # a backbone: bf16 trunk, fp32 head
+    expected = _plain_loop(model, _face_batches(ijbc, faces, 5), autocast_dtype=autocast).numpy()
+    for workers in (0, None):  # None: default_num_workers(), at least one worker process
+        feats = extract_features(model, ijbc, faces, batch_size=5, num_workers=workers,
+                                 autocast_dtype=autocast, progress=False)
+        np.testing.assert_array_equal(feats, expected)
+
+
+def test_embed_batches_fills_one_device_buffer() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (n, 3, 112, 112), dtype=torch.uint8, generator=generator)
+               for n in (3, 5, 1)]
+    model = TinyNet().train()
+    expected = _plain_loop(model, batches)
+    model.train()
+    for num_rows in (None, 9, 2):  # grown by doubling, exact, too small (grown again)
+        feats = embed_batches(model, iter(batches), device="cpu", num_rows=num_rows)
+        assert feats.shape == (9, 8) and feats.dtype == torch.float32 and feats.device.type == "cpu"
+        assert not feats.is_inference()  # the caller may change it in place
+        torch.testing.assert_close(feats, expected, rtol=0, atol=0)
+    assert model.training  # mode restored
+    plain = embed_batches(model, batches, device="cpu", flip=False)
+    torch.testing.assert_close(plain, _plain_loop(model, batches, flip=False), rtol=0, atol=0)
+    rounded = embed_batches(TinyNet(), batches, device="cpu", autocast_dtype=torch.bfloat16)
+    assert rounded.dtype == torch.float32  # TinyNet's output is bf16 under autocast
+    torch.testing.assert_close(rounded, _plain_loop(TinyNet(), batches, autocast_dtype=torch.bfloat16),
+                               rtol=0, atol=0)
+    assert embed_batches(model, [], device="cpu").shape == (0, 0)
+
+
+def test_default_workers_follow_the_machine(monkeypatch: pytest.MonkeyPatch, ijbc: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_num_workers() == max(1, min(cores - 1, 8))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more ranks than cores: still one each
+    assert default_num_workers() == 1
+    with pytest.raises(ValueError, match="num_workers must be >= 0.*got -1"):
+        extract_features(TinyNet(), ijbc, read_face_list(ijbc), num_workers=-1, progress=False)
+
+
+@pytest.mark.gpu
+def test_embed_batches_never_waits_for_the_gpu() -> None:
+    """No host sync inside the loop (CUDA's sync debug mode turns one into an error)."""
+    torch.manual_seed(0)
+    model = get_model("r18-w0.125", embedding_size=16).cuda().eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (n, 3, 112, 112), dtype=torch.uint8, generator=generator).pin_memory()
+               for n in (8, 8, 3)]
+    embed_batches(model, batches[:1], device="cuda", autocast_dtype=torch.bfloat16)  # lazy CUDA init
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        feats = embed_batches(model, batches, device="cuda", autocast_dtype=torch.bfloat16)
+        again = embed_batches(model, batches, device="cuda", autocast_dtype=torch.bfloat16, num_rows=19)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert feats.shape == (19, 16) and feats.dtype == torch.float32 and feats.is_cuda
+    torch.testing.assert_close(feats, again, rtol=0, atol=0)
+    expected = []
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for images in batches:  # the per-batch loop with a read-back that extraction used to run
+            x = images.cuda().float().sub_(127.5).div_(127.5)
+            expected.append((model(x) + model(x.flip(3))).float().cpu())
+    torch.testing.assert_close(feats.cpu(), torch.cat(expected), rtol=1e-5, atol=1e-5)
 
 
 # --- cache ----------------------------------------------------------------------------------------

@@ -9,9 +9,13 @@ normalised and *not* weighted by the detector score: the evaluator applies the w
 features of one model serve every protocol. Rows follow the order of ``*_name_5pts_score.txt``.
 
 Under torchrun every rank embeds a contiguous shard of the face list and the shards are gathered in
-face order; one process runs the same code. :func:`extract_cached` stores the features beside a
-fingerprint (checkpoint hash, network, flip, alignment, face list hash, count, dim) and re-extracts
-whenever the fingerprint differs, so a stale cache is never used.
+face order; one process runs the same code. The features stay on the device until the shard is done
+(:func:`embed_batches`: no host sync per batch), and the loader aligns faces in as many worker
+processes as the machine gives (:func:`default_num_workers`), so a GPU is not left waiting.
+
+:func:`extract_cached` stores the features beside a fingerprint (checkpoint hash, network, flip,
+alignment, face list hash, count, dim) and re-extracts whenever the fingerprint differs, so a stale
+cache is never used.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 ALIGNMENT = "umeyama-arcface112"  # alignment tag stored in the cache fingerprint
 TARGETS = {"IJBC": "ijbc", "IJBB": "ijbb"}
 _NUM_COLUMNS = 12  # image, 5 x (x, y), detector score
+MAX_DEFAULT_WORKERS = 8  # per rank; see default_num_workers
+PREFETCH_BATCHES = 4  # per worker: loose crops differ a lot in size, so batch times vary
 
 
 class ExtractError(ValueError):
@@ -218,31 +224,104 @@ def _model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _grown(buf: torch.Tensor | None, rows: int, dim: int, device: torch.device) -> torch.Tensor:
+    """``buf`` if it has ``rows`` rows, else a float32 [max(rows, 2 * len(buf)), dim] buffer on ``device``
+    that starts with ``buf``'s rows (a device-side copy: no host sync; doubling keeps it amortised)."""
+    if buf is not None and buf.shape[0] >= rows:
+        return buf
+    out = torch.empty((max(rows, 0 if buf is None else 2 * buf.shape[0]), dim), dtype=torch.float32,
+                      device=device)
+    if buf is not None:
+        out[:buf.shape[0]] = buf
+    return out
+
+
+def embed_batches(model: nn.Module, batches: Iterable[torch.Tensor], *, device: str | torch.device,
+                  flip: bool = True, autocast_dtype: torch.dtype | None = None,
+                  num_rows: int | None = None) -> torch.Tensor:
+    """Embed uint8 image batches into one float32 buffer on ``device``, without a host sync per batch.
+
+    Each batch goes to ``device`` (``non_blocking``: overlapped when it is pinned), is normalised
+    there (:func:`normalize_images`), embedded under ``autocast_dtype`` with flip fusion
+    (:func:`fuse_flip`) and written into a preallocated float32 device buffer; nothing is read back
+    to the host, so the device runs ahead of Python until the caller reads the result. This is the
+    inner loop of :func:`extract_features`, and the unit of its throughput.
+
+    Args:
+        model: backbone on ``device``; runs in eval mode under ``torch.inference_mode`` (its
+            train/eval mode is restored after).
+        batches: [B, 3, 112, 112] uint8 RGB tensors (B may vary).
+        device: where the images go and the features stay.
+        flip: feature = f(img) + f(flip(img)); otherwise f(img).
+        autocast_dtype: e.g. ``torch.bfloat16`` to run under autocast; the features are float32 anyway.
+        num_rows: total images when known: the buffer is allocated once at that size (otherwise it
+            grows by doubling, on the device).
+
+    Returns:
+        [N, D] float32 on ``device``, rows in batch order; ``[0, 0]`` when there are no images.
+    """
+    device = torch.device(device)
+    buf: torch.Tensor | None = None
+    offset = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for images in batches:
+            autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                        else contextlib.nullcontext())
+            with torch.inference_mode(), autocast:
+                emb = fuse_flip(model, normalize_images(images.to(device, non_blocking=True)), flip)
+            buf = _grown(buf, max(offset + len(emb), num_rows or 0), emb.shape[1], device)
+            buf[offset:offset + len(emb)] = emb  # bf16/fp16 autocast outputs become float32 here
+            offset += len(emb)
+    finally:
+        model.train(was_training)
+    if buf is None:
+        return torch.empty((0, 0), dtype=torch.float32, device=device)
+    return buf[:offset]
+
+
 def _embed_shard(model: nn.Module, loader: DataLoader, num: int, device: torch.device, flip: bool,
                  autocast_dtype: torch.dtype | None, progress: bool) -> torch.Tensor:
-    """[num, D] float32 CPU features of the loader's faces (D = 0 when the shard is empty)."""
-    out: torch.Tensor | None = None
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+    """[num, D] float32 features of the loader's faces on ``device`` (D = 0 when the shard is empty)."""
     bar = tqdm(loader, total=len(loader), desc="extract", unit="batch",
                disable=not progress or dist.get_rank() != 0)
-    offset = 0
-    for images, _ in bar:
-        x = normalize_images(images.to(device, non_blocking=True))
-        with autocast:
-            emb = fuse_flip(model, x, flip)
-        emb = emb.float().cpu()  # bf16/fp16 autocast outputs come back as float32
-        if out is None:
-            out = torch.empty((num, emb.shape[1]), dtype=torch.float32)
-        out[offset:offset + len(emb)] = emb
-        offset += len(emb)
-    assert offset == num, (offset, num)
-    return out if out is not None else torch.empty((0, 0), dtype=torch.float32)
+    feats = embed_batches(model, (images for images, _ in bar), device=device, flip=flip,
+                          autocast_dtype=autocast_dtype, num_rows=num)
+    assert feats.shape[0] == num, (feats.shape, num)
+    return feats
+
+
+def default_num_workers() -> int:
+    """DataLoader workers per rank when the caller names none: the CPU cores this process may use,
+    shared between the ranks on this machine (``LOCAL_WORLD_SIZE``), less one for the process that
+    feeds the device; at least 1, at most :data:`MAX_DEFAULT_WORKERS`.
+
+    Every face is a JPEG decode and an affine warp on one core (about a millisecond or two), while a
+    GPU embeds an r50 at thousands of faces per second: the loader needs the machine's cores, not the
+    2 workers that suit a CPU run. The cap keeps a large machine from forking dozens of processes
+    per rank, each with its own copy of OpenCV's and torch's memory.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(cores // local_ranks - 1, MAX_DEFAULT_WORKERS))
+
+
+def _face_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """In-order batches of (uint8 images, indices); pinned for a CUDA device, prefetched by workers."""
+    if num_workers:
+        # Forked workers inherit OpenCV's thread count but not its pool's threads; with 0 they never
+        # touch that pool, and the parallelism is the worker processes (as the training loader does).
+        cv2.setNumThreads(0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", drop_last=False,
+                      prefetch_factor=PREFETCH_BATCHES if num_workers else None)
 
 
 def extract_features(model: nn.Module, root: str | os.PathLike, faces: FaceList, *, batch_size: int = 256,
-                     num_workers: int = 2, device: str | torch.device | None = None, flip: bool = True,
-                     autocast_dtype: torch.dtype | None = None, progress: bool = True) -> np.ndarray:
+                     num_workers: int | None = None, device: str | torch.device | None = None,
+                     flip: bool = True, autocast_dtype: torch.dtype | None = None,
+                     progress: bool = True) -> np.ndarray:
     """Embed every face of ``faces`` (aligned from ``root/loose_crop``) with ``model``.
 
     Args:
@@ -250,7 +329,10 @@ def extract_features(model: nn.Module, root: str | os.PathLike, faces: FaceList,
             Runs in eval mode under ``torch.inference_mode``; its train/eval mode is restored after.
         root: the IJB folder holding ``loose_crop/``.
         faces: from :func:`read_face_list`.
-        batch_size, num_workers: DataLoader settings (memory is pinned when ``device`` is CUDA).
+        batch_size: faces per forward (twice that with ``flip``).
+        num_workers: DataLoader processes aligning faces; ``None``: :func:`default_num_workers` (the
+            machine's cores, at most 8 per rank); 0 aligns in this process. Batches are pinned when
+            ``device`` is CUDA. The features do not depend on it.
         device: where images go (default: the device of the model's parameters).
         flip: feature = f(img) + f(flip(img)); otherwise f(img). Never normalised.
         autocast_dtype: e.g. ``torch.bfloat16`` to run under autocast; features are float32 anyway.
@@ -259,27 +341,27 @@ def extract_features(model: nn.Module, root: str | os.PathLike, faces: FaceList,
     Returns:
         [N, D] float32 features in face order. Under torchrun each rank embeds a contiguous shard and
         every rank returns the gathered [N, D] array.
+
+    Raises:
+        ValueError: ``num_workers`` < 0.
+        ExtractError: an image missing or unreadable (names the file).
     """
+    if num_workers is not None and num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (0 aligns faces in this process), got {num_workers}")
+    workers = default_num_workers() if num_workers is None else num_workers
     device = torch.device(device) if device is not None else _model_device(model)
     rank, world = dist.get_rank(), dist.get_world_size()
     start, stop, per_rank = _shard(len(faces), rank, world)
-    dataset = Subset(AlignedFaces(root, faces), range(start, stop))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", drop_last=False)
-    was_training = model.training
-    model.eval()
+    loader = _face_loader(Subset(AlignedFaces(root, faces), range(start, stop)), batch_size, workers, device)
     error: Exception | None = None
     try:
-        with torch.inference_mode():
-            local = _embed_shard(model, loader, stop - start, device, flip, autocast_dtype, progress)
+        local = _embed_shard(model, loader, stop - start, device, flip, autocast_dtype, progress)
     except Exception as err:
         if world == 1:
             raise
         error = err
-    finally:
-        model.train(was_training)
     if world == 1:
-        return local.numpy()
+        return local.cpu().numpy()  # the one wait for the device, after the last batch
     # Agree on failure first: a rank that raised alone would leave the others waiting in the gather.
     if dist.all_reduce_flag(error is not None):
         if error is not None:
@@ -291,12 +373,11 @@ def extract_features(model: nn.Module, root: str | os.PathLike, faces: FaceList,
 def _gather_in_order(local: torch.Tensor, num: int, per_rank: int) -> np.ndarray:
     """Every rank's [n_r, D] shard, padded to ``per_rank`` rows, gathered -> [num, D] in face order."""
     dim = dist.all_reduce_max(local.shape[1])  # a rank with an empty shard does not know D
-    padded = torch.zeros((per_rank, dim), dtype=torch.float32)
+    # NCCL gathers GPU tensors only (the shard stays on its GPU); gloo gathers CPU tensors.
+    padded = torch.zeros((per_rank, dim), dtype=torch.float32, device=dist._comm_device(None))
     if local.numel():
         padded[:local.shape[0]] = local
-    # NCCL gathers GPU tensors only; gloo gathers CPU tensors.
-    comm_device = dist._comm_device(None)
-    gathered = dist.all_gather_tensor(padded.to(comm_device)).cpu()
+    gathered = dist.all_gather_tensor(padded).cpu()
     # Shards are contiguous and only trailing ranks are short, so the first ``num`` rows are the faces.
     return gathered[:num].numpy()
 
