@@ -73,7 +73,9 @@ class DataConfig:
     rec: str | None = None  # a .rec file, or a directory holding train.rec + train.idx
     # auto: DALI when installed and on GPU (torch for the contrastive objective: DALI makes no views)
     loader: Literal["auto", "dali", "torch"] = "auto"
-    dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # where DALI decodes
+    # Where DALI decodes: gpu (nvJPEG on the training GPU), cpu (DALI's CPU decoder), auto (gpu when
+    # training on a GPU). Only that: batches always land on the training device.
+    dali_device: Literal["auto", "gpu", "cpu"] = "auto"
     dali_reader: Literal["external", "mxnet"] = "external"  # who reads for DALI: Python, or fn.readers.mxnet
     num_workers: int = 2  # per rank (DataLoader workers / DALI threads)
     batch_size: int = 128  # per rank

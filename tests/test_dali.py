@@ -339,17 +339,44 @@ def test_fn_readers_mxnet_shuffle_after_epoch_keeps_one_rec_in_order(rec_dir, tm
     assert epochs[0] == epochs[1] == epochs[2] == keys[19:]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def is_channels_last(images: torch.Tensor) -> bool:
+    """Dense in channels_last order, and not also NCHW-contiguous (with 3 channels it cannot be both)."""
+    return images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+
+
+def on_device(batch, device: torch.device) -> bool:
+    """Every tensor field of a Batch (``inputs`` is None or a dict of tensors) is on ``device``."""
+    tensors = [batch.images, batch.labels, batch.record_ids, batch.flipped, *(batch.inputs or {}).values()]
+    return all(t.device == device for t in tensors)
+
+
 @READERS
-def test_dali_mixed_decode_on_the_gpu(rec_dir, reader):
+def test_dali_channels_last_is_a_view_of_hwc_output(rec_dir, reader):
+    view = FaceRecords(rec_dir, seed=2)
+    batches = {cl: list(dali(view, 4, reader=reader, channels_last=cl)) for cl in (False, True)}
+    assert len(batches[True]) == len(batches[False]) == 9
+    for plain, nhwc in zip(batches[False], batches[True], strict=True):
+        assert plain.images.is_contiguous() and not is_channels_last(plain.images)
+        assert is_channels_last(nhwc.images) and nhwc.images.shape == plain.images.shape == (4, 3, 112, 112)
+        assert torch.equal(nhwc.images, plain.images) and torch.equal(nhwc.record_ids, plain.record_ids)
+    check_against_dataset(batches[True], view, 0)
+
+
+@pytest.mark.gpu
+@READERS
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dali_mixed_decode_on_the_gpu(rec_dir, reader, channels_last):
     view = FaceRecords(rec_dir, seed=6)
-    gpu = DaliLoader(view, 4, rank=0, world_size=2, device="cuda", num_threads=2, reader=reader)
+    gpu = DaliLoader(view, 4, rank=0, world_size=2, device="cuda", num_threads=2, reader=reader,
+                     channels_last=channels_last)
+    assert gpu.decode_device == "gpu"
+    gpu.batch_inputs = lambda ids, flips, labels: {"twice": torch.from_numpy(ids * 2)}
     cpu = TorchLoader(view, 4, rank=0, world_size=2, num_workers=0, device="cpu")
     batches = list(gpu)
     assert len(batches) == len(cpu)
     for a, b in zip(batches, cpu, strict=True):
-        assert all(t.is_cuda for t in a)
+        assert on_device(a, gpu.device) and is_channels_last(a.images) is channels_last
+        assert torch.equal(a.inputs["twice"].cpu(), b.record_ids * 2)
         assert torch.equal(a.record_ids.cpu(), b.record_ids) and torch.equal(a.flipped.cpu(), b.flipped)
         assert torch.equal(a.labels.cpu(), b.labels)
         # nvJPEG and the hardware decoder may upsample chroma differently from libjpeg-turbo,
@@ -360,3 +387,29 @@ def test_dali_mixed_decode_on_the_gpu(rec_dir, reader):
             same = float((images[j] - b.images[j]).abs().mean())
             mirrored = float((images[j] - b.images[j].flip(-1)).abs().mean())
             assert same < 8 / 127.5 and same < 0.5 * mirrored
+
+
+@pytest.mark.gpu
+@READERS
+def test_dali_device_cpu_delivers_to_the_training_gpu(tmp_path, reader):
+    """data.dali_device cpu on a GPU machine: DALI's CPU decoder, batches on the training GPU
+    (channels_last when asked), equal to the torch loader's."""
+    from facecompat.config import load_config
+    from facecompat.data.loader import build_train_loader
+
+    rec = make_rec(tmp_path / "rec", [4, 4, 4, 4])
+    cfg = load_config(None, [f"data.rec={rec}", "data.batch_size=4", "data.loader=dali", "data.num_workers=2",
+                             "data.dali_device=cpu", f"data.dali_reader={reader}"])
+    device = torch.device("cuda", 0)
+    cpu = list(TorchLoader(FaceRecords(rec), 4, rank=0, world_size=1, num_workers=0, device="cpu"))
+    for channels_last in (False, True):
+        _, loader = build_train_loader(cfg.data, rank=0, world_size=1, device=device,
+                                       channels_last=channels_last)
+        assert isinstance(loader, DaliLoader) and loader.decode_device == "cpu"
+        batches = list(loader)
+        assert len(batches) == len(cpu) == 4
+        for a, b in zip(batches, cpu, strict=True):
+            assert on_device(a, device) and is_channels_last(a.images) is channels_last
+            assert torch.equal(a.record_ids.cpu(), b.record_ids) and torch.equal(a.labels.cpu(), b.labels)
+            assert torch.equal(a.flipped.cpu(), b.flipped)
+            assert float((a.images.cpu() - b.images).abs().max()) <= PIXEL_TOL

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from facecompat.config import AugmentConfig
+from facecompat.data.dali import dali_available
 from facecompat.data.faces import FaceRecords, FaceRecWriter, flip_flags
 from facecompat.data.loader import (
     Batch,
@@ -19,11 +21,14 @@ from facecompat.data.loader import (
     TorchLoader,
     build_loader,
     epoch_order,
+    normalize_images,
     steps_per_epoch,
 )
 from facecompat.data.recordio import RecordIOError
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recordio"
+needs_dali = pytest.mark.skipif(not dali_available(),
+                                reason="DALI is not installed (pip install nvidia-dali-cuda120)")
 
 
 def make_rec(out_dir: Path, class_sizes: list[int], size: int = 112, seed: int = 0) -> Path:
@@ -274,6 +279,7 @@ def test_build_from_config_protocol_and_subset(tmp_path):
         build_dataset(load_config(None).data)
 
 
+@needs_dali
 @pytest.mark.parametrize("reader", ["external", "mxnet"])
 def test_config_selects_dali_reader(tmp_path, reader):
     from facecompat.config import load_config
@@ -314,3 +320,123 @@ def test_workers_do_not_hang_after_parallel_opencv_in_the_parent(tmp_path):
     records = FaceRecords(make_rec(tmp_path / "rec", [6] * 6))
     loader = TorchLoader(records, 4, rank=0, world_size=1, num_workers=2, device="cpu")
     assert sum(len(b.labels) for b in loader) == len(loader) * 4
+
+
+def is_channels_last(images: torch.Tensor) -> bool:
+    """Dense in channels_last order, and not also NCHW-contiguous (with 3 channels it cannot be both)."""
+    return images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])  # 2: the layout survives the trip between processes
+@pytest.mark.parametrize("augment", [None, AugmentConfig()], ids=["plain", "views"])
+def test_channels_last_torch_batches_equal_the_default_layout(rec_dir, num_workers, augment):
+    view = FaceRecords(rec_dir, seed=3)
+    batches = {}
+    for channels_last in (False, True):
+        loader = TorchLoader(view, 4, rank=0, world_size=1, num_workers=num_workers, device="cpu",
+                             augment=augment, channels_last=channels_last)
+        loader.set_epoch(1)
+        batches[channels_last] = collect(loader)
+    assert len(batches[True]) == len(batches[False]) == 9
+    for plain, nhwc in zip(batches[False], batches[True], strict=True):
+        assert plain.images.is_contiguous() and not is_channels_last(plain.images)
+        assert is_channels_last(nhwc.images) and nhwc.images.shape == plain.images.shape
+        assert torch.equal(nhwc.images, plain.images)
+        assert torch.equal(nhwc.record_ids, plain.record_ids) and torch.equal(nhwc.flipped, plain.flipped)
+
+
+def test_normalize_images_keeps_the_memory_format():
+    images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    plain = normalize_images(images)
+    assert plain.dtype == torch.float32 and plain.is_contiguous()
+    assert torch.equal(plain, (images.float() - 127.5) * np.float32(1 / 127.5))
+    nhwc = normalize_images(images.contiguous(memory_format=torch.channels_last))
+    assert is_channels_last(nhwc) and torch.equal(nhwc, plain)
+    strided = normalize_images(images[:, :, ::2])  # neither layout: normalised all the same
+    assert torch.equal(strided, plain[:, :, ::2])
+
+
+def test_build_train_loader_passes_channels_last(tmp_path):
+    from facecompat.config import load_config
+    from facecompat.data.loader import build_train_loader
+
+    rec = make_rec(tmp_path / "rec", [4, 4, 4])
+    cfg = load_config(None, [f"data.rec={rec}", "data.batch_size=4", "data.num_workers=0",
+                             "data.loader=torch"])
+    for channels_last in (False, True):
+        _, loader = build_train_loader(cfg.data, rank=0, world_size=1, device="cpu",
+                                       channels_last=channels_last)
+        assert loader.channels_last is channels_last
+        assert all(is_channels_last(b.images) is channels_last for b in loader)
+
+
+@needs_dali
+def test_dali_device_cpu_decodes_on_the_cpu_for_the_training_gpu(tmp_path, monkeypatch):
+    """data.dali_device names where DALI decodes; batches still go to the training device.
+
+    Only constructed: this machine has no GPU, so torch is told there is one (nothing here touches
+    CUDA before the first batch); the gpu-marked test in test_dali.py iterates it on a real GPU."""
+    from facecompat.config import load_config
+    from facecompat.data.dali import DaliLoader
+    from facecompat.data.loader import build_train_loader
+
+    rec = make_rec(tmp_path / "rec", [4, 4, 4])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    base = [f"data.rec={rec}", "data.batch_size=4", "data.loader=dali"]
+    for dali_device, decode in (("cpu", "cpu"), ("gpu", "gpu"), ("auto", "gpu")):
+        cfg = load_config(None, base + [f"data.dali_device={dali_device}"])
+        _, loader = build_train_loader(cfg.data, rank=0, world_size=1, device=torch.device("cuda", 0))
+        assert isinstance(loader, DaliLoader)
+        assert loader.device == torch.device("cuda", 0) and loader.decode_device == decode
+
+
+@needs_dali
+def test_dali_gpu_decode_needs_a_gpu_target(tmp_path):
+    from facecompat.config import ConfigError, load_config
+    from facecompat.data.dali import DaliLoader
+    from facecompat.data.loader import build_train_loader
+
+    rec = make_rec(tmp_path / "rec", [4, 4, 4])
+    base = [f"data.rec={rec}", "data.batch_size=4", "data.dali_device=gpu"]
+    with pytest.raises(ConfigError, match=r"^data.dali_device: 'gpu' decodes on the training GPU, "
+                                          r"but training runs on cpu"):
+        build_train_loader(load_config(None, base + ["data.loader=dali"]).data, device="cpu")
+    # with loader auto the CPU gets the torch loader: where DALI would decode does not matter
+    _, loader = build_train_loader(load_config(None, base + ["data.loader=auto"]).data, device="cpu")
+    assert isinstance(loader, TorchLoader)
+    records = FaceRecords(rec)
+    with pytest.raises(ValueError, match="decode_device 'gpu' decodes on the target GPU"):
+        DaliLoader(records, 4, rank=0, world_size=1, device="cpu", decode_device="gpu")
+    with pytest.raises(ValueError, match="decode_device must be one of"):
+        DaliLoader(records, 4, rank=0, world_size=1, device="cpu", decode_device="mixed")
+    assert DaliLoader(records, 4, rank=0, world_size=1, device="cpu").decode_device == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_torch_loader_batches_on_the_gpu_without_host_syncs(rec_dir, num_workers):
+    """Every field (and a batch_inputs extra) arrives on the GPU, channels_last when asked,
+    equal to the CPU loader's batch; no copy or normalisation makes the host wait for the GPU
+    (torch's sync debug mode raises on a synchronising call)."""
+    view = FaceRecords(rec_dir, seed=4)
+    cpu = collect(TorchLoader(view, 4, rank=1, world_size=2, num_workers=0, device="cpu"))
+    for channels_last in (False, True):
+        gpu = TorchLoader(view, 4, rank=1, world_size=2, num_workers=num_workers, device="cuda",
+                          channels_last=channels_last)
+        gpu.batch_inputs = lambda ids, flips, labels: {"twice": torch.from_numpy(ids * 2)}
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            batches = collect(gpu)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert len(batches) == len(cpu) == 4
+        for a, b in zip(batches, cpu, strict=True):
+            fields = (a.images, a.labels, a.record_ids, a.flipped, a.inputs["twice"])
+            assert all(t.device == gpu.device for t in fields)
+            assert is_channels_last(a.images) is channels_last and a.images.dtype == torch.float32
+            torch.testing.assert_close(a.images.cpu(), b.images, atol=1e-6, rtol=0)
+            assert torch.equal(a.record_ids.cpu(), b.record_ids) and torch.equal(a.labels.cpu(), b.labels)
+            assert torch.equal(a.flipped.cpu(), b.flipped)
+            assert torch.equal(a.inputs["twice"].cpu(), b.record_ids * 2)

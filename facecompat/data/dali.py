@@ -1,4 +1,11 @@
-"""DALI decoding of training batches: GPU ("mixed") decode, or DALI's CPU decoder for tests.
+"""DALI decoding of training batches: GPU ("mixed") decode, or DALI's CPU decoder.
+
+Where DALI decodes (``decode_device``) and where batches go (``device``) are separate: the GPU
+decoder runs on the training GPU and hands over normalised batches already there; the CPU
+decoder hands over uint8 batches, which go to the target as they are (to a GPU through pinned
+memory: a quarter of the bytes of a float batch) and are normalised there, as the torch loader
+does. With ``channels_last`` DALI writes HWC images and the batch is their ``[B, C, H, W]``
+view (channels_last strides, no copy).
 
 Both ways of feeding DALI follow :mod:`facecompat.data.loader`'s plan (equal steps on every
 rank, a fresh global shuffle each epoch from :func:`~facecompat.data.loader.epoch_order`, flips
@@ -49,9 +56,18 @@ import torch
 
 from facecompat.data._dali_mxnet import EpochIndex, ViewOffsets, parse_offsets, plan_epoch_index, write_index
 from facecompat.data.faces import FaceRecords, flip_flags, label_mismatch
-from facecompat.data.loader import Batch, BatchKey, EncodedBatch, ShardedLoader, read_batch
+from facecompat.data.loader import (
+    Batch,
+    BatchKey,
+    EncodedBatch,
+    ShardedLoader,
+    normalize_images,
+    read_batch,
+    to_device,
+)
 
 READERS = ("external", "mxnet")
+DECODE_DEVICES = ("auto", "gpu", "cpu")
 
 
 def dali_available() -> bool:
@@ -63,12 +79,26 @@ def dali_available() -> bool:
     return True
 
 
+def resolve_decode_device(decode_device: str, device: torch.device) -> str:
+    """``"gpu"`` or ``"cpu"``: where DALI decodes batches bound for ``device`` (``"auto"``: the GPU
+    when ``device`` is one). Raises ValueError for an unknown value, or ``"gpu"`` for a CPU target."""
+    if decode_device not in DECODE_DEVICES:
+        raise ValueError(f"decode_device must be one of {DECODE_DEVICES}, got {decode_device!r}")
+    if decode_device == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    if decode_device == "gpu" and device.type != "cuda":
+        raise ValueError(f"decode_device 'gpu' decodes on the target GPU, but the target device is {device}")
+    return decode_device
+
+
 class DaliLoader(ShardedLoader):
     """Batches decoded by DALI; same plan and contract as :class:`~facecompat.data.loader.TorchLoader`.
 
-    Args: as :class:`~facecompat.data.loader.ShardedLoader` (``device`` ``cuda[:i]`` decodes on
-    that GPU with the "mixed" decoder, ``cpu`` runs DALI's CPU decoder with ``device_id=None``),
-    plus
+    Args: as :class:`~facecompat.data.loader.ShardedLoader` (``device``: where every batch
+    lands; ``channels_last``: HWC from DALI, handed out as the NCHW view), plus
+        decode_device: ``"gpu"`` (the "mixed" nvJPEG decoder on ``device``, a GPU), ``"cpu"``
+            (DALI's CPU decoder, ``device_id=None``; batches then copied to ``device``) or
+            ``"auto"`` (default: ``"gpu"`` when ``device`` is CUDA, else ``"cpu"``).
         num_threads: DALI CPU threads.
         prefetch_queue_depth: batches DALI prepares ahead.
         reader: ``"external"`` (Python reads, ``fn.external_source``) or ``"mxnet"``
@@ -80,13 +110,16 @@ class DaliLoader(ShardedLoader):
                  world_size: int | None = None, seed: int | None = None,
                  device: torch.device | str | None = None, num_threads: int = 4,
                  prefetch_queue_depth: int = 2, reader: Literal["external", "mxnet"] = "external",
-                 index_dir: str | os.PathLike | None = None):
+                 index_dir: str | os.PathLike | None = None,
+                 decode_device: Literal["auto", "gpu", "cpu"] = "auto", channels_last: bool = False):
         if not dali_available():
             raise ImportError("DALI is not installed: pip install nvidia-dali-cuda120 "
                               "(or use the torch loader)")
         if reader not in READERS:
             raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
-        super().__init__(records, batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
+        super().__init__(records, batch_size, rank=rank, world_size=world_size, seed=seed, device=device,
+                         channels_last=channels_last)
+        self.decode_device = resolve_decode_device(decode_device, self.device)
         self.num_threads = int(num_threads)
         self.prefetch_queue_depth = int(prefetch_queue_depth)
         self.reader = reader
@@ -104,26 +137,36 @@ class DaliLoader(ShardedLoader):
             yield from self._iter_external(keys)
 
     def _put(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)
+        return to_device(torch.from_numpy(array), self.device)
 
-    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
-        return images if images.device == self.device else images.to(self.device, non_blocking=True)
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        """DALI's image batch → :attr:`Batch.images` on the target device: the NCHW view of an
+        HWC batch (``channels_last``), normalised there when DALI left uint8."""
+        images = to_device(images, self.device)
+        if self.channels_last:
+            images = images.permute(0, 3, 1, 2)
+        return normalize_images(images)
 
     def _pipeline(self, batch_size: int):
         from nvidia.dali import Pipeline
 
-        gpu = self.device.type == "cuda"
+        gpu = self.decode_device == "gpu"
         return Pipeline(batch_size=batch_size, num_threads=self.num_threads,
                         device_id=self.device.index if gpu else None,
                         prefetch_queue_depth=self.prefetch_queue_depth, seed=self.seed)
 
     def _decode(self, jpegs, mirror):
-        """Encoded images → RGB float CHW ``(x - 127.5) / 127.5``, mirrored where ``mirror``."""
+        """Encoded images → RGB, mirrored where ``mirror``, CHW (HWC with ``channels_last``):
+        float ``(x - 127.5) / 127.5`` from the GPU decoder, uint8 from the CPU one (normalised
+        on the target device by :meth:`_images`)."""
         from nvidia.dali import fn, types
 
-        gpu = self.device.type == "cuda"
-        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+        layout = "HWC" if self.channels_last else "CHW"
+        device = "mixed" if self.decode_device == "gpu" else "cpu"
+        images = fn.decoders.image(jpegs, device=device, output_type=types.RGB)
+        if self.decode_device == "cpu":
+            return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout, mirror=mirror)
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout,
                                         mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
 
     # -- reader="external" -------------------------------------------------------------
@@ -138,7 +181,7 @@ class DaliLoader(ShardedLoader):
         try:
             for out in batches:
                 enc = pending.popleft()
-                yield Batch(self._to_device(out[0]["images"]), self._put(enc.labels),
+                yield Batch(self._images(out[0]["images"]), self._put(enc.labels),
                             self._put(enc.record_ids), self._put(enc.flipped),
                             self._inputs(enc.record_ids, enc.flipped, enc.labels))
         finally:
@@ -153,7 +196,7 @@ class DaliLoader(ShardedLoader):
             yield [np.frombuffer(p, dtype=np.uint8) for p in enc.payloads], enc.flipped.astype(np.int32)
 
     def _build_external_pipeline(self, source: Iterator):
-        """external_source (bytes, mirror flags) → decode (mixed or cpu) → mirror + normalise, CHW."""
+        """external_source (bytes, mirror flags) → decode (mixed or cpu) → mirror (+ normalise)."""
         from nvidia.dali import fn, types
 
         pipe = self._pipeline(self.batch_size)
@@ -202,12 +245,12 @@ class DaliLoader(ShardedLoader):
         if bad.size:
             j = int(bad[0])
             raise label_mismatch(records.path, int(record_ids[j]), int(offsets[j]), stored[j], expected[j])
-        return Batch(self._to_device(out["images"][:batch]), self._put(labels), self._put(record_ids),
+        return Batch(self._images(out["images"][:batch]), self._put(labels), self._put(record_ids),
                      self._put(flipped), self._inputs(record_ids, flipped, labels))
 
     def _build_mxnet_pipeline(self, index: EpochIndex, epoch: int, feed: Iterator):
         """fn.readers.mxnet over ``[rec] * steps`` (copy ``s`` = step ``s``), put in planned order
-        by fn.permute_batch → decode → mirror + normalise; plus the stored class (first label
+        by fn.permute_batch → decode → mirror (+ normalise); plus the stored class (first label
         value) and ``source_info`` padded with zeros."""
         from nvidia.dali import fn, types
 

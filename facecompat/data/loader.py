@@ -17,9 +17,17 @@ Every engine yields :class:`Batch` on the target device and follows the same pla
   image yields two independently augmented views (:mod:`facecompat.data.augment`), drawn from
   ``(records.seed, epoch, record id, view)``; they replace the flip above.
 
+- **The target device** holds every field of every batch, whatever the engine decodes on: a
+  host batch bound for a GPU goes through pinned memory and is copied asynchronously
+  (:func:`to_device`), as uint8 where the engine allows, and is normalised there.
+- **channels_last** (a loader option, for CUDA training with a channels_last model): the images
+  are laid out ``[B, H, W, C]`` in memory from the decoder on, and handed out as the
+  ``[B, C, H, W]`` view of that memory, so ``images.contiguous(memory_format=torch.channels_last)``
+  costs nothing; no engine converts a float batch's layout.
+
 Engines: :class:`TorchLoader` (DataLoader workers, OpenCV decode) and
-:class:`facecompat.data.dali.DaliLoader` (DALI decode, GPU "mixed" or CPU). :func:`build_loader`
-picks one.
+:class:`facecompat.data.dali.DaliLoader` (DALI decode, GPU "mixed" or CPU, to any target
+device). :func:`build_loader` picks one.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ class Batch(NamedTuple):
         images: float32 ``[V * B, 3, H, W]``, RGB, ``(x - 127.5) / 127.5``, flipped where
             ``flipped``; ``V`` = the loader's ``views`` (1, or 2 with augmentation): rows
             ``[v * B, (v + 1) * B)`` hold view ``v`` of the ``B`` images, in the same order.
+            Contiguous, in ``torch.channels_last`` memory format when the loader's
+            ``channels_last`` is set.
         labels: int64 ``[B]``: the view's labels (after ``subset(..., relabel=True)``).
         record_ids: int64 ``[B]``: the images' keys in the rec.
         flipped: bool ``[V * B]``: whether each image row was mirrored horizontally.
@@ -205,13 +215,17 @@ class _BatchReader(Dataset):
     With ``normalize`` (batches bound for the CPU) the batch is normalised to float32 here (in
     the worker); otherwise images stay uint8 until they reach the target device: a quarter of
     the bytes to pass between processes and to copy to a GPU. With ``views`` every image
-    becomes that many augmented views (rows ``[v * B, (v + 1) * B)`` hold view ``v``).
+    becomes that many augmented views (rows ``[v * B, (v + 1) * B)`` hold view ``v``). With
+    ``channels_last`` the batch array is ``[B, H, W, 3]`` (each decoded HWC image copied whole)
+    and the tensor handed out is its ``[B, 3, H, W]`` view.
     """
 
-    def __init__(self, records: FaceRecords, normalize: bool = False, views: ViewMaker | None = None):
+    def __init__(self, records: FaceRecords, normalize: bool = False, views: ViewMaker | None = None,
+                 channels_last: bool = False):
         self.records = records
         self.normalize = normalize
         self.views = views
+        self.channels_last = channels_last
         self.pool = _BufferPool()
 
     def __len__(self) -> int:
@@ -227,16 +241,33 @@ class _BatchReader(Dataset):
                                                      enc.flipped.tolist())):
             img = decode_image(payload, path, rid, rgb=True)
             if out is None:
-                out = self.pool.take((len(enc.payloads), 3, *img.shape[:2]), np.dtype(np.uint8))
+                out = self._take(len(enc.payloads), img.shape)
                 mirrored = np.empty_like(img)
             if img.shape != mirrored.shape:
                 raise RecordIOError(path, f"image of shape {img.shape} in a batch of "
                                     f"{mirrored.shape} images (all images must share one size)", rid)
+            if self.channels_last:
+                if flip:
+                    cv2.flip(img, 1, dst=out[j])
+                else:
+                    out[j] = img
+                continue
             if flip:
                 img = cv2.flip(img, 1, dst=mirrored)
             cv2.split(img, [out[j, 0], out[j, 1], out[j, 2]])  # HWC -> CHW, in place
         assert out is not None, "empty batch"
         return self._host_batch(out, enc, enc.flipped)
+
+    def _take(self, rows: int, image_shape: tuple[int, ...]) -> np.ndarray:
+        """A pooled uint8 batch array for ``rows`` images of ``image_shape`` (H, W, 3): NHWC
+        with ``channels_last``, else NCHW."""
+        height, width = image_shape[:2]
+        shape = (rows, height, width, 3) if self.channels_last else (rows, 3, height, width)
+        return self.pool.take(shape, np.dtype(np.uint8))
+
+    def _image_size(self, out: np.ndarray) -> tuple[int, int]:
+        """(H, W) of the images of a batch array from :meth:`_take`."""
+        return tuple(out.shape[1:3]) if self.channels_last else tuple(out.shape[2:])
 
     def _read_views(self, key: BatchKey) -> _HostBatch:
         """As ``__getitems__``, each image augmented into ``views.num_views`` views."""
@@ -248,13 +279,16 @@ class _BatchReader(Dataset):
         for j, (payload, rid) in enumerate(zip(enc.payloads, enc.record_ids.tolist())):
             img = decode_image(payload, path, rid, rgb=True)
             if out is None:
-                out = self.pool.take((len(flipped), 3, *img.shape[:2]), np.dtype(np.uint8))
-            if img.shape[:2] != out.shape[2:]:
+                out = self._take(len(flipped), img.shape)
+            if img.shape[:2] != self._image_size(out):
                 raise RecordIOError(path, f"image of shape {img.shape} in a batch of "
-                                    f"{out.shape[2:]} images (all images must share one size)", rid)
+                                    f"{self._image_size(out)} images (all images must share one size)", rid)
             for v, (view, flip) in enumerate(self.views(img, rid, key.epoch)):
                 row = v * batch + j
-                cv2.split(view, [out[row, 0], out[row, 1], out[row, 2]])
+                if self.channels_last:
+                    out[row] = view
+                else:
+                    cv2.split(view, [out[row, 0], out[row, 1], out[row, 2]])
                 flipped[row] = flip
         assert out is not None, "empty batch"
         return self._host_batch(out, enc, flipped)
@@ -265,21 +299,38 @@ class _BatchReader(Dataset):
             # After the decode loop, not per image: interleaving 150 KB float writes with
             # decoding evicts the decoder's working set (measured ~15% slower).
             images = self.pool.take(out.shape, np.dtype(np.float32))
-            cv2.LUT(out.reshape(-1, out.shape[-1]), _NORMALIZE_LUT, dst=images.reshape(-1, out.shape[-1]))
-        return _HostBatch(torch.from_numpy(images), torch.from_numpy(enc.labels),
+            cv2.LUT(out.reshape(len(out), -1), _NORMALIZE_LUT, dst=images.reshape(len(out), -1))
+        tensor = torch.from_numpy(images)
+        if self.channels_last:
+            tensor = tensor.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last strides
+        return _HostBatch(tensor, torch.from_numpy(enc.labels),
                           torch.from_numpy(enc.record_ids), torch.from_numpy(flipped))
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` → float32 ``[B, C, H, W]`` in [-1, 1]: ``(x - 127.5) / 127.5``
-    (float input is returned as it is: already normalised by the reader)."""
+    """uint8 ``[B, C, H, W]`` → float32 ``[B, C, H, W]`` in [-1, 1]: ``(x - 127.5) / 127.5``, in the
+    input's memory format (float input is returned as it is: already normalised by the reader)."""
     if images.dtype == torch.float32:
         return images
     if images.device.type != "cpu":
+        # .to(dtype) preserves the memory format and the in-place ops keep it
         return images.to(torch.float32).sub_(127.5).mul_(1.0 / 127.5)
-    src = images.numpy()
-    out = cv2.LUT(src.reshape(-1, src.shape[-1]), _NORMALIZE_LUT)
-    return torch.from_numpy(out.reshape(src.shape))
+    nhwc = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) \
+        and not images.is_contiguous()
+    src = (images.permute(0, 2, 3, 1) if nhwc else images.contiguous()).numpy()
+    out = torch.from_numpy(cv2.LUT(src.reshape(len(src), -1), _NORMALIZE_LUT).reshape(src.shape))
+    return out.permute(0, 3, 1, 2) if nhwc else out
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` (itself when already there). A host tensor bound for a GPU is
+    pinned (a no-op for the DataLoader's pinned batches) and copied with ``non_blocking``: from
+    pageable memory the copy would make the host wait for the GPU's queued work every batch."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _identity(batch: _HostBatch) -> _HostBatch:
@@ -303,13 +354,16 @@ class ShardedLoader:
         rank, world_size: this process's shard; default from :mod:`facecompat.dist`.
         seed: shuffle seed (default ``records.seed``). Flips always follow ``records.seed``,
             so that ``records[i]`` after ``records.set_epoch(e)`` is the image a batch holds.
-        device: where batches go (default CUDA when available, else CPU).
+        device: where batches go, every field (default: :func:`facecompat.dist.resolve_device`).
+        channels_last: images in ``torch.channels_last`` memory format, laid out so from the
+            decoder on (see the module docstring); default False, the plain NCHW layout.
     """
 
     def __init__(self, records: FaceRecords, batch_size: int, *, rank: int | None = None,
                  world_size: int | None = None, seed: int | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, channels_last: bool = False):
         self.records = records
+        self.channels_last = bool(channels_last)
         self.batch_size = int(batch_size)
         self.rank = dist.get_rank() if rank is None else int(rank)
         self.world_size = dist.get_world_size() if world_size is None else int(world_size)
@@ -330,10 +384,8 @@ class ShardedLoader:
                 labels: np.ndarray) -> dict[str, torch.Tensor] | None:
         if self.batch_inputs is None:
             return None
-        non_blocking = self.device.type == "cuda"
         host = self.batch_inputs(np.asarray(record_ids), np.asarray(flipped), np.asarray(labels))
-        return {name: t.pin_memory().to(self.device, non_blocking=True) if non_blocking else t
-                for name, t in host.items()}
+        return {name: to_device(t, self.device) for name, t in host.items()}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -365,13 +417,19 @@ class TorchLoader(ShardedLoader):
         prefetch_factor: batches each worker keeps ready.
         augment: make two augmented views of every image (``views`` = 2) with these settings,
             drawn from ``records.seed``; flipping only when ``records.flip``.
+
+    With ``channels_last`` the workers write each decoded HWC image whole into an NHWC batch
+    (instead of splitting it into planes), and the uint8 batch travels (pinned, to a GPU) and
+    is normalised in that layout.
     """
 
     def __init__(self, records: FaceRecords, batch_size: int, *, rank: int | None = None,
                  world_size: int | None = None, seed: int | None = None,
                  device: torch.device | str | None = None, num_workers: int = 4,
-                 prefetch_factor: int = 2, augment: AugmentConfig | None = None):
-        super().__init__(records, batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
+                 prefetch_factor: int = 2, augment: AugmentConfig | None = None,
+                 channels_last: bool = False):
+        super().__init__(records, batch_size, rank=rank, world_size=world_size, seed=seed, device=device,
+                         channels_last=channels_last)
         views = None if augment is None else ViewMaker(augment, records.seed, flip=records.flip)
         self.views = 1 if views is None else views.num_views
         workers = int(num_workers)
@@ -381,28 +439,26 @@ class TorchLoader(ShardedLoader):
             # loader's parallelism is its worker processes, not OpenCV threads inside each.
             cv2.setNumThreads(0)
         self._loader = DataLoader(
-            _BatchReader(records, normalize=self.device.type == "cpu", views=views),
+            _BatchReader(records, normalize=self.device.type == "cpu", views=views,
+                         channels_last=self.channels_last),
             batch_sampler=self.sampler, collate_fn=_identity,
             num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers else None,
             worker_init_fn=_worker_init if workers else None)
 
     def __iter__(self) -> Iterator[Batch]:
-        non_blocking = self.device.type == "cuda"
-        for host in self._loader:
-            images = host.images.to(self.device, non_blocking=non_blocking)
-            yield Batch(normalize_images(images),
-                        host.labels.to(self.device, non_blocking=non_blocking),
-                        host.record_ids.to(self.device, non_blocking=non_blocking),
-                        host.flipped.to(self.device, non_blocking=non_blocking),
+        for host in self._loader:  # pinned by the DataLoader when bound for a GPU
+            yield Batch(normalize_images(to_device(host.images, self.device)),
+                        to_device(host.labels, self.device), to_device(host.record_ids, self.device),
+                        to_device(host.flipped, self.device),
                         self._inputs(host.record_ids.numpy(), host.flipped.numpy(), host.labels.numpy()))
 
 
 def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto",
                  rank: int | None = None, world_size: int | None = None, seed: int | None = None,
                  device: torch.device | str | None = None, num_workers: int = 4,
-                 dali_threads: int = 4, dali_reader: str = "external",
-                 augment: AugmentConfig | None = None) -> ShardedLoader:
+                 dali_threads: int = 4, dali_reader: str = "external", dali_device: str = "auto",
+                 augment: AugmentConfig | None = None, channels_last: bool = False) -> ShardedLoader:
     """The loader for a training view: DALI when asked, or with ``backend="auto"`` when a GPU
     and DALI are both present; otherwise a torch DataLoader. Both yield :class:`Batch`.
 
@@ -418,8 +474,11 @@ def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto"
         dali_threads: DALI CPU threads (ignored by torch).
         dali_reader: ``"external"`` (we read, DALI decodes) or ``"mxnet"`` (DALI's
             ``fn.readers.mxnet`` reads the rec through a per-epoch image-only index).
+        dali_device: where DALI decodes: ``"gpu"`` (nvJPEG, on ``device``), ``"cpu"`` or
+            ``"auto"`` (the GPU when ``device`` is one). Batches land on ``device`` either way.
         augment: two augmented views per image (the contrastive objective); torch engine only
             (``"auto"`` picks it).
+        channels_last: images in ``torch.channels_last`` memory format (see the module docstring).
 
     Returns:
         a :class:`ShardedLoader` (``TorchLoader`` or ``DaliLoader``).
@@ -432,11 +491,12 @@ def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto"
     if backend == "auto":
         use_dali = augment is None and device.type == "cuda" and dali_mod.dali_available()
         backend = "dali" if use_dali else "torch"
-    kw = dict(rank=rank, world_size=world_size, seed=seed, device=device)
+    kw = dict(rank=rank, world_size=world_size, seed=seed, device=device, channels_last=channels_last)
     if backend == "dali":
         if augment is not None:
             raise ValueError("two-view augmentation runs on the torch loader only (backend torch or auto)")
-        return dali_mod.DaliLoader(records, batch_size, num_threads=dali_threads, reader=dali_reader, **kw)
+        return dali_mod.DaliLoader(records, batch_size, num_threads=dali_threads, reader=dali_reader,
+                                   decode_device=dali_device, **kw)
     return TorchLoader(records, batch_size, num_workers=num_workers, augment=augment, **kw)
 
 
@@ -454,16 +514,25 @@ def build_dataset(cfg: DataConfig) -> FaceRecords:
 
 
 def build_train_loader(cfg: DataConfig, *, rank: int | None = None, world_size: int | None = None,
-                       device: torch.device | str | None = None,
-                       augment: AugmentConfig | None = None) -> tuple[FaceRecords, ShardedLoader]:
-    """(view, loader) for a data config: :func:`build_dataset` then :func:`build_loader`
-    (``augment``: two augmented views per image, the contrastive objective's batches)."""
+                       device: torch.device | str | None = None, augment: AugmentConfig | None = None,
+                       channels_last: bool = False) -> tuple[FaceRecords, ShardedLoader]:
+    """(view, loader) for a data config: :func:`build_dataset` then :func:`build_loader`.
+
+    Args:
+        cfg: the data section (``data.dali_device`` says only where DALI decodes).
+        rank, world_size: default from :mod:`facecompat.dist`.
+        device: the training device; every batch lands there, whatever decodes it.
+        augment: two augmented views per image, the contrastive objective's batches.
+        channels_last: images in ``torch.channels_last`` memory format (ask for it when the
+            model is channels_last on CUDA); default False.
+    """
     records = build_dataset(cfg)
     device = dist.resolve_device(device)
-    if cfg.loader == "dali" and cfg.dali_device == "cpu":
-        device = torch.device("cpu")
+    if cfg.loader == "dali" and cfg.dali_device == "gpu" and device.type != "cuda":
+        raise ConfigError(f"data.dali_device: 'gpu' decodes on the training GPU, but training runs on "
+                          f"{device} (use cpu or auto)")
     loader = build_loader(records, cfg.batch_size, backend=cfg.loader, rank=rank, world_size=world_size,
                           seed=cfg.seed, device=device, num_workers=cfg.num_workers,
                           dali_threads=max(cfg.num_workers, 1), dali_reader=cfg.dali_reader,
-                          augment=augment)
+                          dali_device=cfg.dali_device, augment=augment, channels_last=channels_last)
     return records, loader
