@@ -67,13 +67,14 @@ class EvalCatalog:
     target: Literal["IJBC", "IJBB"] = "IJBC"
     cache_dir: str = "work_dirs/eval"  # features/<model>/<target>.npy + .json fingerprints
     batch_size: int = 256
-    num_workers: int = 2
+    num_workers: int | None = None  # None: sized from the machine (extract.default_num_workers)
     flip: bool = True  # face feature = f(img) + f(flip(img))
     models: dict[str, EvalModelConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
-        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.num_workers is None or self.num_workers >= 0, "num_workers",
+               f"must be >= 0 (or unset: sized from the machine), got {self.num_workers}")
         for name in self.models:
             if not _NAME.match(name) or "|" in name:
                 raise _FieldError(f"models.{name}", "a model name is letters, digits, _ . + - "
