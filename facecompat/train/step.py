@@ -94,7 +94,7 @@ class TrainStep:
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, named terms) of one micro-batch; the head's term is the mean over the global
         batch (the same on every rank), a method's terms may be this rank's means."""
-        if self.channels_last:
+        if self.channels_last:  # a no-op on the trainer's batches (the loader delivers this layout)
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast(images.device.type):
             emb = self.model(images)

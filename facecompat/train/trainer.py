@@ -79,9 +79,11 @@ class Trainer:
         self._seed_everything()
 
         self.contrastive = cfg.train.objective == "contrastive"
+        # channels_last batches come from the loader in that layout (uint8, before normalising).
+        channels_last = cfg.model.channels_last and self.device.type == "cuda"
         self.records, self.loader = build_train_loader(
             cfg.data, rank=self.rank, world_size=self.world_size, device=self.device,
-            augment=cfg.contrastive.augment if self.contrastive else None)
+            augment=cfg.contrastive.augment if self.contrastive else None, channels_last=channels_last)
         self.num_classes = self.records.num_classes
         self.accum = cfg.optim.grad_accum
         self.steps_per_epoch = self.loader.steps_per_epoch // self.accum
@@ -124,7 +126,6 @@ class Trainer:
             self.optimizer, total_steps=self.total_steps,
             warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch), power=cfg.optim.poly_power)
         self.scaler = LossScaler(enabled=self.precision == "fp16")
-        channels_last = cfg.model.channels_last and self.device.type == "cuda"
         if self.contrastive:
             self.step: TrainStep = ContrastiveStep(
                 self.model, self.backbone, self.projector, self.optimizer, self.scaler,
