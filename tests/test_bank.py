@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,111 @@ def test_built_features_are_the_old_models_on_image_and_flip(reference, syntheti
     flipped = np.arange(len(bank)) % 2 == 1
     np.testing.assert_array_equal(bank.lookup(bank.record_ids, flipped),
                                   stored[np.arange(len(bank)), flipped * 1])
+
+
+def _per_batch_features(model: torch.nn.Module, view: FaceRecords, batch_size: int, chunk_rows: int,
+                        autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """float16 [N, 2, D] features of the record-sorted view by the loop build_bank ran before it kept
+    a chunk on the device: the same batches (never crossing a chunk's end), each read back on its own
+    (``.float().cpu().numpy().astype(float16)``)."""
+    from facecompat.compat.bank import _sorted_view
+    from facecompat.data.loader import BatchKey, _BatchReader, normalize_images
+
+    reader = _BatchReader(_sorted_view(view), normalize=True)
+    num = view.num_images
+    out = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=autocast_dtype or torch.float16,
+                                                enabled=autocast_dtype is not None):
+        for chunk_start in range(0, num, chunk_rows):
+            chunk_stop = min(num, chunk_start + chunk_rows)
+            for start in range(chunk_start, chunk_stop, batch_size):
+                positions = np.arange(start, min(start + batch_size, chunk_stop), dtype=np.int64)
+                x = normalize_images(reader.__getitems__(BatchKey(0, positions)).images)
+                emb = model(torch.cat([x, x.flip(3)]))
+                b = x.shape[0]
+                both = torch.stack([emb[:b], emb[b:]], dim=1).float().cpu().numpy()
+                with np.errstate(over="ignore"):  # an overflow to inf is what a test may want to see
+                    out.append(both.astype(np.float16))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["float32", "bf16"])
+def test_built_features_equal_the_per_batch_loop_bit_for_bit(reference, synthetic_tiny, runs, tmp_path,
+                                                             autocast_dtype):
+    view = _view(synthetic_tiny)
+    model = load_model(_spec(runs[0]))
+    kw = {**BUILD_KW, "batch_size": 7}  # 20-record chunks: batches of 7, 7, 6 (the last one cut short)
+    bank = reference if autocast_dtype is None else \
+        build_bank(view, _spec(runs[0]), tmp_path / "bank", autocast_dtype=autocast_dtype, **kw)
+    batch_size = BUILD_KW["batch_size"] if autocast_dtype is None else kw["batch_size"]
+    expected = _per_batch_features(model, view, batch_size, BUILD_KW["chunk_rows"], autocast_dtype)
+    stored = np.asarray(bank.features)
+    assert stored.shape == expected.shape and np.isfinite(expected).all()
+    np.testing.assert_array_equal(stored.view(np.uint16), expected.view(np.uint16))
+
+
+def test_non_finite_feature_names_its_record_and_keeps_the_chunks_before(synthetic_tiny, runs, tmp_path):
+    view = _view(synthetic_tiny)
+    chunk_rows = BUILD_KW["chunk_rows"]
+    plain = _per_batch_features(load_model(_spec(runs[0])), view, BUILD_KW["batch_size"], chunk_rows)
+    peak = np.abs(plain.astype(np.float32)).max(axis=(1, 2))  # per record, sorted by id
+    assert peak[chunk_rows:].max() > 1.05 * peak[:chunk_rows].max()  # a later record outgrows chunk 0
+    # Scale the output layer so that chunk 0 stays inside float16 and some later records overflow it.
+    scale = 2 * 65504.0 / (peak[:chunk_rows].max() + peak[chunk_rows:].max())
+    huge = make_run_dir(tmp_path / "huge", seed=0)
+    state = torch.load(huge / "model.pt", weights_only=True)
+    state["features.weight"] *= scale
+    state["features.bias"] *= scale
+    torch.save(state, huge / "model.pt")
+    expected = _per_batch_features(load_model(_spec(huge)), view, BUILD_KW["batch_size"], chunk_rows)
+    finite = np.isfinite(expected).all(axis=(1, 2))
+    first_bad = int(np.flatnonzero(~finite)[0])
+    assert finite[:chunk_rows].all() and first_bad >= chunk_rows
+    record = int(np.sort(view.record_ids)[first_bad])
+    directory = tmp_path / "bank"
+    with pytest.raises(BankError, match=rf"^{directory}: the old model's feature of record {record} is not "
+                                        r"finite in float16$"):
+        build_bank(view, _spec(huge), directory, **BUILD_KW)
+    progress = np.load(directory / "progress.npy")
+    bad_chunk = first_bad // chunk_rows
+    assert progress[:bad_chunk].all() and progress[bad_chunk:].sum() == 0
+    assert not (directory / "bank.json").exists()
+    stored = np.load(directory / "features.npy")
+    np.testing.assert_array_equal(stored[:bad_chunk * chunk_rows].view(np.uint16),
+                                  expected[:bad_chunk * chunk_rows].view(np.uint16))
+
+
+def test_workers_default_to_the_machines_and_a_negative_count_is_refused(reference, synthetic_tiny, runs,
+                                                                         tmp_path):
+    view, spec = _view(synthetic_tiny), _spec(runs[0])
+    with pytest.raises(ValueError, match=r"^num_workers must be >= 0 \(0 decodes in this process\), got -1$"):
+        build_bank(view, spec, tmp_path / "refused", **{**BUILD_KW, "num_workers": -1})
+    assert not (tmp_path / "refused").exists()  # refused before any file is made
+    build_bank(view, spec, tmp_path / "bank", **{**BUILD_KW, "num_workers": None})  # worker processes
+    _same_files(reference.directory, tmp_path / "bank")
+
+
+@pytest.mark.gpu
+def test_cuda_build_reads_each_chunk_back_once(synthetic_tiny, runs, tmp_path):
+    """On a GPU a chunk's features wait on the device until its last batch: CUDA's sync debug mode
+    sees the chunk's read-back (features and finite flags: each line once per chunk), nothing per batch."""
+    view = _view(synthetic_tiny)
+    chunks = -(-view.num_images // BUILD_KW["chunk_rows"])
+    kw = {**BUILD_KW, "batch_size": 4}  # 5 batches a chunk: a sync per batch would show
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            bank = build_bank(view, _spec(runs[0]), tmp_path / "bank", device="cuda", **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)
+             and Path(w.filename).name == "bank.py"]
+    lines = {w.lineno for w in syncs}
+    assert 1 <= len(lines) <= 2 and len(syncs) == chunks * len(lines), [(w.lineno, w.message) for w in syncs]
+    ref = _per_batch_features(load_model(_spec(runs[0])), view, 4, BUILD_KW["chunk_rows"]).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(bank.features, np.float32), ref, rtol=2e-2,
+                               atol=2e-2 * np.abs(ref).max())
 
 
 def _same_files(a: Path, b: Path) -> None:

@@ -4,8 +4,9 @@ artefact (load, apply, fingerprint and damage checks) and tools/train_fct.py."""
 
 from __future__ import annotations
 
+import copy
 import json
-import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,21 @@ def test_training_learns_the_planted_map_on_records_it_never_saw(trained):
     assert len(losses) == 40 and losses[-1] < 0.2 * losses[0]
 
 
+def _per_batch_apply(fct: FCTransform, old: np.ndarray, side: np.ndarray,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The loop FCTransform.apply ran before it kept a chunk on the device: each batch read back
+    on its own."""
+    preds, variances = [], []
+    with torch.no_grad():
+        for start in range(0, old.shape[0], batch_size):
+            o = torch.from_numpy(np.array(old[start:start + batch_size], dtype=np.float32))
+            s = torch.from_numpy(np.array(side[start:start + batch_size], dtype=np.float32))
+            pred, log_var = fct.module(o, s)
+            preds.append(pred.float().mul_(fct.output_norm).cpu().numpy())
+            variances.append(torch.exp(log_var).float().cpu().numpy())
+    return np.concatenate(preds), np.concatenate(variances)
+
+
 def test_loaded_transformation_applies_in_chunks_and_predicts_its_error(trained, planted):
     cfg, _ = trained
     _, _, runs, _ = planted
@@ -196,9 +212,17 @@ def test_loaded_transformation_applies_in_chunks_and_predicts_its_error(trained,
     banks = _banks(cfg, runs)
     old = np.asarray(banks["old"].features[:, 0], np.float32)
     side = np.asarray(banks["side"].features[:, 0], np.float32)
+    n = old.shape[0]
+    assert n > 200  # two read-backs of three 50-row batches, the last one short
     done = []
-    pred, var = fct.apply(old, side, batch_size=50, progress=done.append)
-    assert done[-1] == old.shape[0] and len(done) == math.ceil(old.shape[0] / 50)
+    pred, var = fct.apply(old, side, batch_size=50, chunk_rows=120, progress=done.append)
+    assert done == [150, n]  # chunk_rows rounded up to whole batches; called after each read-back
+    ref_pred, ref_var = _per_batch_apply(fct, old, side, batch_size=50)
+    np.testing.assert_array_equal(pred, ref_pred)
+    np.testing.assert_array_equal(var, ref_var)
+    one_by_one = fct.apply(old, side, batch_size=50, chunk_rows=1)  # a read-back per batch
+    np.testing.assert_array_equal(one_by_one[0], pred)
+    np.testing.assert_array_equal(one_by_one[1], var)
     whole, _ = fct.apply(old, side)
     np.testing.assert_allclose(pred, whole, rtol=1e-5, atol=1e-6)
     new_feats = np.asarray(banks["new"].features, np.float32)
@@ -221,6 +245,44 @@ def test_loaded_transformation_applies_in_chunks_and_predicts_its_error(trained,
     bad[7, 2] = np.nan
     with pytest.raises(FCTError, match="rows 0..99 hold NaN"):
         fct.apply(bad, side, batch_size=100)
+    # found once per chunk, named by its batch: the second batch of the second read-back
+    bad, done = old.copy(), []
+    bad[210, 0], bad[n - 1, 3] = np.inf, np.nan
+    with pytest.raises(FCTError, match=rf"^input features of rows 200..{min(250, n) - 1} hold NaN or inf$"):
+        fct.apply(bad, side, batch_size=50, chunk_rows=120, progress=done.append)
+    assert done == [150]
+    bad_side = side.copy()
+    bad_side[60, 1] = np.nan
+    with pytest.raises(FCTError, match=r"^input features of rows 50..99 hold NaN or inf$"):
+        fct.apply(old, bad_side, batch_size=50, chunk_rows=120)
+
+
+@pytest.mark.gpu
+def test_cuda_apply_reads_each_chunk_back_once():
+    """On a GPU the predictions of a chunk wait on the device: CUDA's sync debug mode sees each
+    read-back line (finite flags, predictions, variances) once per chunk, nothing per batch."""
+    torch.manual_seed(0)
+    module = Transformation(OLD_DIM, SIDE_DIM, NEW_DIM, hidden=(32,), uncertainty=True)
+    on_cpu = FCTransform(copy.deepcopy(module), {"output_norm": 2.5}, Path("unsaved"))
+    on_gpu = FCTransform(module.cuda(), {"output_norm": 2.5}, Path("unsaved"))
+    rng = np.random.default_rng(0)
+    old = rng.standard_normal((237, OLD_DIM)).astype(np.float32)
+    side = rng.standard_normal((237, SIDE_DIM)).astype(np.float16)  # converted on the way
+    on_gpu.apply(old[:10], side[:10])  # lazy CUDA init
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pred, var = on_gpu.apply(old, side, batch_size=50, chunk_rows=120)  # 2 chunks of 3 batches
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    lines = {(w.filename, w.lineno) for w in syncs}
+    assert 1 <= len(lines) <= 3 and len(syncs) == 2 * len(lines), [(w.lineno, w.message) for w in syncs]
+    ref_pred, ref_var = on_cpu.apply(old, side, batch_size=50)
+    np.testing.assert_allclose(pred, ref_pred, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-6)
 
 
 def test_damaged_or_missing_artefact(trained, tmp_path):

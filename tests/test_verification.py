@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import warnings
 from pathlib import Path
 
 import cv2
@@ -160,6 +161,73 @@ def test_extract_fuses_flip_before_normalising_and_restores_modes() -> None:
                                atol=1e-5)
     assert not np.allclose(no_flip, emb, atol=1e-3)  # the flip does change the embedding
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def _per_batch_embeddings(model: nn.Module, images: torch.Tensor, batch_size: int, flip: bool,
+                          autocast_dtype: torch.dtype | None) -> np.ndarray:
+    """The loop extract_embeddings ran before it kept the embeddings on the device: every batch
+    normalised, embedded (each forward cast to float32), flip-summed, L2-normalised and read back."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            return model(x).float()
+
+    model.eval()
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, images.shape[0], batch_size):
+            x = (images[start:start + batch_size].float() - 127.5) / 127.5
+            emb = forward(x)
+            if flip:
+                emb = emb + forward(torch.flip(x, dims=[3]))
+            chunks.append(torch.nn.functional.normalize(emb, dim=1).cpu().numpy())
+    return np.concatenate(chunks)
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("flip", [True, False], ids=["flip", "no-flip"])
+def test_extract_equals_the_per_batch_loop_bit_for_bit(flip: bool,
+                                                       autocast_dtype: torch.dtype | None) -> None:
+    model = _TinyNet()
+    images = _images(11)
+    emb = extract_embeddings(model, images, batch_size=4, flip=flip, autocast_dtype=autocast_dtype)
+    expected = _per_batch_embeddings(model, images, 4, flip, autocast_dtype)
+    assert emb.shape == expected.shape == (11, 8) and emb.dtype == np.float32
+    np.testing.assert_array_equal(emb, expected)
+
+
+def test_extract_with_a_backbone_equals_the_per_batch_loop_bit_for_bit() -> None:
+    from facecompat.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("r18-w0.125", embedding_size=16)
+    images = _images(5, size=112, seed=1)
+    np.testing.assert_array_equal(extract_embeddings(model, images, batch_size=3),
+                                  _per_batch_embeddings(model, images, 3, True, None))
+    with pytest.raises(ValueError, match="^no images to embed$"):
+        extract_embeddings(model, images[:0])
+
+
+@pytest.mark.gpu
+def test_cuda_extract_waits_for_the_device_once() -> None:
+    """The embeddings stay on the GPU until the last batch: one synchronising call (CUDA's sync debug
+    mode counts them), not one per batch."""
+    model = _TinyNet().cuda()
+    images = _images(11)
+    extract_embeddings(model, images[:2], device="cuda", autocast_dtype=torch.bfloat16)  # lazy CUDA init
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            emb = extract_embeddings(model, images, batch_size=4, device="cuda",
+                                     autocast_dtype=torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    assert len(syncs) == 1 and Path(syncs[0].filename).name == "verification.py", syncs
+    ref = extract_embeddings(model.cpu(), images, batch_size=4, autocast_dtype=torch.bfloat16)
+    np.testing.assert_allclose(emb, ref, atol=0.05)
 
 
 def test_extract_restores_modes_after_an_error() -> None:

@@ -48,7 +48,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -598,29 +597,27 @@ def _extract_chunks(model: torch.nn.Module, view: FaceRecords, directory: Path, 
                     chunk_rows: int, *, batch_size: int, num_workers: int, device: torch.device,
                     autocast_dtype: torch.dtype | None, progress: bool) -> None:
     """Embed the records of ``chunks`` (image and flip) into features.npy; mark each chunk done once
-    its rows are flushed."""
-    import cv2
+    its rows are flushed.
+
+    A chunk's features collect in one float16 buffer on ``device`` and come back to the host once, after
+    its last batch, where they are checked and written: nothing waits for the device between batches.
+    """
     import torch
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from facecompat.data.loader import _BatchReader, normalize_images
+    from facecompat.data.loader import normalize_images
 
     feats = np.load(directory / FEATURES, mmap_mode="r+")
     done = np.load(directory / PROGRESS, mmap_mode="r+")
-    dim = feats.shape[2]
-    keys = _batch_keys(chunks, feats.shape[0], chunk_rows, batch_size)
-    left = Counter(c for c, _ in keys)  # batches of each chunk still to write
-    if num_workers:
-        cv2.setNumThreads(0)  # parallelism comes from the worker processes (as TorchLoader does)
-    loader = DataLoader(_BatchReader(view, normalize=device.type == "cpu"),
-                        batch_sampler=[k for _, k in keys], collate_fn=_identity,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    num, dim = feats.shape[0], feats.shape[2]
+    keys = _batch_keys(chunks, num, chunk_rows, batch_size)
+    loader = _chunk_loader(view, [k for _, k in keys], num_workers, device)
     bar = tqdm(total=2 * sum(len(k.positions) for _, k in keys), unit="img",
                desc=f"features {directory.name}",
                disable=not progress or dist.get_rank() != 0, leave=False)
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float16,
                                                 enabled=autocast_dtype is not None):
+        buf = torch.empty((min(chunk_rows, num), 2, dim), dtype=torch.float16, device=device)
         for (chunk, key), host in zip(keys, loader):
             x = normalize_images(host.images.to(device, non_blocking=True))
             emb = model(torch.cat([x, x.flip(3)]))
@@ -628,23 +625,52 @@ def _extract_chunks(model: torch.nn.Module, view: FaceRecords, directory: Path, 
             if emb.ndim != 2 or emb.shape[1] != dim:
                 raise BankError(f"{directory}: the old model outputs {tuple(emb.shape[1:])}-d embeddings, "
                                 f"its spec says {dim}")
-            out = torch.stack([emb[:b], emb[b:]], dim=1).float().cpu().numpy().astype(np.float16)
-            if not np.isfinite(out).all():
-                bad = int(host.record_ids[np.flatnonzero(~np.isfinite(out).all(axis=(1, 2)))[0]])
-                raise BankError(f"{directory}: the old model's feature of record {bad} is not finite "
-                                "in float16")
-            feats[key.positions[0]:key.positions[-1] + 1] = out
+            start = chunk * chunk_rows
+            rows = slice(int(key.positions[0]) - start, int(key.positions[-1]) + 1 - start)
+            buf[rows, 0] = emb[:b]  # float32 (or autocast's dtype) -> float16 on the device
+            buf[rows, 1] = emb[b:]
             bar.update(2 * b)
-            left[chunk] -= 1
-            if left[chunk] == 0:  # rows reach the file before the chunk is marked done
-                feats.flush()
-                done[chunk] = 1
-                done.flush()
+            if rows.stop == min(num, start + chunk_rows) - start:  # the chunk's last batch
+                _store_chunk(buf[:rows.stop], feats, done, chunk, start, view.record_ids, directory)
     bar.close()
 
 
+def _chunk_loader(view: FaceRecords, keys: list[Any], num_workers: int,
+                  device: torch.device) -> torch.utils.data.DataLoader:
+    """In-order host batches of ``keys``: float32 normalised in the workers for a CPU device (the
+    training loader's normalisation), uint8 otherwise (normalised on the device the same way);
+    pinned for CUDA so the copies overlap."""
+    import cv2
+    from torch.utils.data import DataLoader
+
+    from facecompat.data.loader import _BatchReader
+
+    if num_workers:
+        cv2.setNumThreads(0)  # parallelism comes from the worker processes (as TorchLoader does)
+    return DataLoader(_BatchReader(view, normalize=device.type == "cpu"), batch_sampler=keys,
+                      collate_fn=_identity, num_workers=num_workers, pin_memory=device.type == "cuda")
+
+
+def _store_chunk(chunk_feats: torch.Tensor, feats: np.ndarray, done: np.ndarray, chunk: int, start: int,
+                 record_ids: np.ndarray, directory: Path) -> None:
+    """Check a chunk's float16 ``[n, 2, D]`` device features, write them at row ``start`` of
+    features.npy and mark the chunk done once they are flushed."""
+    import torch
+
+    finite = torch.isfinite(chunk_feats).flatten(1).all(dim=1)
+    out = chunk_feats.cpu().numpy()  # the one wait for the device per chunk
+    finite = finite.cpu().numpy()
+    if not finite.all():
+        bad = int(record_ids[start + int(np.flatnonzero(~finite)[0])])
+        raise BankError(f"{directory}: the old model's feature of record {bad} is not finite in float16")
+    feats[start:start + len(out)] = out
+    feats.flush()  # rows reach the file before the chunk is marked done
+    done[chunk] = 1
+    done.flush()
+
+
 def build_bank(view: FaceRecords, spec: ModelSpec, directory: str | os.PathLike, *, batch_size: int = 256,
-               num_workers: int = 2, device: torch.device | str | None = None,
+               num_workers: int | None = None, device: torch.device | str | None = None,
                autocast_dtype: torch.dtype | None = None, chunk_rows: int = 8192, progress: bool = True,
                max_chunks: int | None = None) -> FeatureBank:
     """Extract the old model's features of every record of ``view`` into ``directory``.
@@ -652,13 +678,17 @@ def build_bank(view: FaceRecords, spec: ModelSpec, directory: str | os.PathLike,
     Every rank calls it (one process: the same). Rank 0 creates the files or checks the unfinished
     build there (same records, dimension, chunking, model); the chunks not yet done are split
     ``todo[rank::world]`` (so a build resumes under another world size), each rank embeds its chunks
-    batch by batch (image and flip in one forward) and marks a chunk done once its rows are flushed.
-    Rank 0 then writes ``bank.json`` and every rank opens the bank.
+    batch by batch (image and flip in one forward) into a device buffer per chunk, reads each chunk
+    back once (no host sync per batch) and marks it done once its rows are flushed. Rank 0 then
+    writes ``bank.json`` and every rank opens the bank.
 
     Args:
         view: the training view (any record order; flips are ignored: both sides are stored).
         spec: the old model (loaded with :func:`~facecompat.eval.catalog.load_model`).
-        batch_size, num_workers: images per forward (x2 with the flips) and DataLoader workers.
+        batch_size: images per forward (x2 with the flips).
+        num_workers: DataLoader processes decoding images; ``None``:
+            :func:`~facecompat.eval.extract.default_num_workers` (the machine's cores, at most 8 per
+            rank); 0 decodes in this process. The features do not depend on it.
         device: where the model runs (default CUDA when available, else CPU).
         autocast_dtype: run under autocast with this dtype (e.g. ``torch.float16`` on CUDA).
         chunk_rows: records per chunk, the unit of resumption.
@@ -666,11 +696,17 @@ def build_bank(view: FaceRecords, spec: ModelSpec, directory: str | os.PathLike,
         max_chunks: stop after this many chunks on this rank (tests: simulates a kill).
 
     Raises:
+        ValueError: ``num_workers`` < 0.
         BankError: an unfinished build of another model/dataset in ``directory``, a model whose output
-            dimension is not ``spec.embedding_size``, non-finite features, or a build left unfinished
-            (``max_chunks``).
+            dimension is not ``spec.embedding_size``, non-finite features (checked per chunk; names the
+            first record), or a build left unfinished (``max_chunks``).
     """
     from facecompat.eval.catalog import load_model
+    from facecompat.eval.extract import default_num_workers
+
+    if num_workers is not None and num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (0 decodes in this process), got {num_workers}")
+    workers = default_num_workers() if num_workers is None else num_workers
 
     directory = Path(directory)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -700,7 +736,7 @@ def build_bank(view: FaceRecords, spec: ModelSpec, directory: str | os.PathLike,
             device = dist.resolve_device(device)
             model = load_model(spec, device)
             _extract_chunks(model, sorted_view, directory, mine, int(chunk_rows), batch_size=batch_size,
-                            num_workers=num_workers, device=device, autocast_dtype=autocast_dtype,
+                            num_workers=workers, device=device, autocast_dtype=autocast_dtype,
                             progress=progress)
         except Exception as exc:  # agree on failure: a rank that raised alone would leave the others waiting
             if world == 1:

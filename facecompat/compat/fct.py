@@ -67,6 +67,7 @@ FORMAT = 1
 WEIGHTS, META, METRICS = "transform.pt", "fct.json", "metrics.jsonl"
 _ROW_SIDES = 3  # image, flip, fused
 _EPS = 1e-12
+APPLY_CHUNK_ROWS = 1 << 18  # FCTransform.apply's rows per read-back: 512 MiB of 512-d float32 predictions
 
 
 class FCTError(ValueError):
@@ -244,16 +245,24 @@ class FCTransform:
 
     @torch.no_grad()
     def apply(self, old: np.ndarray, side: np.ndarray | None = None, *, batch_size: int = 65536,
+              chunk_rows: int = APPLY_CHUNK_ROWS,
               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Upgrade features in chunks: float32 ``[N, D_new]`` predictions (h's output times
         ``output_norm``) and ``[N]`` σ² of the unit-scale prediction (or None).
 
+        A chunk's predictions stay on the device until its last batch and come back at once, with
+        its inputs' finite checks (made on the device): one wait for the device per chunk.
+
         Args:
             old: ``[N, D_old]`` old-model features (any norm; fused flips as evaluation stores them).
             side: ``[N, D_side]`` side-information features of the same items (with side-info).
+            batch_size: rows per forward.
+            chunk_rows: rows per read-back, rounded up to whole batches (bounds device memory: 512 MiB
+                of 512-d predictions by default). The results do not depend on it.
             progress: called with the number of rows done after each chunk.
         Raises:
-            FCTError: missing or extra side-information, wrong dimensions or row counts, non-finite input.
+            FCTError: missing or extra side-information, wrong dimensions or row counts, non-finite input
+                (names the rows of the first batch holding it).
         """
         m = self.module
         if old.ndim != 2 or old.shape[1] != m.old_dim:
@@ -267,23 +276,52 @@ class FCTransform:
                                f"[{old.shape[0]}, {m.side_dim}] (one per old feature)")
         elif side is not None:
             raise FCTError(f"{self.directory}: trained without side-information; side features were given")
-        device = next(m.parameters()).device
         out = np.empty((old.shape[0], m.new_dim), np.float32)
         var = np.empty(old.shape[0], np.float32) if m.log_var is not None else None
-        for start in range(0, old.shape[0], batch_size):
-            stop = min(start + batch_size, old.shape[0])
-            o = torch.from_numpy(np.array(old[start:stop], dtype=np.float32)).to(device)
-            s = None if side is None else \
-                torch.from_numpy(np.array(side[start:stop], dtype=np.float32)).to(device)
-            if not torch.isfinite(o).all() or (s is not None and not torch.isfinite(s).all()):
-                raise FCTError(f"input features of rows {start}..{stop - 1} hold NaN or inf")
-            pred, log_var = m(o, s)
-            out[start:stop] = pred.float().mul_(self.output_norm).cpu().numpy()
-            if var is not None:
-                var[start:stop] = torch.exp(log_var).float().cpu().numpy()
+        step = batch_size * max(1, -(-chunk_rows // batch_size))
+        for start in range(0, old.shape[0], step):
+            stop = min(start + step, old.shape[0])
+            self._apply_chunk(old, side, start, stop, batch_size, out, var)
             if progress is not None:
                 progress(stop)
         return out, var
+
+    def _apply_chunk(self, old: np.ndarray, side: np.ndarray | None, start: int, stop: int, batch_size: int,
+                     out: np.ndarray, var: np.ndarray | None) -> None:
+        """Rows ``[start, stop)`` batch by batch into device buffers, then into ``out`` and ``var``."""
+        m = self.module
+        device = next(m.parameters()).device
+        pred_buf = torch.empty((stop - start, m.new_dim), dtype=torch.float32, device=device)
+        var_buf = None if var is None else torch.empty(stop - start, dtype=torch.float32, device=device)
+        batch_starts = range(start, stop, batch_size)
+        finite = torch.empty(len(batch_starts), dtype=torch.bool, device=device)
+        for i, b0 in enumerate(batch_starts):
+            b1 = min(b0 + batch_size, stop)
+            o = _rows_to_device(old[b0:b1], device)
+            s = None if side is None else _rows_to_device(side[b0:b1], device)
+            ok = torch.isfinite(o).all()
+            finite[i] = ok if s is None else ok & torch.isfinite(s).all()  # on the device: no wait
+            pred, log_var = m(o, s)
+            pred_buf[b0 - start:b1 - start] = pred.float().mul_(self.output_norm)
+            if var_buf is not None:
+                var_buf[b0 - start:b1 - start] = torch.exp(log_var).float()
+        bad = np.flatnonzero(~finite.cpu().numpy())  # the one wait for the device per chunk
+        if bad.size:
+            b0 = batch_starts[int(bad[0])]
+            raise FCTError(f"input features of rows {b0}..{min(b0 + batch_size, stop) - 1} hold NaN or inf")
+        out[start:stop] = pred_buf.cpu().numpy()
+        if var is not None:
+            var[start:stop] = var_buf.cpu().numpy()
+
+
+def _rows_to_device(rows: np.ndarray, device: torch.device) -> Tensor:
+    """A float32 copy of ``rows`` on ``device``; for CUDA through pinned memory, ``non_blocking`` (a copy
+    from pageable memory would first wait for the GPU's queued work)."""
+    if device.type != "cuda":
+        return torch.from_numpy(np.array(rows, dtype=np.float32)).to(device)
+    host = torch.empty(rows.shape, dtype=torch.float32, pin_memory=True)
+    host.numpy()[...] = rows
+    return host.to(device, non_blocking=True)
 
 
 def save_transformation(directory: Path, module: Transformation, meta: dict) -> Path:

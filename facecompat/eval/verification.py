@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facecompat.data.pairs_bin import PairsBinError, load_pairs_bin
+from facecompat.eval.extract import embed_batches
 
 __all__ = [
     "VerificationCallback",
@@ -126,9 +127,11 @@ def extract_embeddings(model: nn.Module, images_uint8: torch.Tensor | np.ndarray
                        autocast_dtype: torch.dtype | None = None) -> np.ndarray:
     """Embed uint8 images the way insightface's verification test does.
 
-    Each batch goes to ``device`` as uint8 and is normalised there to ``(x - 127.5) / 127.5``.
-    With ``flip`` the feature is ``f(x) + f(flip(x))`` (summed unnormalised, flip along the
-    width); the result is L2-normalised. The model runs in eval mode; every submodule's
+    Each batch goes to ``device`` as uint8 (through pinned memory for CUDA) and is normalised there to
+    ``(x - 127.5) / 127.5``. With ``flip`` the feature is ``f(x) + f(flip(x))`` (each cast to float32,
+    summed unnormalised, flip along the width); each batch's features are L2-normalised. They stay on
+    the device until the last batch (:func:`~facecompat.eval.extract.embed_batches`): one wait for
+    the device per call, not one per batch. The model runs in eval mode; every submodule's
     train/eval flag is restored afterwards. The model is not moved: it must already be on
     ``device``. Pass the plain module, not a DDP wrapper (whose forward may call collectives).
 
@@ -149,32 +152,37 @@ def extract_embeddings(model: nn.Module, images_uint8: torch.Tensor | np.ndarray
         raise ValueError(f"images must be uint8 [M, 3, H, W], got {images.dtype} {list(images.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if images.shape[0] == 0:
+        raise ValueError("no images to embed")
     device = torch.device(device)
     modes = _module_modes(model)
-    model.eval()
-    chunks: list[np.ndarray] = []
     try:
-        for start in range(0, images.shape[0], batch_size):
-            batch = images[start:start + batch_size].to(device, non_blocking=True)
-            x = (batch.float() - 127.5) / 127.5
-            emb = _forward(model, x, device, autocast_dtype)
-            if flip:
-                emb = emb + _forward(model, torch.flip(x, dims=[3]), device, autocast_dtype)
-            chunks.append(F.normalize(emb, dim=1).cpu().numpy())
+        emb = embed_batches(_Float32Output(model), _host_batches(images, batch_size, device), device=device,
+                            flip=flip, autocast_dtype=autocast_dtype, num_rows=images.shape[0])
+        for start in range(0, emb.shape[0], batch_size):  # batch by batch, as the rows were made
+            emb[start:start + batch_size] = F.normalize(emb[start:start + batch_size], dim=1)
     finally:
         for module, training in modes:
             module.training = training
-    if not chunks:
-        raise ValueError("no images to embed")
-    return np.concatenate(chunks, axis=0)
+    return emb.cpu().numpy()  # the one wait for the device
 
 
-def _forward(model: nn.Module, x: torch.Tensor, device: torch.device,
-             autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    if autocast_dtype is None:
-        return model(x).float()
-    with torch.autocast(device_type=device.type, dtype=autocast_dtype):
-        return model(x).float()
+class _Float32Output(nn.Module):
+    """``model(x)`` cast to float32, so that under autocast the flip sum is taken in float32."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float()
+
+
+def _host_batches(images: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """``images`` in batches; pinned for CUDA (a copy from pageable memory waits for the GPU's queue)."""
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start:start + batch_size]
+        yield batch.pin_memory() if device.type == "cuda" else batch
 
 
 def _fold_bounds(num_pairs: int, nfolds: int) -> list[tuple[int, int]]:
