@@ -212,10 +212,11 @@ def _all_gather_into(out: torch.Tensor, t: torch.Tensor, group: tdist.ProcessGro
 def _reduce_scatter_sum(full: torch.Tensor, group: tdist.ProcessGroup | None) -> torch.Tensor:
     """This rank's dim-0 slice of the element-wise sum of ``full`` over ranks.
 
-    One reduce-scatter where the backend has it. Older gloo builds raise "not implemented" for
-    reduce-scatter; there we fall back to an all_reduce of the whole tensor plus a slice (twice the
-    traffic, same result). The failure is raised locally before any communication and identically on
-    every rank, so switching to the fallback cannot desynchronise the ranks.
+    One reduce-scatter where the backend has it. gloo builds raise for reduce-scatter where they lack
+    it (older releases; CUDA tensors, whose messages differ by release); there we fall back to an
+    all_reduce of the whole tensor plus a slice (twice the traffic, same result). The failure is raised
+    locally before any communication and identically on every rank, so switching to the fallback
+    cannot desynchronise the ranks.
     """
     world, rank = get_world_size(group), get_rank(group)
     n = full.shape[0] // world
@@ -227,8 +228,8 @@ def _reduce_scatter_sum(full: torch.Tensor, group: tdist.ProcessGroup | None) ->
         try:
             scatter(out, full, op=tdist.ReduceOp.SUM, group=group)
             return out
-        except (RuntimeError, NotImplementedError) as err:
-            if backend != "gloo" or "not" not in str(err).lower():
+        except (RuntimeError, NotImplementedError):
+            if backend != "gloo":  # NCCL has it: a failure there is a real error
                 raise
             _NO_REDUCE_SCATTER.add(backend)
     full = full.clone()

@@ -797,11 +797,9 @@ def step_fp16_nan_batch(ctx: CheckContext) -> dict:
               "bn_buffers_finite_after_nan_batch": buffers_finite,
               "next_clean_step": {"found_inf": bool(clean_inf), "params_moved": moved}}
     problems = _nan_step_problems(result, float(getattr(built.scaler, "backoff_factor", 0.5)))
-    note = "" if buffers_finite else ("; note: BatchNorm running stats became non-finite (the skipped "
-                                      "step's forward updated them)")
     result["summary"] = "; ".join(problems) if problems else (
-        f"skipped, weights unchanged, scale {scale_before:g} -> {scale_after:g}; next clean step "
-        f"{'skipped' if clean_inf else 'taken'}{note}")
+        f"skipped, weights and BN statistics unchanged, scale {scale_before:g} -> {scale_after:g}; "
+        f"next clean step {'skipped' if clean_inf else 'taken'}")
     if problems:
         raise CheckFailed("; ".join(problems), result)
     return result
@@ -822,6 +820,8 @@ def _nan_step_problems(result: dict, backoff: float) -> list[str]:
         problems.append("the NaN batch's step was not skipped (found_inf False)")
     if not result["params_unchanged"]:
         problems.append("parameters changed")
+    if not result["bn_buffers_finite_after_nan_batch"]:
+        problems.append("BatchNorm running statistics non-finite after the skipped step")
     if not math.isclose(result["scale_after"], result["scale_before"] * backoff):
         problems.append(f"loss scale {result['scale_before']:g} -> {result['scale_after']:g}, "
                         f"expected x{backoff:g}")

@@ -107,6 +107,33 @@ def test_step_benchmark_runs_and_reports():
     assert math.isfinite(result["loss"])
 
 
+def test_a_skipped_fp16_step_leaves_batchnorm_statistics_as_they_were():
+    """A NaN image makes the step's gradients non-finite, so the scaler skips it; its forward had
+    already folded NaN into the BN running statistics, which the step restores."""
+    from facecompat.config import OptimConfig
+    from facecompat.heads import PartialFC
+    from facecompat.train.step import TrainStep, build_optimizer
+
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                   torch.nn.Linear(4 * 6 * 6, 8), torch.nn.BatchNorm1d(8))
+    head = PartialFC(8, 10, scale=16.0)
+    opt = build_optimizer(backbone, head, OptimConfig(lr=0.1), torch.device("cpu"))
+    scaler = LossScaler(enabled=True, init_scale=8.0)
+    step = TrainStep(backbone, backbone, head, opt, scaler, amp_dtype=None, channels_last=False,
+                     grad_clip=5.0, world_size=1)
+    images, labels = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    assert step([(images, labels)])[1] is False
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    poisoned = images.clone()
+    poisoned[0, 0, 0, 0] = float("nan")
+    assert step([(poisoned, labels)])[1] is True and scaler.scale_value == 4.0
+    after = backbone.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # weights, running stats, counters
+    assert step([(images, labels)])[1] is False
+    assert all(torch.isfinite(v).all() for v in backbone.state_dict().values())
+
+
 def _tiny_step(world: int, seed: int = 0):
     """A BN-free backbone + head + SGD, identical on every rank, wrapped in DDP when distributed."""
     from torch.nn.parallel import DistributedDataParallel

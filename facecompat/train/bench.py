@@ -41,8 +41,9 @@ def bench_train_step(spec: StepBenchSpec, device: torch.device | str | None = No
     backbone = get_model(spec.network, spec.embedding_size).to(device)
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
+    # As the trainer builds it: labels checked per step on the CPU only (a host sync on a GPU).
     head = build_head(HeadConfig(sample_rate=spec.sample_rate), num_classes=spec.num_classes,
-                      embedding_size=spec.embedding_size).to(device)
+                      embedding_size=spec.embedding_size, check_labels=device.type == "cpu").to(device)
     model = backbone
     if world > 1:
         model = dist.data_parallel(backbone, device)

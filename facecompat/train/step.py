@@ -82,6 +82,11 @@ class TrainStep:
         self.backbone_params = optimizer.param_groups[0]["params"]
         self.compat_params = [p for p in compat.parameters() if p.requires_grad] if compat is not None else []
         self.all_params = self.backbone_params + self.compat_params + list(head.parameters())
+        # What a forward pass changes besides the graph (BatchNorm running statistics and counters):
+        # under fp16 a step skipped for inf/NaN gradients restores them, so that one bad batch does
+        # not leave NaN statistics in the model the next evaluation or model.pt export uses.
+        self.buffers = [*backbone.buffers(), *head.buffers(),
+                        *(compat.buffers() if compat is not None else ())]
         self.last_terms: list[dict[str, torch.Tensor]] = []
 
     def _autocast(self, device_type: str):
@@ -115,6 +120,7 @@ class TrainStep:
         Returns (the micro-batches' detached losses, whether the step was skipped for inf/NaN
         gradients). No host synchronisation except under fp16 (the skip decision)."""
         self.optimizer.zero_grad(set_to_none=True)
+        saved = [b.clone() for b in self.buffers] if self.scaler.enabled else []
         losses = []
         self.last_terms = []
         for i, (images, labels, *rest) in enumerate(micro_batches):
@@ -133,5 +139,9 @@ class TrainStep:
             if self.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.backbone_params, self.grad_clip, foreach=True)
             self.optimizer.step()
+        else:
+            with torch.no_grad():
+                for buffer, before in zip(self.buffers, saved):
+                    buffer.copy_(before)
         self.scaler.update(found_inf)
         return losses, found_inf
