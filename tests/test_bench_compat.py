@@ -52,6 +52,11 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         tool.main(["--steps", "0"])
     assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as exc:  # no GPU here (tests hide CUDA)
+        tool.main(["--device", "cuda"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "--device: cuda: CUDA is not available here" in err
 
 
 def test_default_methods_are_every_registered_one():

@@ -195,6 +195,10 @@ def test_bench_train_tool_rejects_an_unknown_network(capsys):
     assert tool.main(["--network", "r19", "--steps", "1", "--warmup", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "r19" in err[0]
+    with pytest.raises(SystemExit) as exc:
+        tool.main(["--device", "gpu0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "--device: not a device: 'gpu0'" in err[0]
 
 
 def test_head_memory_bench_measures_the_formula_peak():

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=5,
                         help="untimed steps before a method's first round (default 5)")
     parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    parser.add_argument("--device", help="cpu, cuda (this process's GPU: LOCAL_RANK modulo the visible "
+                        "GPUs) or cuda:N; default cuda when available")
     parser.add_argument("--threads", type=positive_int,
                         help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
     parser.add_argument("--workdir", help="where the temporary bank is written (default: the temp directory)")
@@ -68,8 +69,14 @@ def selected_methods(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from facecompat.cli import run_collective
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from facecompat.cli import resolve_device, run_collective
+
+    try:  # this process's device (LOCAL_RANK is set before the group is joined)
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     from facecompat.compat.bench import bench_compat_step
 
     if args.threads:
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         methods, network=args.network, embedding_size=args.embedding_size, batch_size=args.batch_size,
         num_classes=args.num_classes, num_records=args.num_records, sample_rate=args.sample_rate,
         precision=args.precision, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-        device=args.device, workdir=args.workdir), (ValueError,))
+        device=device, workdir=args.workdir), (ValueError,))
     if status:
         return status
     if rank == 0:

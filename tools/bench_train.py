@@ -27,20 +27,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", action="store_true", help="channels_last layout (CUDA only)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    parser.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    parser.add_argument("--device", help="cpu, cuda (this process's GPU: LOCAL_RANK modulo the visible "
+                        "GPUs) or cuda:N; default cuda when available")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from facecompat.cli import run_collective
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from facecompat.cli import resolve_device, run_collective
+
+    try:  # this process's device (LOCAL_RANK is set before the group is joined)
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     from facecompat.train.bench import StepBenchSpec, bench_train_step
 
     spec = StepBenchSpec(network=args.network, embedding_size=args.embedding_size, batch_size=args.batch_size,
                          num_classes=args.num_classes, sample_rate=args.sample_rate, precision=args.precision,
                          channels_last=args.channels_last, steps=args.steps, warmup=args.warmup)
-    status, rank, result = run_collective(lambda: bench_train_step(spec, args.device), (ValueError,))
+    status, rank, result = run_collective(lambda: bench_train_step(spec, device), (ValueError,))
     if status:
         return status
     if rank == 0:
