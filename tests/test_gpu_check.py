@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from facecompat import gpu_check
+from facecompat.gpu_check import steps_speed
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "gpu_check.py"
@@ -157,7 +158,7 @@ def test_an_absent_reference_is_a_skip_inside_the_step_not_a_failure(tmp_path):
         ctx = gpu_check.CheckContext(repo=REPO, out=tmp_path, device=device,
                                      dry_run=True, sizes=gpu_check.TINY, reference=ctx_reference,
                                      budget_s=60, log_file=log_file)
-        result = gpu_check._reference_throughput(ctx, None)
+        result = steps_speed._reference_throughput(ctx, None)
     assert result == {"skipped": f"reference copy absent (--reference {ctx_reference})"}
 
 
@@ -171,13 +172,13 @@ def test_throughput_ratios_and_the_target():
     ours = {"bf16@1.0": {"samples_per_s": 2600.0}, "bf16+channels_last@1.0": {"samples_per_s": 2900.0},
             "fp16@1.0": {"samples_per_s": 2400.0}, "bf16@0.1": {"samples_per_s": 3000.0}}
     reference = {"rho_1.0": {"samples_per_s": 2000.0}, "rho_0.1": {"samples_per_s": 2500.0}}
-    found = gpu_check._throughput_ratios(ours, reference)
+    found = steps_speed._throughput_ratios(ours, reference)
     assert found["ratios"] == {"rho_1.0": {"bf16": 1.3, "bf16+channels_last": 1.45, "fp16": 1.2},
                                "rho_0.1": {"bf16": 1.2}}
     assert found["best_bf16_ratio_rho_1.0"] == 1.45 and found["target_met"] is True
-    slow = gpu_check._throughput_ratios({"bf16@1.0": {"samples_per_s": 2500.0}}, reference)
+    slow = steps_speed._throughput_ratios({"bf16@1.0": {"samples_per_s": 2500.0}}, reference)
     assert slow["target_met"] is False
-    assert gpu_check._throughput_ratios(ours, {"skipped": "absent"})["target_met"] is None
+    assert steps_speed._throughput_ratios(ours, {"skipped": "absent"})["target_met"] is None
 
 
 def test_select_steps_keeps_the_order_and_names_an_unknown_step():
