@@ -27,7 +27,6 @@ import difflib
 import functools
 import os
 import re
-import tempfile
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,10 +35,13 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from facecompat.errors import UserError
+from facecompat.fileio import atomic_write
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, ``--set`` item or value is invalid; the message is one line naming key and source."""
 
 
@@ -646,16 +648,8 @@ def dump_config(cfg: Config, path: str | os.PathLike[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     body = yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False)
     text = "# Resolved config: defaults, _base_ files and --set overrides applied.\n" + body
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        f.write(text)
     return path
 
 

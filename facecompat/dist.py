@@ -14,6 +14,8 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
+from facecompat.errors import UserError
+
 
 def is_initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
@@ -48,7 +50,7 @@ def default_backend() -> str:
 # --- devices: the one place a device name becomes a torch.device ----------------------------------
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """A device that cannot be used here (malformed name, no CUDA, no such GPU); one line."""
 
 

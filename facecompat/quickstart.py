@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from facecompat.config import load_config
-from facecompat.data.recordio import atomic_write
+from facecompat.fileio import atomic_write
 
 Stage = Callable[["QuickstartContext"], dict]
 MODELS = ("old", "new", "bct", "l2", "mixbct")  # the models that embed images, in report order

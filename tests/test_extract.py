@@ -25,11 +25,11 @@ from facecompat.eval.extract import (
     embed_batches,
     extract_cached,
     extract_features,
-    file_sha1,
     load_cached,
     load_model_for_eval,
     read_face_list,
 )
+from facecompat.fileio import file_sha1
 from facecompat.models import WeightsError, get_model
 
 LIST = "meta/ijbc_name_5pts_score.txt"

@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from facecompat.compat.fct import FCTError
     from facecompat.config import ConfigError
-    from facecompat.data.recordio import atomic_write
     from facecompat.eval.extract import ExtractError
     from facecompat.eval.ijb import IJBMetaError
+    from facecompat.fileio import atomic_write
     from facecompat.index import backfill
     from facecompat.models import WeightsError
 

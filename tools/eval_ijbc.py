@@ -304,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     from facecompat import dist
     from facecompat.compat.fct import FCTError
     from facecompat.config import ConfigError
-    from facecompat.data.recordio import atomic_write
     from facecompat.eval.extract import ExtractError
     from facecompat.eval.ijb import IJBMetaError
+    from facecompat.fileio import atomic_write
     from facecompat.models import WeightsError
 
     rank = int(os.environ.get("RANK", "0"))

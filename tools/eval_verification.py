@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from facecompat.cli import resolve_device
-    from facecompat.data.recordio import atomic_write
+    from facecompat.fileio import atomic_write
 
     try:
         device = resolve_device(args.device)

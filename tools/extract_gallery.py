@@ -89,9 +89,10 @@ def extract(args: argparse.Namespace, log) -> dict | None:
     from facecompat import dist
     from facecompat.cli import resolve_device
     from facecompat.eval.catalog import TransformSpec, load_catalog, resolve_model
-    from facecompat.eval.extract import cache_paths, file_sha1, read_face_list
+    from facecompat.eval.extract import cache_paths, read_face_list
     from facecompat.eval.features import model_features
     from facecompat.eval.ijb import find_target_dir
+    from facecompat.fileio import file_sha1
     from facecompat.index.upgrade import store_model_features
 
     catalog_path = args.config or (DEFAULT_CATALOG if DEFAULT_CATALOG.is_file() else None)
@@ -168,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     from facecompat.cli import run_collective
     from facecompat.compat.fct import FCTError
     from facecompat.config import ConfigError
-    from facecompat.data.recordio import atomic_write
     from facecompat.eval.extract import ExtractError
     from facecompat.eval.ijb import IJBMetaError
+    from facecompat.fileio import atomic_write
     from facecompat.index.store import StoreError
     from facecompat.models import WeightsError
 

@@ -174,7 +174,7 @@ def report(out: dict, rows: int = 5) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from facecompat.config import ConfigError
-    from facecompat.data.recordio import atomic_write
+    from facecompat.fileio import atomic_write
     from facecompat.index.store import IncompatibleError, StoreError
 
     try:

@@ -164,7 +164,7 @@ def report(s: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from facecompat.compat.fct import FCTError
-    from facecompat.data.recordio import atomic_write
+    from facecompat.fileio import atomic_write
     from facecompat.index.store import IncompatibleError, StoreError
 
     try:

@@ -57,8 +57,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from facecompat import dist
-from facecompat.data.recordio import atomic_write
 from facecompat.data.splits import dataset_fingerprint
+from facecompat.errors import UserError
+from facecompat.fileio import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +79,7 @@ _CREDIBLE_RULE = 2  # in the mask's file name: masks of an earlier rule are neve
 _EPS = 1e-12
 
 
-class BankError(ValueError):
+class BankError(UserError, ValueError):
     """A bank directory that is missing, unfinished, damaged or does not match (one line, names it)."""
 
 

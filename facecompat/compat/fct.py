@@ -61,7 +61,8 @@ from torch import Tensor, nn
 
 from facecompat import dist
 from facecompat.config import ConfigError, DataConfig, OldModelConfig, _at_least, _check, load_yaml
-from facecompat.data.recordio import atomic_write
+from facecompat.errors import UserError
+from facecompat.fileio import atomic_write, file_sha1
 
 FORMAT = 1
 WEIGHTS, META, METRICS = "transform.pt", "fct.json", "metrics.jsonl"
@@ -70,7 +71,7 @@ _EPS = 1e-12
 APPLY_CHUNK_ROWS = 1 << 18  # FCTransform.apply's rows per read-back: 512 MiB of 512-d float32 predictions
 
 
-class FCTError(ValueError):
+class FCTError(UserError, ValueError):
     """A transformation that cannot be trained, loaded or applied as asked (one line)."""
 
 
@@ -205,7 +206,6 @@ class FCTransform:
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> FCTransform:
         """Open a transformation directory; FCTError names what is missing or damaged."""
-        from facecompat.eval.extract import file_sha1
 
         directory = Path(directory)
         meta_path = directory / META
@@ -326,7 +326,6 @@ def _rows_to_device(rows: np.ndarray, device: torch.device) -> Tensor:
 
 def save_transformation(directory: Path, module: Transformation, meta: dict) -> Path:
     """Write ``transform.pt`` then ``fct.json`` (with the weights' sha1), each atomically."""
-    from facecompat.eval.extract import file_sha1
 
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / WEIGHTS

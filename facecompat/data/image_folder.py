@@ -18,11 +18,12 @@ import numpy as np
 from tqdm import tqdm
 
 from facecompat.data.faces import FaceRecWriter
+from facecompat.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(UserError, ValueError):
     """A folder, image or landmark line that cannot be packed; names the file."""
 
 

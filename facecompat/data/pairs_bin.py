@@ -18,17 +18,19 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from facecompat.errors import UserError
+from facecompat.fileio import atomic_write
+
 IMAGE_SIZE = 112
 
 
-class PairsBinError(ValueError):
+class PairsBinError(UserError, ValueError):
     """A verification .bin that cannot be (safely) read, or an image in it that is unusable."""
 
 
@@ -118,15 +120,8 @@ def write_pairs_bin(path: str | os.PathLike, images: Sequence[bytes], issame: Se
     if len(images) != 2 * len(flags):
         raise ValueError(f"{path}: {len(images)} images for {len(flags)} pairs; expected {2 * len(flags)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump((images, flags), f, protocol=2)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a data file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        pickle.dump((images, flags), f, protocol=2)
 
 
 def decode_pairs(images: Sequence[bytes]) -> np.ndarray:

@@ -25,13 +25,15 @@ import functools
 import hashlib
 import os
 import struct
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from facecompat.errors import UserError
+from facecompat.fileio import atomic_write
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -42,7 +44,7 @@ _ONE_READ_MAX = 1 << 20  # records up to 1 MiB are read with a single pread
 MAX_RECORD_BYTES = 1 << 29  # dmlc's limit: the length field has 29 bits
 
 
-class RecordIOError(ValueError):
+class RecordIOError(UserError, ValueError):
     """A .rec/.idx that does not hold what it should. Message: ``file: key K, offset O: why``."""
 
     def __init__(self, path: str | os.PathLike, reason: str, key: int | None = None,
@@ -446,34 +448,6 @@ def build_index(rec_path: str | os.PathLike, idx_path: str | os.PathLike, key: s
     with atomic_write(idx_path, "w") as f:
         f.writelines(lines)
     return len(lines)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class atomic_write:
-    """Open ``path.tmp-XXXX`` for writing and rename it onto ``path`` only on success."""
-
-    def __init__(self, path: str | os.PathLike, mode: str = "wb"):
-        self.path = Path(path)
-        self.mode = mode
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        self.file = os.fdopen(fd, self.mode)
-        return self.file
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
 
 
 class RecordWriter:

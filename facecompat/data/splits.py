@@ -43,7 +43,8 @@ import numpy as np
 from tqdm import tqdm
 
 from facecompat.data.faces import FaceRecords, FaceRecWriter, label_mismatch
-from facecompat.data.recordio import RecordIOError, atomic_write
+from facecompat.data.recordio import RecordIOError
+from facecompat.fileio import atomic_write
 
 PARTS = ("old", "new")
 LIST_HEADER = "# facecompat-split "  # first line of a list file, followed by a JSON object

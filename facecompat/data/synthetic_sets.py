@@ -28,6 +28,7 @@ import numpy as np
 
 from facecompat.data.pairs_bin import write_pairs_bin
 from facecompat.data.synthetic import Conditions, Identity, render_face, render_parallel, rng_for
+from facecompat.errors import UserError
 from facecompat.eval.align import align_face
 
 FORMAT_VERSION = 1
@@ -36,7 +37,7 @@ TRAIN_CANVAS = 160
 OUTPUTS = ("train", "IJBC", "lfw.bin")
 
 
-class SyntheticError(ValueError):
+class SyntheticError(UserError, ValueError):
     """Bad synthetic-data request: an invalid size, or an output folder in an unexpected state."""
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal
 
 from facecompat.config import ConfigError, _check, _FieldError, load_yaml
 from facecompat.eval.ijb import find_target_dir
+from facecompat.fileio import file_sha1
 
 if TYPE_CHECKING:
     import torch
@@ -97,7 +98,6 @@ class ModelSpec:
 
     def fingerprint(self) -> dict:
         """The cache fingerprint keys of this model (weights hash, network, embedding size)."""
-        from facecompat.eval.extract import file_sha1
 
         return {"checkpoint_sha1": file_sha1(self.weights), "network": self.network,
                 "embedding_size": self.embedding_size}

@@ -21,7 +21,6 @@ cache is never used.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -38,8 +37,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from facecompat import dist
-from facecompat.data.recordio import atomic_write
+from facecompat.errors import UserError
 from facecompat.eval.align import align_face
+from facecompat.fileio import atomic_write, file_sha1
 from facecompat.models import get_model, load_backbone_weights
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ MAX_DEFAULT_WORKERS = 8  # per rank; see default_num_workers
 PREFETCH_BATCHES = 4  # per worker: loose crops differ a lot in size, so batch times vary
 
 
-class ExtractError(ValueError):
+class ExtractError(UserError, ValueError):
     """Face list, image or feature cache that cannot be used (the message names the file)."""
 
 
@@ -383,15 +383,6 @@ def _gather_in_order(local: torch.Tensor, num: int, per_rank: int) -> np.ndarray
 
 
 # --- cache ---------------------------------------------------------------------------------------
-
-
-def file_sha1(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-1 of a file's bytes (checkpoint and face-list fingerprints)."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_paths(cache_dir: str | os.PathLike, model_name: str, target: str) -> tuple[Path, Path]:

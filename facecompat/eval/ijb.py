@@ -35,13 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+from facecompat.errors import UserError
 from facecompat.eval import metrics
 
 GALLERY_NAMES = {"IJBC": ("G1", "G2"), "IJBB": ("S1", "S2")}
 _FIRST_FIELD = re.compile(r"^[ \t]*(\S+)", re.MULTILINE)
 
 
-class IJBMetaError(ValueError):
+class IJBMetaError(UserError, ValueError):
     """A missing or malformed IJB meta file; the message names the file and the line or value."""
 
 
@@ -626,7 +627,7 @@ def _meta_cache_path(cache_dir: Path, meta_dir: Path, target: str, allow_missing
 
 
 def _write_meta_cache(path: Path, meta: IJBMeta) -> None:
-    from facecompat.data.recordio import atomic_write
+    from facecompat.fileio import atomic_write
 
     arrays = {"image_names": meta.image_names, "landmarks": meta.landmarks, "det_scores": meta.det_scores,
               "template_ids": meta.template_ids, "media_ids": meta.media_ids,

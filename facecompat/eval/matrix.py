@@ -108,7 +108,7 @@ def evaluate_cells(meta: ijb.IJBMeta, pooled: dict[str, ijb.Pooled], cells: Sequ
     Returns:
         ``({"q|g": {"1:1": {...}, "1:N": {...}}}, {"q|g": (fpr, tpr)})``.
     """
-    from facecompat.data.recordio import atomic_write
+    from facecompat.fileio import atomic_write
 
     one_to_n = meta.has_1n if one_to_n is None else one_to_n
     results: dict[str, dict] = {}
@@ -329,7 +329,7 @@ def save_figure(fig, ax, path: str | os.PathLike, title: str) -> Path:
     """Title, grid, legend, tight layout; the PNG written atomically (parents created); figure closed."""
     import matplotlib.pyplot as plt
 
-    from facecompat.data.recordio import atomic_write
+    from facecompat.fileio import atomic_write
 
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)

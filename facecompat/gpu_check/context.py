@@ -19,13 +19,14 @@ import torch
 
 from facecompat import dist
 from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic
+from facecompat.errors import UserError
 
 # torchrun / our own world-size-1 group: never handed down to a subprocess
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
              "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
 
 
-class GpuCheckError(ValueError):
+class GpuCheckError(UserError, ValueError):
     """A bad request (flag value, missing CUDA); one line naming the flag."""
 
 

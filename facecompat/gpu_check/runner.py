@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from facecompat import dist
-from facecompat.data.recordio import atomic_write
+from facecompat.fileio import atomic_write
 from facecompat.gpu_check.context import FULL, TINY, CheckContext, GpuCheckError, StepSkipped, _one_line
 from facecompat.gpu_check.steps_env import step_collectives, step_ddp, step_versions
 from facecompat.gpu_check.steps_runs import step_gpu_tests, step_quickstart, step_train_resume, step_two_ranks

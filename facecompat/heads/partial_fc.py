@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facecompat import dist
+from facecompat.errors import UserError
 from facecompat.heads.margins import CombinedMargin
 
 _INIT_STD = 0.01
@@ -38,7 +39,7 @@ _INIT_BLOCK_ROWS = 4096
 _MASK64 = (1 << 64) - 1
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """A label that no rank owns (outside [0, num_classes)), or labels of the wrong dtype/shape."""
 
 

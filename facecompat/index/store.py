@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from facecompat.data.recordio import atomic_write
+from facecompat.errors import UserError
+from facecompat.fileio import atomic_path, atomic_write
 
 FORMAT = "facecompat-feature-store"
 FORMAT_VERSION = 1
@@ -49,11 +49,11 @@ CHUNK_ROWS = 65_536  # rows per copy/check step: ~128 MB of 512-d float32
 VersionLike = str | Mapping[str, Any]
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A feature store that is missing, unfinished, damaged or misused (one line naming file and problem)."""
 
 
-class IncompatibleError(ValueError):
+class IncompatibleError(UserError, ValueError):
     """A query compared with gallery rows of another embedding space that was not declared compatible."""
 
 
@@ -159,9 +159,7 @@ def _write_features(path: Path, source: np.ndarray, chunk_rows: int,
         with atomic_write(path, "wb") as f:
             np.save(f, np.zeros((0, dim), np.float32))
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num, dim))
         for s in range(0, num, chunk_rows):
             e = min(s + chunk_rows, num)
@@ -177,14 +175,6 @@ def _write_features(path: Path, source: np.ndarray, chunk_rows: int,
             out[s:e] = block
         out.flush()
         del out
-        mask = os.umask(0)  # mkstemp makes 0600: give the file the usual mode, as atomic_write does
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:

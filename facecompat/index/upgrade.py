@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from facecompat.data.recordio import atomic_write
+from facecompat.fileio import atomic_write
 from facecompat.index.store import (
     CHUNK_ROWS,
     STORE_JSON,

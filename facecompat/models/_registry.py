@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from facecompat.errors import UserError
+
 ModelFn = Callable[..., nn.Module]
 
 _MODELS: dict[str, ModelFn] = {}
@@ -29,7 +31,7 @@ _WIDTH_NAME = re.compile(r"^(?P<base>[A-Za-z0-9_]+)-w(?P<width>\d+(?:\.\d*)?|\.\
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Backbone weights that cannot be read or do not fit the model (message names the file)."""
 
 

@@ -25,7 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from facecompat.data.recordio import atomic_write
+from facecompat.errors import UserError
+from facecompat.fileio import atomic_write
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
@@ -35,7 +36,7 @@ CHECK_BATCH_SIZES = (1, 3)
 Exporter = Literal["auto", "torchscript", "dynamo"]
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(UserError, RuntimeError):
     """The exported graph could not be produced or disagrees with PyTorch beyond tolerance."""
 
 

@@ -30,22 +30,21 @@ import numpy as np
 import torch
 
 from facecompat import dist, rng
-from facecompat.data.recordio import atomic_write
+from facecompat.errors import UserError
+from facecompat.fileio import atomic_write
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used, with the path and the reason."""
 
 
 def save_file(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through a temp file, fsynced and renamed: the file is whole or absent."""
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", fsync=True) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def export_backbone(backbone: torch.nn.Module, path: str | os.PathLike) -> None:

@@ -27,6 +27,7 @@ from facecompat import dist
 from facecompat.compat.build import build_compat
 from facecompat.config import Config, ConfigError, dump_config
 from facecompat.data.loader import Batch, build_train_loader
+from facecompat.errors import UserError
 from facecompat.heads import build_head
 from facecompat.models import get_model, load_backbone_weights
 from facecompat.train import checkpoint as ckpt
@@ -41,7 +42,7 @@ from facecompat.train.step import TrainStep, build_optimizer
 MAX_CONSECUTIVE_SKIPS = 50
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (diverged, bad resume point); the message says where and what to do."""
 
 
