@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from facecompat.eval.align import ARCFACE_TEMPLATE, align_face, estimate_similarity
+from facecompat.data.align import ARCFACE_TEMPLATE, align_face, estimate_similarity
 
 
 def _similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:

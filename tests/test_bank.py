@@ -18,7 +18,7 @@ from _model_util import load_tool, make_run_dir, single_thread
 
 from facecompat.compat.bank import BankError, FeatureBank, build_bank, default_bank_dir, ensure_bank
 from facecompat.data.faces import FaceRecords, to_tensor
-from facecompat.eval.catalog import ModelSpec, load_model, resolve_model_spec
+from facecompat.models.spec import ModelSpec, load_model, resolve_model_spec
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [2, 5, 7, 11, 13, 20, 28]  # the view the builds use (relabelled to 0..6)

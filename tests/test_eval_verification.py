@@ -55,24 +55,26 @@ def _one_error_line(stderr: str, *names: str) -> str:
     return lines[0]
 
 
-def test_resolve_model_spec(tool, runs, tmp_path):
+def test_resolve_model_spec(runs, tmp_path):
+    from facecompat.models.spec import resolve_model_spec
+
     old, _ = runs
-    assert tool.resolve_model_spec(old) == (NETWORK, EMBEDDING_SIZE, old / "model.pt")
-    assert tool.resolve_model_spec(str(old), "r18-w0.25", 64) == ("r18-w0.25", 64, old / "model.pt")
+    assert resolve_model_spec(old) == (NETWORK, EMBEDDING_SIZE, old / "model.pt")
+    assert resolve_model_spec(str(old), "r18-w0.25", 64) == ("r18-w0.25", 64, old / "model.pt")
     weights = old / "model.pt"
     # a weights file: the embedding size its embedding layer has, never a default that disagrees
-    assert tool.resolve_model_spec(weights, "r50") == ("r50", EMBEDDING_SIZE, weights)
-    assert tool.resolve_model_spec(weights, "r50", EMBEDDING_SIZE) == ("r50", EMBEDDING_SIZE, weights)
+    assert resolve_model_spec(weights, "r50") == ("r50", EMBEDDING_SIZE, weights)
+    assert resolve_model_spec(weights, "r50", EMBEDDING_SIZE) == ("r50", EMBEDDING_SIZE, weights)
     with pytest.raises(ValueError, match=rf"model\.pt: .*{EMBEDDING_SIZE}-d, not the 128-d"):
-        tool.resolve_model_spec(weights, "r50", 128)
+        resolve_model_spec(weights, "r50", 128)
     with pytest.raises(ValueError, match=r"model\.pt: .*--network"):
-        tool.resolve_model_spec(weights)
+        resolve_model_spec(weights)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        tool.resolve_model_spec(tmp_path / "missing.pt", "r50")
+        resolve_model_spec(tmp_path / "missing.pt", "r50")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "model.pt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"half: .*config\.yaml"):
-        tool.resolve_model_spec(tmp_path / "half")
+        resolve_model_spec(tmp_path / "half")
 
 
 def test_self_table_and_json(tool, runs, lfw, tmp_path, capsys):

@@ -14,7 +14,7 @@ import torch
 from _dist_util import run_distributed
 from torch import nn
 
-from facecompat.eval.align import ARCFACE_TEMPLATE, align_face, estimate_similarity
+from facecompat.data.align import ARCFACE_TEMPLATE, align_face, estimate_similarity
 from facecompat.eval.extract import (
     ALIGNMENT,
     AlignedFaces,

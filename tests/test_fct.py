@@ -30,7 +30,7 @@ from facecompat.compat.fct import (
 )
 from facecompat.config import ConfigError
 from facecompat.data.loader import build_dataset
-from facecompat.eval.catalog import ModelSpec, resolve_model_spec
+from facecompat.models.spec import ModelSpec, resolve_model_spec
 
 REPO = Path(__file__).resolve().parents[1]
 OLD_DIM, SIDE_DIM, NEW_DIM = 16, 8, 16

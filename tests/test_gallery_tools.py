@@ -14,7 +14,6 @@ import yaml
 from _model_util import load_tool, make_run_dir, single_thread
 
 from facecompat.compat.fct import FCTransform, Transformation, save_transformation
-from facecompat.eval.catalog import ModelSpec, resolve_model_spec
 from facecompat.index import upgrade
 from facecompat.index.store import FeatureStore, IncompatibleError, StoreError, model_version
 from facecompat.index.upgrade import (
@@ -23,6 +22,7 @@ from facecompat.index.upgrade import (
     store_model_features,
     transform_store,
 )
+from facecompat.models.spec import ModelSpec, resolve_model_spec
 
 pytest.importorskip("faiss")
 

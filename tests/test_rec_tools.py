@@ -74,7 +74,7 @@ def test_im2rec_packs_aligned_folder(tmp_path):
 
 
 def test_im2rec_align_with_landmarks(tmp_path):
-    from facecompat.eval.align import ARCFACE_TEMPLATE
+    from facecompat.data.align import ARCFACE_TEMPLATE
 
     _write_folder(tmp_path / "faces", {"a": 1, "b": 1}, shape=(200, 160))
     lines = [f"{n}/000.jpg " + " ".join(f"{v:.2f}" for v in (ARCFACE_TEMPLATE * 1.3 + 10).ravel()) + " 0.9"
@@ -103,7 +103,7 @@ def test_im2rec_bad_landmark_file(tmp_path):
     marks.write_text("a/000.jpg 1 2 3\n")
     out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align", str(marks))
     assert out.returncode == 2 and f"{marks}: line 1: expected 'image x1 y1 ... x5 y5 [score]'" in out.stderr
-    from facecompat.eval.align import ARCFACE_TEMPLATE
+    from facecompat.data.align import ARCFACE_TEMPLATE
 
     good = " ".join(f"{v:.2f}" for v in (ARCFACE_TEMPLATE + 10).ravel())
     marks.write_text(f"a/000.jpg {good}\n")  # nothing for b/000.jpg

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+from facecompat.data.align import ARCFACE_TEMPLATE, align_face
 from facecompat.data.pairs_bin import decode_pairs, load_pairs_bin
 from facecompat.data.recordio import RecordReader
 from facecompat.data.synthetic import Conditions, Identity, render_face, rng_for
@@ -25,7 +26,6 @@ from facecompat.data.synthetic_sets import (
     generate_synthetic,
     write_lfw_bin,
 )
-from facecompat.eval.align import ARCFACE_TEMPLATE, align_face
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = SyntheticSpec(num_ids=5, imgs_per_id=(2, 4), ijbc_subjects=10, lfw_pairs=6, impostors_per_genuine=5,

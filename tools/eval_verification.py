@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from facecompat.cli import OneLineParser, positive_int
-from facecompat.eval.catalog import resolve_model_spec  # light: no torch at import time
 
 if TYPE_CHECKING:  # nothing heavy at import time: --help stays fast
     import torch
@@ -68,11 +67,10 @@ def load_model(path: str | Path, network: str | None = None, embedding_size: int
     Raises:
         ValueError: an unknown network; WeightsError when the weights do not fit it (names the file).
     """
-    from facecompat.eval import catalog
+    from facecompat.models.spec import ModelSpec, load_model, resolve_model_spec
 
     network, embedding_size, weights = resolve_model_spec(path, network, embedding_size)
-    spec = catalog.ModelSpec(str(path), network, embedding_size, weights, str(path))
-    return catalog.load_model(spec, device)
+    return load_model(ModelSpec(str(path), network, embedding_size, weights, str(path)), device)
 
 
 def evaluate_bins(models: dict, bins: list[Path], batch_size: int = 256, device: str | torch.device = "cpu",

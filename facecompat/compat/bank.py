@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     import torch
 
     from facecompat.data.faces import FaceRecords
-    from facecompat.eval.catalog import ModelSpec
+    from facecompat.models.spec import ModelSpec
 
 FORMAT = 1
 FEATURES, RECORD_IDS, LABELS, PROGRESS = "features.npy", "record_ids.npy", "labels.npy", "progress.npy"
@@ -685,7 +685,7 @@ def build_bank(view: FaceRecords, spec: ModelSpec, directory: str | os.PathLike,
 
     Args:
         view: the training view (any record order; flips are ignored: both sides are stored).
-        spec: the old model (loaded with :func:`~facecompat.eval.catalog.load_model`).
+        spec: the old model (loaded with :func:`~facecompat.models.spec.load_model`).
         batch_size: images per forward (x2 with the flips).
         num_workers: DataLoader processes decoding images; ``None``:
             :func:`~facecompat.eval.extract.default_num_workers` (the machine's cores, at most 8 per
@@ -702,8 +702,8 @@ def build_bank(view: FaceRecords, spec: ModelSpec, directory: str | os.PathLike,
             dimension is not ``spec.embedding_size``, non-finite features (checked per chunk; names the
             first record), or a build left unfinished (``max_chunks``).
     """
-    from facecompat.eval.catalog import load_model
     from facecompat.eval.extract import default_num_workers
+    from facecompat.models.spec import load_model
 
     if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 (0 decodes in this process), got {num_workers}")

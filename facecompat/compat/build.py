@@ -14,7 +14,7 @@ import torch
 
 from facecompat.compat.base import CompatContext, CompatMethod, get_method, resolve_params
 from facecompat.config import Config, ConfigError, load_config
-from facecompat.eval.catalog import ModelSpec, resolve_model_spec
+from facecompat.models.spec import ModelSpec, resolve_model_spec
 
 _BANK_NEEDS = frozenset({"bank", "class_stats", "credible"})
 

@@ -436,7 +436,7 @@ def train_transformation(cfg: FCTConfig, *, device: torch.device | str | None = 
 
     from facecompat.compat.bank import default_bank_dir, ensure_bank
     from facecompat.data.loader import build_dataset
-    from facecompat.eval.catalog import ModelSpec, resolve_model_spec
+    from facecompat.models.spec import ModelSpec, resolve_model_spec
 
     log = log or logging.getLogger("facecompat.fct")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -68,7 +68,7 @@ def _encode(path: Path, rel: str, landmarks: dict[str, np.ndarray] | None, size:
     if landmarks is not None:
         if rel not in landmarks:
             raise ImageFolderError(f"{path}: no landmarks for '{rel}' in the landmark file")
-        from facecompat.eval.align import align_face
+        from facecompat.data.align import align_face
 
         try:
             img = align_face(img, landmarks[rel], size=size)

@@ -26,10 +26,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from facecompat.data.align import align_face
 from facecompat.data.pairs_bin import write_pairs_bin
 from facecompat.data.synthetic import Conditions, Identity, render_face, render_parallel, rng_for
 from facecompat.errors import UserError
-from facecompat.eval.align import align_face
 
 FORMAT_VERSION = 1
 DOMAINS = {"train": 0, "ijbc": 1, "lfw": 2}  # first key of every identity's random stream

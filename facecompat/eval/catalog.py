@@ -24,22 +24,16 @@ models it names in its ``fct.json`` (their features cached like any model's).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from facecompat.config import ConfigError, _check, _FieldError, load_yaml
 from facecompat.eval.ijb import find_target_dir
-from facecompat.fileio import file_sha1
+from facecompat.models.spec import ModelSpec, path_name, resolve_model_spec
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-RUN_DIR_FILES = ("model.pt", "config.yaml")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
 
@@ -83,27 +77,6 @@ class EvalCatalog:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """A resolved model: what to build and which weights to load.
-
-    ``name`` is the catalog name, or for a path a cache-safe name made of the path's stem and a
-    hash of its absolute path (two different runs never share a cache folder).
-    """
-
-    name: str
-    network: str
-    embedding_size: int
-    weights: Path
-    source: str  # what the user named: the catalog entry or the path
-
-    def fingerprint(self) -> dict:
-        """The cache fingerprint keys of this model (weights hash, network, embedding size)."""
-
-        return {"checkpoint_sha1": file_sha1(self.weights), "network": self.network,
-                "embedding_size": self.embedding_size}
-
-
-@dataclass(frozen=True)
 class TransformSpec:
     """A resolved FCT transformation: the features of ``old`` (and ``side``) mapped by ``directory``'s h."""
 
@@ -129,54 +102,6 @@ def target_dir(data_root: str | os.PathLike, target: str) -> Path:
 def load_catalog(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> EvalCatalog:
     """Read an evaluation catalog (``None``: defaults, no named models); ConfigError names file and key."""
     return load_yaml(EvalCatalog, path, overrides)
-
-
-def resolve_model_spec(path: str | Path, network: str | None = None,
-                       embedding_size: int | None = None) -> tuple[str, int, Path]:
-    """What to build and load for a model given as a path.
-
-    Args:
-        path: a run directory (``model.pt`` + ``config.yaml``) or a weights file.
-        network: backbone name; required for a weights file; for a run directory it replaces
-            the config's ``model.network``.
-        embedding_size: embedding size; for a weights file read from its embedding layer when
-            ``None`` (512 if it has none we know); for a run directory it replaces the config's
-            ``model.embedding_size``.
-
-    Returns:
-        ``(network, embedding_size, weights_path)``.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist, or a run directory lacks a file (names it).
-        ValueError: a weights file without ``network``, or an ``embedding_size`` its embedding
-            layer disagrees with (WeightsError, also for an unreadable file); a bad ``config.yaml``
-            (ConfigError).
-    """
-    path = Path(path)
-    if path.is_dir():
-        missing = [name for name in RUN_DIR_FILES if not (path / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path}: not a run directory, it lacks {' and '.join(missing)}")
-        from facecompat.config import load_config
-
-        cfg = load_config(path / "config.yaml")
-        return (network or cfg.model.network, embedding_size or cfg.model.embedding_size, path / "model.pt")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: model not found (expected a run directory or a .pt file)")
-    if not network:
-        raise ValueError(f"{path}: a weights file needs its backbone name (--network, e.g. r50)")
-    from facecompat.models import WeightsError, embedding_size_of  # torch: only for a weights file
-
-    found = embedding_size_of(path)
-    if embedding_size and found and embedding_size != found:
-        raise WeightsError(f"{path}: its embedding layer is {found}-d, not the {embedding_size}-d asked for")
-    return network, embedding_size or found or 512, path
-
-
-def _path_name(path: Path) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_.+-]", "_", path.stem if path.is_file() else path.name) or "model"
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
-    return f"{stem}-{digest}"
 
 
 def resolve_model(name_or_path: str, catalog: EvalCatalog, catalog_source: str = "the catalog",
@@ -207,10 +132,10 @@ def resolve_model(name_or_path: str, catalog: EvalCatalog, catalog_source: str =
         raise ValueError(f"model {name_or_path!r}: not a name in {catalog_source} (known: {known}) "
                          "and not an existing run directory or weights file")
     if (path / "fct.json").is_file():
-        return resolve_transform(_path_name(path), path, catalog)
+        return resolve_transform(path_name(path), path, catalog)
     # --network names the backbone of a weights file; a run directory's own config says its own.
     net, dim, weights = resolve_model_spec(path, network if path.is_file() else None, embedding_size)
-    return ModelSpec(_path_name(path), net, dim, weights, str(path))
+    return ModelSpec(path_name(path), net, dim, weights, str(path))
 
 
 def resolve_transform(name: str, directory: Path, catalog: EvalCatalog) -> TransformSpec:
@@ -248,27 +173,11 @@ def resolve_transform(name: str, directory: Path, catalog: EvalCatalog) -> Trans
         if not weights.is_file():
             raise FileNotFoundError(f"{meta_path}: its {role} model's weights {weights} are gone")
         known = by_weights.get(weights.resolve())
-        return ModelSpec(known or f"{_path_name(Path(record['source']))}", record["network"],
+        return ModelSpec(known or f"{path_name(Path(record['source']))}", record["network"],
                          int(record["embedding_size"]), weights, record["source"])
 
     return TransformSpec(name, directory, spec("old"), spec("side"), new_dim, f"{name} ({directory})")
 
 
-def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Module:
-    """Build ``spec``'s backbone, load its weights strictly, move it to ``device``, eval mode.
-
-    Raises:
-        ValueError: an unknown network (names the model); WeightsError when the weights do not fit.
-    """
-    from facecompat.models import get_model, load_backbone_weights
-
-    try:
-        model = get_model(spec.network, spec.embedding_size)
-    except ValueError as exc:  # unknown backbone name: say which model it was given for
-        raise ValueError(f"{spec.source}: {exc}") from None
-    load_backbone_weights(model, spec.weights)
-    return model.to(device).eval()
-
-
-__all__ = ["ConfigError", "EvalCatalog", "EvalModelConfig", "ModelSpec", "TransformSpec", "load_catalog",
-           "load_model", "resolve_model", "resolve_model_spec", "resolve_transform", "target_dir"]
+__all__ = ["ConfigError", "EvalCatalog", "EvalModelConfig", "TransformSpec", "load_catalog", "resolve_model",
+           "resolve_transform", "target_dir"]

@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from facecompat import dist
+from facecompat.data.align import align_face
 from facecompat.errors import UserError
-from facecompat.eval.align import align_face
 from facecompat.fileio import atomic_write, file_sha1
 from facecompat.models import get_model, load_backbone_weights
 
@@ -178,7 +178,7 @@ class AlignedFaces(Dataset):
     """Aligned 112x112 RGB crops of a face list.
 
     ``dataset[i]`` is ``(image, i)``: image [3, 112, 112] uint8 (RGB, CHW), aligned by
-    :func:`facecompat.eval.align.align_face` from ``loose_crop/<name>`` and the face's landmarks.
+    :func:`facecompat.data.align.align_face` from ``loose_crop/<name>`` and the face's landmarks.
     """
 
     def __init__(self, root: str | os.PathLike, faces: FaceList, size: int = 112):

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facecompat.eval.catalog import EvalCatalog, ModelSpec, TransformSpec, load_model, resolve_model
+from facecompat.eval.catalog import EvalCatalog, TransformSpec, resolve_model
 from facecompat.eval.extract import FaceList, extract_cached
+from facecompat.models.spec import ModelSpec, load_model
 
 
 def resolve_models(names: Sequence[str], catalog: EvalCatalog, catalog_source: str = "the catalog",
