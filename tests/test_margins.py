@@ -125,3 +125,17 @@ def test_registry_and_errors() -> None:
     with pytest.raises(ValueError, match="m1 must be > 0"):
         CombinedMargin(0.0, 0.5, 0.0, scale=64.0)
     assert "m2=0.5" in repr(CombinedMargin(1.0, 0.5, 0.0, scale=64.0))
+
+
+def test_scale_grad_and_its_reversal_are_identities_forward():
+    from facecompat.heads.grad import grad_reverse, scale_grad
+
+    x = torch.randn(4, 3, requires_grad=True)
+    assert scale_grad(x, 1) is x
+    cases = ((scale_grad, 3.0, 3.0), (grad_reverse, 0.5, -0.5), (grad_reverse, 0.0, -0.0))
+    for fn, factor, expected in cases:
+        y = fn(x, factor)
+        assert torch.equal(y, x)
+        x.grad = None
+        y.backward(torch.ones_like(y))
+        assert torch.equal(x.grad, torch.full_like(x, expected))

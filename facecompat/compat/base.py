@@ -202,21 +202,4 @@ def _import_builtin() -> None:
     from facecompat.compat import advbct, bct, l2, lce, mixbct  # noqa: F401
 
 
-class GradReverse(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by ``-factor`` (adversarial feature learning)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, factor: float) -> Tensor:  # type: ignore[override]
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return grad * -ctx.factor, None
-
-
-def grad_reverse(x: Tensor, factor: float = 1.0) -> Tensor:
-    return GradReverse.apply(x, factor)
-
-
 Builder = Callable[[CompatContext], CompatMethod]

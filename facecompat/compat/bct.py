@@ -35,9 +35,9 @@ from facecompat import rng
 from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error, register_method
 from facecompat.compat.lce import take_class_rows
 from facecompat.config import ConfigError
+from facecompat.heads.grad import scale_grad
 from facecompat.heads.partial_fc import PartialFC
 from facecompat.train import checkpoint as ckpt
-from facecompat.train.step import scale_grad
 
 # insightface's MS1M recipe: what a zoo backbone's old head used when no run config says otherwise.
 ZOO_MARGINS, ZOO_SCALE = (1.0, 0.5, 0.0), 64.0

@@ -18,8 +18,9 @@ from torch import nn
 
 from facecompat import dist
 from facecompat.config import ContrastiveConfig
+from facecompat.heads.grad import scale_grad
 from facecompat.train.precision import LossScaler
-from facecompat.train.step import TrainStep, scale_grad
+from facecompat.train.step import TrainStep
 
 
 class ProjectionHead(nn.Module):

@@ -4,29 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from facecompat import dist
 from facecompat.config import OptimConfig
+from facecompat.heads.grad import scale_grad
 from facecompat.train.precision import LossScaler
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.factor, None
-
-
-def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity forward; multiplies the gradient by ``factor``."""
-    return x if factor == 1 else _ScaleGrad.apply(x, factor)
 
 
 def build_optimizer(backbone: torch.nn.Module, head: torch.nn.Module, cfg: OptimConfig,
