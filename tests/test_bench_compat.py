@@ -1,4 +1,4 @@
-"""The compatibility step benchmark (facecompat.compat.bench, tools/bench_compat.py): every method
+"""The compatibility step benchmark (facecompat.train.bench_compat, tools/bench_compat.py): every method
 runs against ``none`` on a tiny network; its report's shape; one-line errors. No timing is asserted."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 from _model_util import load_tool
 
-from facecompat.compat.base import list_methods
-from facecompat.compat.bench import bench_compat_step
+from facecompat.compat.registry import list_methods
+from facecompat.train.bench_compat import bench_compat_step
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_compat.py"
 TINY = {"network": "r18-w0.125", "embedding_size": 32, "batch_size": 8, "num_classes": 50}
@@ -60,7 +60,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
 
 
 def test_default_methods_are_every_registered_one():
-    from facecompat.compat.base import list_methods
+    from facecompat.compat.registry import list_methods
 
     tool = load_tool(TOOL, "bench_compat_tool")
     assert tool.build_parser().parse_args([]).methods == "all"

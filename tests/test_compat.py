@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from facecompat import checkpoint as ckpt
 from facecompat import dist
-from facecompat.compat import base
+from facecompat.compat import base, registry
 from facecompat.compat.bank import FeatureBank
 from facecompat.compat.bct import BCT, old_labels_of, view_classes
 from facecompat.compat.l2 import L2, l2_distance_loss
@@ -25,7 +26,6 @@ from facecompat.compat.mixbct import MixBCT, choose_mixed
 from facecompat.config import ConfigError, load_config
 from facecompat.data.loader import build_dataset
 from facecompat.heads import PartialFC
-from facecompat.train import checkpoint as ckpt
 from facecompat.train.trainer import train
 from tests._dist_util import run_distributed
 from tests.test_trainer import write_config
@@ -72,9 +72,9 @@ def context(view, head, bank=None, **kw) -> base.CompatContext:
 
 
 def test_registry_lists_every_method_and_rejects_unknown_names():
-    assert base.list_methods() == ["advbct", "bct", "l2", "lce", "mixbct"]
+    assert registry.list_methods() == ["advbct", "bct", "l2", "lce", "mixbct"]
     with pytest.raises(ConfigError, match=r"compat.method: unknown method 'mixbtc' \(valid: none, advbct"):
-        base.get_method("mixbtc")
+        registry.get_method("mixbtc")
 
 
 def test_params_unknown_key_and_wrong_type_name_the_key():
@@ -315,7 +315,7 @@ def method_runs(tmp_path_factory, synthetic_tiny, old_run) -> dict:
     runs, progress = {}, []
     with pytest.MonkeyPatch.context() as mp:  # what the trainer tells methods that keep the default
         mp.setattr(base.CompatMethod, "set_progress", lambda self, p: progress.append(p))
-        for method in base.list_methods():
+        for method in registry.list_methods():
             # Partial FC sampling (ρ < 1) for the methods that read the head's classes or shard
             rho = 0.5 if method in ("bct", "lce", "mixbct") else 1.0
             cfg = new_config(tmp, synthetic_tiny, old_run, method, protocol="opclass",
@@ -344,7 +344,7 @@ def test_trainer_runs_each_method_and_logs_its_terms(method_runs, method):
         parts = sum(v for k, v in r.items() if k.startswith("loss_"))
         assert parts == pytest.approx(r["loss"], rel=1e-4)
     log = (run_dir / "train.log").read_text()
-    assert f"compat {base.get_method(method).__name__}(" in log  # the run says what it trains
+    assert f"compat {registry.get_method(method).__name__}(" in log  # the run says what it trains
 
 
 # Methods with state of their own (a sampling stream; a discriminator and its optimiser rows) in

@@ -17,13 +17,13 @@ import torch
 from _dist_util import run_distributed
 from test_trainer import write_config
 
+from facecompat import checkpoint as ckpt
 from facecompat import dist
 from facecompat.config import AugmentConfig, ConfigError, load_config
 from facecompat.data.augment import ViewMaker, ViewParams, apply_view
 from facecompat.data.faces import FaceRecords
 from facecompat.data.loader import TorchLoader, build_loader
 from facecompat.models import get_model
-from facecompat.train import checkpoint as ckpt
 from facecompat.train.contrastive import ContrastiveStep, ProjectedBackbone, ProjectionHead, nt_xent_loss
 from facecompat.train.precision import LossScaler
 from facecompat.train.trainer import Trainer, TrainingError, train

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from facecompat.compat import base
+from facecompat.compat import registry
 from facecompat.compat.bank import FeatureBank
 from facecompat.compat.build import build_compat
 from facecompat.config import load_config
@@ -88,7 +88,7 @@ def test_opdata_puts_one_image_identities_in_both_parts() -> None:
 
 
 @pytest.mark.parametrize("protocol", list_protocols())
-@pytest.mark.parametrize("method", base.list_methods())
+@pytest.mark.parametrize("method", registry.list_methods())
 def test_every_method_starts_under_every_protocol(tmp_path: Path, data: dict, old_run: Path, method: str,
                                                    protocol: str) -> None:
     cfg = _config(tmp_path, data, method, **{

@@ -18,10 +18,10 @@ import torch
 from _dist_util import run_distributed
 from torch.nn.parallel import DistributedDataParallel
 
+from facecompat import checkpoint as ckpt
 from facecompat import dist
 from facecompat.config import load_config
 from facecompat.models import get_model
-from facecompat.train import checkpoint as ckpt
 from facecompat.train.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -62,7 +62,7 @@ def selected_methods(text: str) -> list[str]:
     """``--methods``: the names given, or for ``all`` every registered method (plug-ins included)."""
     methods = [name.strip() for name in text.split(",") if name.strip()]
     if methods == ["all"]:
-        from facecompat.compat.base import list_methods
+        from facecompat.compat.registry import list_methods
 
         return ["none", *list_methods()]
     return methods
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
-    from facecompat.compat.bench import bench_compat_step
+    from facecompat.train.bench_compat import bench_compat_step
 
     if args.threads:
         import torch

@@ -63,8 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error, register_method
+from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error
 from facecompat.compat.lce import take_class_rows, view_class_rows
+from facecompat.compat.registry import register_method
 from facecompat.heads.grad import grad_reverse
 
 _STREAM = 0xAD7B_C7E1

@@ -22,7 +22,7 @@ the head (:func:`facecompat.train.step.scale_grad`). Terms are weighted (λ) by 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -166,40 +166,3 @@ def param_error(key: str, value: Any, reason: str) -> ConfigError:
     """The one-line error for a parameter value outside its range."""
     return ConfigError(f"compat.params.{key}: {reason}, got {value!r}")
 
-
-_METHODS: dict[str, type[CompatMethod]] = {}
-
-
-def register_method(cls: type[CompatMethod]) -> type[CompatMethod]:
-    """Class decorator: make ``cls`` available as ``compat.method: <cls.name>``."""
-    if not cls.name or cls.name in _METHODS or cls.name == "none":
-        raise ValueError(f"compatibility method name {cls.name!r} is empty, reserved or taken")
-    unknown = cls.needs - NEEDS
-    if unknown:
-        raise ValueError(f"method {cls.name!r} needs unknown artefacts {sorted(unknown)} "
-                         f"(valid: {sorted(NEEDS)})")
-    _METHODS[cls.name] = cls
-    return cls
-
-
-def list_methods() -> list[str]:
-    """Registered method names (``none`` is plain training)."""
-    _import_builtin()
-    return sorted(_METHODS)
-
-
-def get_method(name: str) -> type[CompatMethod]:
-    """The class registered as ``name``; ConfigError listing the valid names otherwise."""
-    _import_builtin()
-    if name not in _METHODS:
-        valid = ", ".join(sorted(_METHODS))
-        raise ConfigError(f"compat.method: unknown method {name!r} (valid: none, {valid})")
-    return _METHODS[name]
-
-
-def _import_builtin() -> None:
-    # The built-in methods register themselves on import.
-    from facecompat.compat import advbct, bct, l2, lce, mixbct  # noqa: F401
-
-
-Builder = Callable[[CompatContext], CompatMethod]

@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from facecompat import checkpoint as ckpt
 from facecompat import rng
-from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error, register_method
+from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error
 from facecompat.compat.lce import take_class_rows
+from facecompat.compat.registry import register_method
 from facecompat.config import ConfigError
 from facecompat.heads.grad import scale_grad
 from facecompat.heads.partial_fc import PartialFC
-from facecompat.train import checkpoint as ckpt
 
 # insightface's MS1M recipe: what a zoo backbone's old head used when no run config says otherwise.
 ZOO_MARGINS, ZOO_SCALE = (1.0, 0.5, 0.0), 64.0

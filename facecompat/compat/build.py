@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from facecompat.compat.base import CompatContext, CompatMethod, get_method, resolve_params
+from facecompat.compat.base import CompatContext, CompatMethod, resolve_params
+from facecompat.compat.registry import get_method
 from facecompat.config import Config, ConfigError, load_config
 from facecompat.models.spec import ModelSpec, resolve_model_spec
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error, register_method
+from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error
+from facecompat.compat.registry import register_method
 
 
 def l2_distance_loss(emb: Tensor, old: Tensor, tau: float = 0.0) -> Tensor:

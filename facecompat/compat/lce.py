@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facecompat import dist
-from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error, register_method
+from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error
+from facecompat.compat.registry import register_method
 
 BOUNDARIES = ("max", "mean")
 

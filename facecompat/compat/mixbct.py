@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from facecompat import rng
-from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error, register_method
+from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error
+from facecompat.compat.registry import register_method
 
 _STREAM = 0x31C5_B7A1
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from facecompat import checkpoint as ckpt
 from facecompat.gpu_check.context import (
     CheckContext,
     CheckFailed,
@@ -20,7 +21,6 @@ from facecompat.gpu_check.context import (
     _run_logged,
     _subprocess_env,
 )
-from facecompat.train import checkpoint as ckpt
 
 # ======================================================================= 8-9: training, quickstart
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from facecompat import dist
-from facecompat.compat.base import CompatContext, get_method
-from facecompat.compat.bench import make_bench_bank
+from facecompat.compat.base import CompatContext
+from facecompat.compat.registry import get_method
 from facecompat.config import HeadConfig, OptimConfig
 from facecompat.gpu_check.context import (
     CheckContext,
@@ -30,6 +30,7 @@ from facecompat.gpu_check.context import (
 from facecompat.heads import PartialFC, build_head
 from facecompat.models import get_model
 from facecompat.train.bench import StepBenchSpec, bench_train_step
+from facecompat.train.bench_compat import make_bench_bank
 from facecompat.train.precision import LossScaler, autocast_dtype
 from facecompat.train.step import TrainStep, build_optimizer
 
@@ -49,7 +50,7 @@ def _build_train_step(ctx: CheckContext, *, network: str, num_classes: int, prec
                       view: Any = None, bank: Any = None) -> _Built:
     """Backbone, Partial FC head, optimiser and :class:`TrainStep` as the trainer builds them for one
     rank (no DDP at world size 1; the head checks labels per step on the CPU only), with MixBCT between
-    backbone and head when ``bank`` is given (``view``: its records, as compat/bench.py builds it)."""
+    backbone and head when ``bank`` is given (``view``: its records, as train/bench_compat.py builds it)."""
     torch.manual_seed(0)
     size = ctx.sizes.embedding_size
     backbone = get_model(network, size).to(ctx.device)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from facecompat import checkpoint as ckpt
 from facecompat import dist
 from facecompat.compat.build import build_compat
 from facecompat.config import Config, ConfigError, dump_config
@@ -30,7 +31,6 @@ from facecompat.data.loader import Batch, build_train_loader
 from facecompat.errors import UserError
 from facecompat.heads import build_head
 from facecompat.models import get_model, load_backbone_weights
-from facecompat.train import checkpoint as ckpt
 from facecompat.train.contrastive import ContrastiveStep, ProjectedBackbone, build_projection_head
 from facecompat.train.log import MetricsWriter, Throughput, format_eta, setup_logging
 from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision

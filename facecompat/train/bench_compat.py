@@ -27,7 +27,8 @@ import torch
 
 from facecompat import dist
 from facecompat.compat.bank import FeatureBank
-from facecompat.compat.base import CompatContext, CompatMethod, get_method
+from facecompat.compat.base import CompatContext, CompatMethod
+from facecompat.compat.registry import get_method
 from facecompat.config import HeadConfig, OptimConfig
 from facecompat.heads import build_head
 from facecompat.models import get_model
