@@ -22,7 +22,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,35 @@ def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = 
     if generator is not None and state.get("sampler") is not None:
         rng.restore_generator(generator, state["sampler"], seed=generator_seed, step=step,
                               what="Partial FC negative-class sampler")
+
+
+# ----------------------------------------------------------------------------- re-sharding
+
+
+def slice_rows(shards: Sequence[tuple[int, torch.Tensor]], start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a matrix stored as shards ``(class_start, rows [n, D])``.
+
+    Shards may come from any world size and in any order; where they overlap the first one wins.
+    Raises ValueError naming the first uncovered row range.
+    """
+    if not shards:
+        raise ValueError(f"no shards given for rows [{start}, {stop})")
+    pieces, pos = [], start
+    for shard_start, rows in sorted(shards, key=lambda s: s[0]):
+        shard_stop = shard_start + rows.shape[0]
+        if shard_start > pos or pos >= stop:
+            continue
+        take = min(stop, shard_stop)
+        if take > pos:
+            pieces.append(rows[pos - shard_start : take - shard_start])
+            pos = take
+    if pos < stop:
+        nxt = min((s for s, _ in shards if s > pos), default=stop)
+        raise ValueError(f"rows [{pos}, {min(nxt, stop)}) are not covered by the given shards")
+    if not pieces:
+        return shards[0][1][:0]
+    return torch.cat(pieces, dim=0)
+
 
 
 # ----------------------------------------------------------------------------- optimiser split
@@ -274,7 +303,6 @@ def load_rank_state(path: Path, *, rank: int, world_size: int, class_start: int,
     Returns (state, same_layout): ``state`` holds ``head_weight``, ``head_optim`` and, when the
     checkpoint had the same world size, this rank's ``rng``; ``same_layout`` says so.
     """
-    from facecompat.heads.partial_fc import slice_rows
 
     meta = read_meta(path)
     saved_world = int(meta["world_size"])

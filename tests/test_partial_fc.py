@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from _dist_util import run_distributed
 from torch import nn
 
+from facecompat.checkpoint import slice_rows
 from facecompat.config import HeadConfig
-from facecompat.heads import LabelError, PartialFC, build_head, head_memory_bytes, init_centres, slice_rows
+from facecompat.heads import LabelError, PartialFC, build_head, head_memory_bytes, init_centres
 
 C, D, B_LOCAL, SEED = 10, 8, 4, 3
 

@@ -10,7 +10,6 @@ from facecompat.heads.partial_fc import (
     head_memory_bytes,
     init_centres,
     shard_range,
-    slice_rows,
 )
 
 __all__ = [
@@ -23,7 +22,6 @@ __all__ = [
     "head_memory_bytes",
     "init_centres",
     "shard_range",
-    "slice_rows",
 ]
 
 

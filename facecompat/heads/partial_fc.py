@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facecompat import dist
+from facecompat.checkpoint import slice_rows
 from facecompat.errors import UserError
 from facecompat.heads.margins import CombinedMargin
 
@@ -80,31 +81,6 @@ def init_centres(start: int, stop: int, embedding_size: int, seed: int = 0) -> T
         lo, hi = max(start, b0), min(stop, b0 + _INIT_BLOCK_ROWS)
         out[lo - start : hi - start] = rows[lo - b0 : hi - b0]
     return out
-
-
-def slice_rows(shards: Sequence[tuple[int, Tensor]], start: int, stop: int) -> Tensor:
-    """Rows ``[start, stop)`` of a matrix stored as shards ``(class_start, rows [n, D])``.
-
-    Shards may come from any world size and in any order; where they overlap the first one wins.
-    Raises ValueError naming the first uncovered row range.
-    """
-    if not shards:
-        raise ValueError(f"no shards given for rows [{start}, {stop})")
-    pieces, pos = [], start
-    for shard_start, rows in sorted(shards, key=lambda s: s[0]):
-        shard_stop = shard_start + rows.shape[0]
-        if shard_start > pos or pos >= stop:
-            continue
-        take = min(stop, shard_stop)
-        if take > pos:
-            pieces.append(rows[pos - shard_start : take - shard_start])
-            pos = take
-    if pos < stop:
-        nxt = min((s for s, _ in shards if s > pos), default=stop)
-        raise ValueError(f"rows [{pos}, {min(nxt, stop)}) are not covered by the given shards")
-    if not pieces:
-        return shards[0][1][:0]
-    return torch.cat(pieces, dim=0)
 
 
 class _DistSoftmaxCE(torch.autograd.Function):
