@@ -361,7 +361,7 @@ def test_parse_int_table_chunks_and_fallbacks(tmp_path: Path, monkeypatch: pytes
     values = rng.integers(0, 10**rng.integers(1, 9, (5000, 3)), dtype=np.int64)
     path = tmp_path / "pairs.txt"
     path.write_text("".join(f"{a} {b}  {c}\n" for a, b, c in values.tolist()))
-    monkeypatch.setattr(ijb, "_CHUNK_BYTES", 997)  # many chunks, cut inside lines
+    monkeypatch.setattr(ijb.scan, "_CHUNK_BYTES", 997)  # many chunks, cut inside lines
     np.testing.assert_array_equal(ijb._parse_uint_fast(path, 3), values)
     # what the fast path declines, the general path still reads
     path.write_text("1 123456789012 0\n2 -3 1\n")
@@ -416,7 +416,7 @@ def test_parse_decimal_fast_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyP
     tokens = tokens[:len(tokens) // 6 * 6]
     want = np.array([float(t) for t in tokens]).reshape(-1, 6)
     text = "".join(" ".join(tokens[i:i + 6]) + "\n" for i in range(0, len(tokens), 6))
-    monkeypatch.setattr(ijb, "_CHUNK_BYTES", 4093)  # many chunks, cut inside lines
+    monkeypatch.setattr(ijb.scan, "_CHUNK_BYTES", 4093)  # many chunks, cut inside lines
     got = ijb._parse_decimal_fast(io.BytesIO(text.encode()), 6)
     assert got is not None and got.dtype == np.float64
     assert got.tobytes() == want.tobytes()  # bit for bit what float(token) gives
