@@ -16,8 +16,11 @@ import torch
 from _dist_util import run_distributed
 from _model_util import load_tool, make_run_dir, single_thread
 
-from facecompat.compat.bank import BankError, FeatureBank, build_bank, default_bank_dir, ensure_bank
 from facecompat.data.faces import FaceRecords, to_tensor
+from facecompat.data.loader import BatchKey, _BatchReader
+from facecompat.data.normalize import normalize_images
+from facecompat.features import BankError, FeatureBank, build_bank, default_bank_dir, ensure_bank
+from facecompat.features.bank_build import _sorted_view
 from facecompat.models.spec import ModelSpec, load_model, resolve_model_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,9 +242,6 @@ def _per_batch_features(model: torch.nn.Module, view: FaceRecords, batch_size: i
     """float16 [N, 2, D] features of the record-sorted view by the loop build_bank ran before it kept
     a chunk on the device: the same batches (never crossing a chunk's end), each read back on its own
     (``.float().cpu().numpy().astype(float16)``)."""
-    from facecompat.compat.bank import _sorted_view
-    from facecompat.data.loader import BatchKey, _BatchReader, normalize_images
-
     reader = _BatchReader(_sorted_view(view), normalize=True)
     num = view.num_images
     out = []
@@ -331,7 +331,7 @@ def test_cuda_build_reads_each_chunk_back_once(synthetic_tiny, runs, tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)
-             and Path(w.filename).name == "bank.py"]
+             and Path(w.filename).name == "bank_build.py"]
     lines = {w.lineno for w in syncs}
     assert 1 <= len(lines) <= 2 and len(syncs) == chunks * len(lines), [(w.lineno, w.message) for w in syncs]
     ref = _per_batch_features(load_model(_spec(runs[0])), view, 4, BUILD_KW["chunk_rows"]).astype(np.float32)

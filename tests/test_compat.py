@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from facecompat import checkpoint as ckpt
 from facecompat import dist
 from facecompat.compat import base, registry
-from facecompat.compat.bank import FeatureBank
 from facecompat.compat.bct import BCT, old_labels_of, view_classes
 from facecompat.compat.l2 import L2, l2_distance_loss
 from facecompat.compat.mixbct import MixBCT, choose_mixed
 from facecompat.config import ConfigError, load_config
 from facecompat.data.loader import build_dataset
+from facecompat.features import FeatureBank
 from facecompat.heads import PartialFC
 from facecompat.train.trainer import train
 from tests._dist_util import run_distributed

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 from facecompat.compat.advbct import AdvBCT, adversarial_loss, chord, grl_ramp
 from facecompat.compat.advbct import boundary_loss as adv_boundary_loss
-from facecompat.compat.bank import FeatureBank
 from facecompat.compat.base import CompatContext
 from facecompat.compat.lce import LCE, alignment_loss
 from facecompat.compat.lce import boundary_loss as lce_boundary_loss
 from facecompat.config import ConfigError
+from facecompat.features import FeatureBank
 from facecompat.heads import PartialFC
 
 D = 4

@@ -20,11 +20,11 @@ import torch
 
 from facecompat import checkpoint as ckpt
 from facecompat.compat.advbct import AdvBCT
-from facecompat.compat.bank import FeatureBank, fenced_max, keep_counts
 from facecompat.compat.base import CompatContext
 from facecompat.compat.bct import BCT, old_labels_of, view_classes
 from facecompat.config import ConfigError, load_config
 from facecompat.data.loader import build_dataset
+from facecompat.features import FeatureBank, fenced_max, keep_counts
 from facecompat.heads import PartialFC
 from facecompat.train.trainer import Trainer, train
 from tests.test_compat import DIM, context, new_config, random_bank

@@ -15,20 +15,20 @@ from _dist_util import run_distributed
 from torch import nn
 
 from facecompat.data.align import ARCFACE_TEMPLATE, align_face, estimate_similarity
+from facecompat.data.normalize import normalize_images
 from facecompat.eval.extract import (
     ALIGNMENT,
     AlignedFaces,
     ExtractError,
     FaceList,
     cache_paths,
-    default_num_workers,
-    embed_batches,
     extract_cached,
     extract_features,
     load_cached,
     load_model_for_eval,
     read_face_list,
 )
+from facecompat.features import default_num_workers, embed_batches
 from facecompat.fileio import file_sha1
 from facecompat.models import WeightsError, get_model
 
@@ -180,7 +180,7 @@ def _head(faces: FaceList, n: int) -> FaceList:
 def _by_hand(model: nn.Module, root: Path, faces: FaceList, i: int, flip: bool = True) -> np.ndarray:
     img = cv2.cvtColor(cv2.imread(str(root / "loose_crop" / faces.names[i])), cv2.COLOR_BGR2RGB)
     crop = align_face(img, faces.landmarks[i])
-    x = (torch.from_numpy(crop).permute(2, 0, 1)[None].float() - 127.5) / 127.5
+    x = normalize_images(torch.from_numpy(crop).permute(2, 0, 1)[None])
     with torch.no_grad():
         model.eval()
         emb = model(x) + (model(x.flip(3)) if flip else 0)
@@ -220,7 +220,7 @@ def _plain_loop(model: nn.Module, batches: list[torch.Tensor], flip: bool = True
     with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
                                          enabled=autocast_dtype is not None):
         for images in batches:
-            x = (images.float() - 127.5) / 127.5
+            x = (images.float() - 127.5) * np.float32(1 / 127.5)  # the training loader's normalisation
             emb = model(x) + model(x.flip(3)) if flip else model(x)
             out.append(emb.float().cpu())
     return torch.cat(out)
@@ -298,7 +298,7 @@ def test_embed_batches_never_waits_for_the_gpu() -> None:
     expected = []
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for images in batches:  # the per-batch loop with a read-back that extraction used to run
-            x = images.cuda().float().sub_(127.5).div_(127.5)
+            x = images.cuda().float().sub_(127.5).mul_(1 / 127.5)  # the one normalisation on CUDA
             expected.append((model(x) + model(x.flip(3))).float().cpu())
     torch.testing.assert_close(feats.cpu(), torch.cat(expected), rtol=1e-5, atol=1e-5)
 

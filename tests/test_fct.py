@@ -17,7 +17,6 @@ import yaml
 from _dist_util import run_distributed
 from _model_util import load_tool, make_run_dir, single_thread
 
-from facecompat.compat.bank import FeatureBank, _dataset_classes, default_bank_dir
 from facecompat.compat.fct import (
     FCTError,
     FCTransform,
@@ -30,6 +29,8 @@ from facecompat.compat.fct import (
 )
 from facecompat.config import ConfigError
 from facecompat.data.loader import build_dataset
+from facecompat.features import FeatureBank, default_bank_dir
+from facecompat.features.bank import dataset_classes
 from facecompat.models.spec import ModelSpec, resolve_model_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def planted(tmp_path_factory, synthetic_tiny):
     feats = _planted(view)
     for role, path in runs.items():
         spec = ModelSpec(path.name, *resolve_model_spec(path), str(path))
-        FeatureBank.from_arrays(default_bank_dir(tmp, spec, view), view.record_ids, _dataset_classes(view),
+        FeatureBank.from_arrays(default_bank_dir(tmp, spec, view), view.record_ids, dataset_classes(view),
                                 feats[role], model={**spec.fingerprint(), "name": spec.name})
     return cfg, cfg_path, runs, tmp
 

@@ -21,9 +21,9 @@ from facecompat.data.loader import (
     TorchLoader,
     build_loader,
     epoch_order,
-    normalize_images,
     steps_per_epoch,
 )
+from facecompat.data.normalize import normalize_images
 from facecompat.data.recordio import RecordIOError
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recordio"

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from facecompat.compat import registry
-from facecompat.compat.bank import FeatureBank
 from facecompat.compat.build import build_compat
 from facecompat.config import load_config
 from facecompat.data.faces import FaceRecords
 from facecompat.data.loader import build_dataset
 from facecompat.data.splits import list_protocols, split_records
+from facecompat.features import FeatureBank
 from facecompat.heads import PartialFC
 from facecompat.train.trainer import train
 from tests._model_util import load_tool

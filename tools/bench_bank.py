@@ -48,7 +48,7 @@ def _reader(mode: str, directory: str, batch: int, seed: int, barrier, results) 
     """One process: open the bank (memmap, or a full copy), look up every row, report memory."""
     import numpy as np
 
-    from facecompat.compat.bank import FeatureBank
+    from facecompat.features import FeatureBank
 
     baseline = _memory_mb()["pss_mb"]
     bank = FeatureBank.open(directory)
@@ -90,7 +90,7 @@ def _write_bank(directory: Path, rows: int, dim: int) -> float:
     """A bank of random float16 features; returns the features file's size in MB."""
     import numpy as np
 
-    from facecompat.compat.bank import FeatureBank
+    from facecompat.features import FeatureBank
 
     rng = np.random.default_rng(0)
     feats = np.empty((rows, 2, dim), np.float16)

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from facecompat.cli import resolve_device
     from facecompat.compat.fct import FCTransform, Transformation
-    from facecompat.eval.extract import fuse_flip
+    from facecompat.features import fuse_flip
     from facecompat.models import get_model
 
     device = resolve_device(args.device)

@@ -64,9 +64,9 @@ def run(cfg, args: argparse.Namespace) -> dict:
     import torch
 
     from facecompat.cli import resolve_device
-    from facecompat.compat.bank import default_bank_dir, ensure_bank
     from facecompat.compat.build import resolve_old_model
     from facecompat.data.loader import build_dataset
+    from facecompat.features import default_bank_dir, ensure_bank
 
     view = build_dataset(cfg.data)
     spec, _, _ = resolve_old_model(cfg)
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None and args.workers < 0:
         build_parser().error(f"--workers must be >= 0, got {args.workers}")
     from facecompat.cli import run_collective
-    from facecompat.compat.bank import BankError
     from facecompat.config import ConfigError, config_from_args
+    from facecompat.features import BankError
     from facecompat.train.errors import USER_ERRORS
 
     status, rank, summary = run_collective(lambda: run(config_from_args(args), args),

@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    from facecompat.compat.bank import BankError
     from facecompat.compat.fct import FCTError
     from facecompat.config import ConfigError
     from facecompat.data.recordio import RecordIOError
@@ -74,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from facecompat.eval.extract import ExtractError
     from facecompat.eval.ijb import IJBMetaError
     from facecompat.eval.report import format_summary
+    from facecompat.features import BankError
     from facecompat.models import WeightsError
     from facecompat.quickstart import run_quickstart
 

@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from facecompat.cli import run_collective
-    from facecompat.compat.bank import BankError
     from facecompat.compat.fct import FCTError, load_fct_config, train_transformation
     from facecompat.config import ConfigError
+    from facecompat.features import BankError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 

@@ -1,4 +1,6 @@
-"""Compatibility methods (BCT, L2, MixBCT, LCE, AdvBCT) as trainer plug-ins, FCT, and what they read.
+"""Compatibility methods (BCT, L2, MixBCT, LCE, AdvBCT) as trainer plug-ins, and FCT.
+
+What they read, the old-feature bank and its class statistics, is in :mod:`facecompat.features`.
 
 Importing the package registers the built-in methods (:mod:`facecompat.compat.registry`).
 """

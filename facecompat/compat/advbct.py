@@ -1,7 +1,7 @@
 """AdvBCT: an elastic boundary around the old classes plus adversarial alignment (Pan et al., CVPR 2023).
 
 Two terms on top of the new model's ArcFace loss, with φ̂ the L2-normalised embedding and c_c the
-old centre of class c (from the bank's :class:`~facecompat.compat.bank.ClassStats`):
+old centre of class c (from the bank's :class:`~facecompat.features.ClassStats`):
 
 - elastic boundary: the old radius r_c of class c is the reference's (``radius: tukey``, the
   default; ``gen_class_meta`` of ``Ashespt/AdvBCT``, also in MixBCT's face reproduction): each old
@@ -9,7 +9,7 @@ old centre of class c (from the bank's :class:`~facecompat.compat.bank.ClassStat
   extracts one view per image), the centre c_c is the plain mean of the class's ``v``, NOT
   renormalised, and r_c is the largest ``‖v − c_c‖`` inside the Tukey fences of the class's
   distances (1.5·IQR on both sides, quartiles as the reference indexes them, classes under 4
-  images unfenced; :func:`~facecompat.compat.bank.fenced_max`): one or two mislabelled images no
+  images unfenced; :func:`~facecompat.features.fenced_max`): one or two mislabelled images no
   longer set the radius. The boundary's distance ``‖φ̂_new − c_c‖`` is to that same unnormalised
   centre, as the reference's loss computes it, so radius and distance are on one scale (a unit
   vector against a point inside the unit ball). Its elastic radius moves r_c towards a threshold

@@ -68,7 +68,7 @@ class CompatContext:
         rank, world_size: this process in the training group.
         device: where the step runs.
         seed: ``train.seed`` (methods derive their own streams from it and the rank).
-        bank: the old-feature bank (:class:`facecompat.compat.bank.FeatureBank`) when
+        bank: the old-feature bank (:class:`facecompat.features.FeatureBank`) when
             ``"bank"``/``"class_stats"``/``"credible"`` is needed.
         old_run_dir: the old model's run directory (``checkpoints/`` with its classifier shards)
             when the old model was given as one; None for a bare weights file (a zoo backbone).

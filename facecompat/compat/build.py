@@ -15,6 +15,7 @@ import torch
 from facecompat.compat.base import CompatContext, CompatMethod, resolve_params
 from facecompat.compat.registry import get_method
 from facecompat.config import Config, ConfigError, load_config
+from facecompat.features import default_bank_dir, ensure_bank
 from facecompat.models.spec import ModelSpec, resolve_model_spec
 
 _BANK_NEEDS = frozenset({"bank", "class_stats", "credible"})
@@ -54,8 +55,6 @@ def build_compat(cfg: Config, view, head, *, rank: int, world_size: int, device:
     spec, run_dir, run_cfg = resolve_old_model(cfg)
     bank = None
     if cls.needs & _BANK_NEEDS:
-        from facecompat.compat.bank import default_bank_dir, ensure_bank
-
         directory = Path(cfg.compat.bank_dir) if cfg.compat.bank_dir else \
             default_bank_dir(cfg.train.output, spec, view)
         if log is not None:

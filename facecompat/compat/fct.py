@@ -9,7 +9,7 @@ trained (self-supervised) together with the old model and stored with the galler
     upgraded, uncertainty = transform.apply(old_feats, side_feats)
 
 **Training data** are cached features of the new model's training set: the old, side-information
-and new models' feature banks of that view (:mod:`facecompat.compat.bank`: float16 image and flip
+and new models' feature banks of that view (:mod:`facecompat.features.bank`: float16 image and flip
 per record, extracted once under torchrun and reused; the old one is the bank BCT-style methods
 already built). Each record gives three training rows: the image, its flip and the fused feature
 ``f(img) + f(flip)`` that evaluation stores per face; the same side is taken from all three banks.
@@ -61,8 +61,11 @@ from torch import Tensor, nn
 
 from facecompat import dist
 from facecompat.config import ConfigError, DataConfig, OldModelConfig, _at_least, _check, load_yaml
+from facecompat.data.loader import build_dataset
 from facecompat.errors import UserError
+from facecompat.features import default_bank_dir, ensure_bank
 from facecompat.fileio import atomic_write, file_sha1
+from facecompat.models.spec import ModelSpec, resolve_model_spec
 
 FORMAT = 1
 WEIGHTS, META, METRICS = "transform.pt", "fct.json", "metrics.jsonl"
@@ -433,10 +436,6 @@ def train_transformation(cfg: FCTConfig, *, device: torch.device | str | None = 
         BankError / FCTError: a feature bank that does not match, non-finite losses.
     """
     from tqdm import tqdm
-
-    from facecompat.compat.bank import default_bank_dir, ensure_bank
-    from facecompat.data.loader import build_dataset
-    from facecompat.models.spec import ModelSpec, resolve_model_spec
 
     log = log or logging.getLogger("facecompat.fct")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -38,7 +38,6 @@ from tqdm import tqdm
 
 from facecompat.data.faces import FaceRecords, FaceRecWriter, decode_image
 from facecompat.data.loader import (
-    _NORMALIZE_LUT,
     BatchKey,
     EncodedBatch,
     ShardBatchSampler,
@@ -46,6 +45,7 @@ from facecompat.data.loader import (
     _BatchReader,
     read_batch,
 )
+from facecompat.data.normalize import normalize_array
 
 #: The stages of :func:`measure_stages`, each in µs per image:
 #: ``read``: :func:`~facecompat.data.loader.read_batch` (``RecordReader.read_raw_many`` + header
@@ -293,9 +293,8 @@ class _StageBench:
                 self.out_float = np.empty(self.out.shape, np.float32)
             cv2.split(img, [self.out[j, 0], self.out[j, 1], self.out[j, 2]])
         split_time = time.perf_counter() - start
-        width = self.out.shape[-1]
         start = time.perf_counter()  # right after the batch's split, as in the loader
-        cv2.LUT(self.out.reshape(-1, width), _NORMALIZE_LUT, dst=self.out_float.reshape(-1, width))
+        normalize_array(self.out, self.out_float)
         return split_time, time.perf_counter() - start
 
     def _flip(self, enc: EncodedBatch) -> tuple[float, int]:

@@ -61,10 +61,10 @@ from facecompat.data.loader import (
     BatchKey,
     EncodedBatch,
     ShardedLoader,
-    normalize_images,
     read_batch,
     to_device,
 )
+from facecompat.data.normalize import normalize_images
 
 READERS = ("external", "mxnet")
 DECODE_DEVICES = ("auto", "gpu", "cpu")

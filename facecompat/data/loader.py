@@ -46,6 +46,7 @@ from facecompat import dist
 from facecompat.config import AugmentConfig, ConfigError, DataConfig
 from facecompat.data.augment import ViewMaker
 from facecompat.data.faces import FaceRecords, decode_image, flip_flags, label_mismatch
+from facecompat.data.normalize import normalize_array, normalize_images
 from facecompat.data.recordio import HEADER, RecordIOError, unpack
 from facecompat.data.splits import load_view, make_split
 
@@ -54,8 +55,9 @@ class Batch(NamedTuple):
     """One training batch, every field on the target device.
 
     Attributes:
-        images: float32 ``[V * B, 3, H, W]``, RGB, ``(x - 127.5) / 127.5``, flipped where
-            ``flipped``; ``V`` = the loader's ``views`` (1, or 2 with augmentation): rows
+        images: float32 ``[V * B, 3, H, W]``, RGB, normalised
+            (:func:`~facecompat.data.normalize.normalize_images`), flipped where ``flipped``;
+            ``V`` = the loader's ``views`` (1, or 2 with augmentation): rows
             ``[v * B, (v + 1) * B)`` hold view ``v`` of the ``B`` images, in the same order.
             Contiguous, in ``torch.channels_last`` memory format when the loader's
             ``channels_last`` is set.
@@ -177,11 +179,6 @@ class _HostBatch(NamedTuple):
     flipped: torch.Tensor
 
 
-# (v - 127.5) / 127.5 for every uint8 v, computed as cv2.dnn.blobFromImage does in
-# faces.to_tensor ((v - 127.5) * float32(1 / 127.5)), so both give the same bits.
-_NORMALIZE_LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(1.0 / 127.5)
-
-
 class _BufferPool:
     """Batch arrays handed out again once nothing references them any more.
 
@@ -299,27 +296,12 @@ class _BatchReader(Dataset):
             # After the decode loop, not per image: interleaving 150 KB float writes with
             # decoding evicts the decoder's working set (measured ~15% slower).
             images = self.pool.take(out.shape, np.dtype(np.float32))
-            cv2.LUT(out.reshape(len(out), -1), _NORMALIZE_LUT, dst=images.reshape(len(out), -1))
+            normalize_array(out, images)
         tensor = torch.from_numpy(images)
         if self.channels_last:
             tensor = tensor.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last strides
         return _HostBatch(tensor, torch.from_numpy(enc.labels),
                           torch.from_numpy(enc.record_ids), torch.from_numpy(flipped))
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` → float32 ``[B, C, H, W]`` in [-1, 1]: ``(x - 127.5) / 127.5``, in the
-    input's memory format (float input is returned as it is: already normalised by the reader)."""
-    if images.dtype == torch.float32:
-        return images
-    if images.device.type != "cpu":
-        # .to(dtype) preserves the memory format and the in-place ops keep it
-        return images.to(torch.float32).sub_(127.5).mul_(1.0 / 127.5)
-    nhwc = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) \
-        and not images.is_contiguous()
-    src = (images.permute(0, 2, 3, 1) if nhwc else images.contiguous()).numpy()
-    out = torch.from_numpy(cv2.LUT(src.reshape(len(src), -1), _NORMALIZE_LUT).reshape(src.shape))
-    return out.permute(0, 3, 1, 2) if nhwc else out
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

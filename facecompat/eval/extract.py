@@ -9,9 +9,11 @@ normalised and *not* weighted by the detector score: the evaluator applies the w
 features of one model serve every protocol. Rows follow the order of ``*_name_5pts_score.txt``.
 
 Under torchrun every rank embeds a contiguous shard of the face list and the shards are gathered in
-face order; one process runs the same code. The features stay on the device until the shard is done
-(:func:`embed_batches`: no host sync per batch), and the loader aligns faces in as many worker
-processes as the machine gives (:func:`default_num_workers`), so a GPU is not left waiting.
+face order; one process runs the same code. The embedding engine does the work
+(:func:`facecompat.features.embed_batches`: normalised on the device, no host sync per batch, the
+features stay on the device until the shard is done), and the loader aligns faces in as many worker
+processes as the machine gives (:func:`facecompat.features.default_num_workers`), so a GPU is not
+left waiting.
 
 :func:`extract_cached` stores the features beside a fingerprint (checkpoint hash, network, flip,
 alignment, face list hash, count, dim) and re-extracts whenever the fingerprint differs, so a stale
@@ -20,11 +22,10 @@ cache is never used.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from tqdm import tqdm
 from facecompat import dist
 from facecompat.data.align import align_face
 from facecompat.errors import UserError
+from facecompat.features.engine import default_num_workers, embed_batches, inference_loader
 from facecompat.fileio import atomic_write, file_sha1
 from facecompat.models import get_model, load_backbone_weights
 
@@ -47,8 +49,6 @@ log = logging.getLogger(__name__)
 ALIGNMENT = "umeyama-arcface112"  # alignment tag stored in the cache fingerprint
 TARGETS = {"IJBC": "ijbc", "IJBB": "ijbb"}
 _NUM_COLUMNS = 12  # image, 5 x (x, y), detector score
-MAX_DEFAULT_WORKERS = 8  # per rank; see default_num_workers
-PREFETCH_BATCHES = 4  # per worker: loose crops differ a lot in size, so batch times vary
 
 
 class ExtractError(UserError, ValueError):
@@ -199,19 +199,6 @@ class AlignedFaces(Dataset):
         return torch.from_numpy(np.ascontiguousarray(aligned.transpose(2, 0, 1))), index
 
 
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] uint8 RGB -> float32 ``(x - 127.5) / 127.5`` in [-1, 1], on the images' device."""
-    return images.float().sub_(127.5).div_(127.5)
-
-
-def fuse_flip(model: nn.Module, x: torch.Tensor, flip: bool = True) -> torch.Tensor:
-    """``model(x) + model(x flipped left-right)`` ([B, 3, H, W] -> [B, D]); ``model(x)`` without flip."""
-    emb = model(x)
-    if flip:
-        emb = emb + model(torch.flip(x, dims=[3]))
-    return emb
-
-
 def _shard(n: int, rank: int, world: int) -> tuple[int, int, int]:
     """Contiguous shard ``[start, stop)`` of ``n`` items for ``rank`` and the padded shard size."""
     per_rank = -(-n // world)
@@ -224,63 +211,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _grown(buf: torch.Tensor | None, rows: int, dim: int, device: torch.device) -> torch.Tensor:
-    """``buf`` if it has ``rows`` rows, else a float32 [max(rows, 2 * len(buf)), dim] buffer on ``device``
-    that starts with ``buf``'s rows (a device-side copy: no host sync; doubling keeps it amortised)."""
-    if buf is not None and buf.shape[0] >= rows:
-        return buf
-    out = torch.empty((max(rows, 0 if buf is None else 2 * buf.shape[0]), dim), dtype=torch.float32,
-                      device=device)
-    if buf is not None:
-        out[:buf.shape[0]] = buf
-    return out
-
-
-def embed_batches(model: nn.Module, batches: Iterable[torch.Tensor], *, device: str | torch.device,
-                  flip: bool = True, autocast_dtype: torch.dtype | None = None,
-                  num_rows: int | None = None) -> torch.Tensor:
-    """Embed uint8 image batches into one float32 buffer on ``device``, without a host sync per batch.
-
-    Each batch goes to ``device`` (``non_blocking``: overlapped when it is pinned), is normalised
-    there (:func:`normalize_images`), embedded under ``autocast_dtype`` with flip fusion
-    (:func:`fuse_flip`) and written into a preallocated float32 device buffer; nothing is read back
-    to the host, so the device runs ahead of Python until the caller reads the result. This is the
-    inner loop of :func:`extract_features`, and the unit of its throughput.
-
-    Args:
-        model: backbone on ``device``; runs in eval mode under ``torch.inference_mode`` (its
-            train/eval mode is restored after).
-        batches: [B, 3, 112, 112] uint8 RGB tensors (B may vary).
-        device: where the images go and the features stay.
-        flip: feature = f(img) + f(flip(img)); otherwise f(img).
-        autocast_dtype: e.g. ``torch.bfloat16`` to run under autocast; the features are float32 anyway.
-        num_rows: total images when known: the buffer is allocated once at that size (otherwise it
-            grows by doubling, on the device).
-
-    Returns:
-        [N, D] float32 on ``device``, rows in batch order; ``[0, 0]`` when there are no images.
-    """
-    device = torch.device(device)
-    buf: torch.Tensor | None = None
-    offset = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for images in batches:
-            autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                        else contextlib.nullcontext())
-            with torch.inference_mode(), autocast:
-                emb = fuse_flip(model, normalize_images(images.to(device, non_blocking=True)), flip)
-            buf = _grown(buf, max(offset + len(emb), num_rows or 0), emb.shape[1], device)
-            buf[offset:offset + len(emb)] = emb  # bf16/fp16 autocast outputs become float32 here
-            offset += len(emb)
-    finally:
-        model.train(was_training)
-    if buf is None:
-        return torch.empty((0, 0), dtype=torch.float32, device=device)
-    return buf[:offset]
-
-
 def _embed_shard(model: nn.Module, loader: DataLoader, num: int, device: torch.device, flip: bool,
                  autocast_dtype: torch.dtype | None, progress: bool) -> torch.Tensor:
     """[num, D] float32 features of the loader's faces on ``device`` (D = 0 when the shard is empty)."""
@@ -290,32 +220,6 @@ def _embed_shard(model: nn.Module, loader: DataLoader, num: int, device: torch.d
                           autocast_dtype=autocast_dtype, num_rows=num)
     assert feats.shape[0] == num, (feats.shape, num)
     return feats
-
-
-def default_num_workers() -> int:
-    """DataLoader workers per rank when the caller names none: the CPU cores this process may use,
-    shared between the ranks on this machine (``LOCAL_WORLD_SIZE``), less one for the process that
-    feeds the device; at least 1, at most :data:`MAX_DEFAULT_WORKERS`.
-
-    Every face is a JPEG decode and an affine warp on one core (about a millisecond or two), while a
-    GPU embeds an r50 at thousands of faces per second: the loader needs the machine's cores, not the
-    2 workers that suit a CPU run. The cap keeps a large machine from forking dozens of processes
-    per rank, each with its own copy of OpenCV's and torch's memory.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return max(1, min(cores // local_ranks - 1, MAX_DEFAULT_WORKERS))
-
-
-def _face_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
-    """In-order batches of (uint8 images, indices); pinned for a CUDA device, prefetched by workers."""
-    if num_workers:
-        # Forked workers inherit OpenCV's thread count but not its pool's threads; with 0 they never
-        # touch that pool, and the parallelism is the worker processes (as the training loader does).
-        cv2.setNumThreads(0)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", drop_last=False,
-                      prefetch_factor=PREFETCH_BATCHES if num_workers else None)
 
 
 def extract_features(model: nn.Module, root: str | os.PathLike, faces: FaceList, *, batch_size: int = 256,
@@ -330,9 +234,10 @@ def extract_features(model: nn.Module, root: str | os.PathLike, faces: FaceList,
         root: the IJB folder holding ``loose_crop/``.
         faces: from :func:`read_face_list`.
         batch_size: faces per forward (twice that with ``flip``).
-        num_workers: DataLoader processes aligning faces; ``None``: :func:`default_num_workers` (the
-            machine's cores, at most 8 per rank); 0 aligns in this process. Batches are pinned when
-            ``device`` is CUDA. The features do not depend on it.
+        num_workers: DataLoader processes aligning faces; ``None``:
+            :func:`~facecompat.features.default_num_workers` (the machine's cores, at most 8 per
+            rank); 0 aligns in this process. Batches are pinned when ``device`` is CUDA. The features
+            do not depend on it.
         device: where images go (default: the device of the model's parameters).
         flip: feature = f(img) + f(flip(img)); otherwise f(img). Never normalised.
         autocast_dtype: e.g. ``torch.bfloat16`` to run under autocast; features are float32 anyway.
@@ -352,7 +257,8 @@ def extract_features(model: nn.Module, root: str | os.PathLike, faces: FaceList,
     device = torch.device(device) if device is not None else _model_device(model)
     rank, world = dist.get_rank(), dist.get_world_size()
     start, stop, per_rank = _shard(len(faces), rank, world)
-    loader = _face_loader(Subset(AlignedFaces(root, faces), range(start, stop)), batch_size, workers, device)
+    loader = inference_loader(Subset(AlignedFaces(root, faces), range(start, stop)), device, workers,
+                              batch_size=batch_size)
     error: Exception | None = None
     try:
         local = _embed_shard(model, loader, stop - start, device, flip, autocast_dtype, progress)

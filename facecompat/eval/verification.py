@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facecompat.data.pairs_bin import PairsBinError, load_pairs_bin
-from facecompat.eval.extract import embed_batches
+from facecompat.features import embed_batches
 
 __all__ = [
     "VerificationCallback",
@@ -127,13 +127,14 @@ def extract_embeddings(model: nn.Module, images_uint8: torch.Tensor | np.ndarray
                        autocast_dtype: torch.dtype | None = None) -> np.ndarray:
     """Embed uint8 images the way insightface's verification test does.
 
-    Each batch goes to ``device`` as uint8 (through pinned memory for CUDA) and is normalised there to
-    ``(x - 127.5) / 127.5``. With ``flip`` the feature is ``f(x) + f(flip(x))`` (each cast to float32,
-    summed unnormalised, flip along the width); each batch's features are L2-normalised. They stay on
-    the device until the last batch (:func:`~facecompat.eval.extract.embed_batches`): one wait for
-    the device per call, not one per batch. The model runs in eval mode; every submodule's
-    train/eval flag is restored afterwards. The model is not moved: it must already be on
-    ``device``. Pass the plain module, not a DDP wrapper (whose forward may call collectives).
+    Each batch goes to ``device`` as uint8 (through pinned memory for CUDA) and is normalised there
+    as the model was trained (:func:`~facecompat.data.normalize.normalize_images`). With ``flip``
+    the feature is ``f(x) + f(flip(x))`` (each cast to float32, summed unnormalised, flip along the
+    width); each batch's features are L2-normalised. They stay on the device until the last batch
+    (:func:`~facecompat.features.embed_batches`): one wait for the device per call, not one per
+    batch. The model runs in eval mode; every submodule's train/eval flag is restored afterwards.
+    The model is not moved: it must already be on ``device``. Pass the plain module, not a DDP
+    wrapper (whose forward may call collectives).
 
     Args:
         model: ``forward(x [B, 3, H, W] float) -> [B, D]``.

@@ -54,7 +54,7 @@ STEPS: dict[str, str] = {
     "quickstart_tiny": "tools/quickstart.py --size tiny: wall time, verdict lines, report.json",
     "step_throughput": "r50 step samples/s, bf16 and fp16, rho 1.0 and 0.1, against insightface's fp16 step "
                        "(iresnet50 + PartialFC_V2 from --reference) in the same process",
-    "extraction": "r50 bf16 extraction with flip fusion (eval.extract.embed_batches): faces/s",
+    "extraction": "r50 bf16 extraction with flip fusion (features.embed_batches): faces/s",
     "two_ranks_share_gpu": "torchrun --nproc_per_node=2 training with both ranks on one GPU "
                            "(FACECOMPAT_DIST_BACKEND=gloo)",
     "gpu_tests": "the gpu-marked tests: FACECOMPAT_TEST_GPU=1 pytest -m gpu (CUDA only)",

@@ -14,7 +14,7 @@ from types import ModuleType, SimpleNamespace
 import torch
 from torch import nn
 
-from facecompat.eval.extract import embed_batches
+from facecompat.features import embed_batches
 from facecompat.gpu_check.context import (
     CheckContext,
     CheckFailed,
@@ -202,7 +202,7 @@ def _timed(ctx: CheckContext, fn: Callable[[], None], warmup: int, steps: int) -
 
 
 def step_extraction(ctx: CheckContext) -> dict:
-    """:func:`facecompat.eval.extract.embed_batches` (bf16, flip fusion) on uint8 batches already on
+    """:func:`facecompat.features.embed_batches` (bf16, flip fusion) on uint8 batches already on
     the device: faces/s over the timed batches after two warm-up batches."""
     s = ctx.sizes
     torch.manual_seed(0)

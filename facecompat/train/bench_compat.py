@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from facecompat import dist
-from facecompat.compat.bank import FeatureBank
 from facecompat.compat.base import CompatContext, CompatMethod
 from facecompat.compat.registry import get_method
 from facecompat.config import HeadConfig, OptimConfig
+from facecompat.features import FeatureBank
 from facecompat.heads import build_head
 from facecompat.models import get_model
 from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision
