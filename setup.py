@@ -28,7 +28,8 @@ setup(
     extras_require={
         "cpu": ["faiss-cpu>=1.7.4"],
         "gpu": ["faiss-gpu>=1.7.2", DALI],
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "hypothesis>=6.80", "ruff>=0.4", DALI, *EXPORT],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "hypothesis>=6.80", "ruff>=0.4",
+                "import-linter>=2.1", DALI, *EXPORT],
         "export": EXPORT,
     },
 )

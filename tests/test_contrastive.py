@@ -24,8 +24,9 @@ from facecompat.data.augment import ViewMaker, ViewParams, apply_view
 from facecompat.data.faces import FaceRecords
 from facecompat.data.loader import TorchLoader, build_loader
 from facecompat.models import get_model
-from facecompat.train.contrastive import ContrastiveStep, ProjectedBackbone, ProjectionHead, nt_xent_loss
+from facecompat.train.contrastive import ContrastiveObjective, ProjectionHead, nt_xent_loss
 from facecompat.train.precision import LossScaler
+from facecompat.train.step import TrainStep
 from facecompat.train.trainer import Trainer, TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def _two_rank_loss_and_step(rank: int, world: int, z_a: torch.Tensor, z_b: torch
 
 
 def _step_gradients(images: torch.Tensor, world: int) -> list[torch.Tensor]:
-    """Parameter gradients of ContrastiveStep.forward_loss for a tiny backbone + projection head on
+    """Parameter gradients of TrainStep.forward_loss (contrastive) for a tiny backbone + projection head on
     ``images`` (views stacked ``[2n, ...]``), averaged over ranks as DDP averages them. (DDP and
     torch.optim import torch._dynamo, seconds in a fresh process: the step gets a stand-in for
     the optimiser, whose parameter groups are all it reads here.)"""
@@ -93,9 +94,9 @@ def _step_gradients(images: torch.Tensor, world: int) -> list[torch.Tensor]:
     backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6))
     head = ProjectionHead(6, [8, 4])
     optim = SimpleNamespace(param_groups=[{"params": list(backbone.parameters())}])
-    step = ContrastiveStep(ProjectedBackbone(backbone, head), backbone, head, optim,
-                           LossScaler(enabled=False), amp_dtype=None, channels_last=False, grad_clip=None,
-                           world_size=world, temperature=0.2)
+    objective = ContrastiveObjective(head, 0.2)
+    step = TrainStep(objective.wrap(backbone), backbone, objective, optim, LossScaler(enabled=False),
+                     amp_dtype=None, channels_last=False, grad_clip=None, world_size=world)
     loss, _ = step.forward_loss(images, torch.zeros(len(images) // 2, dtype=torch.int64))
     loss.backward()
     params = [*backbone.parameters(), *head.parameters()]
@@ -104,16 +105,16 @@ def _step_gradients(images: torch.Tensor, world: int) -> list[torch.Tensor]:
 
 
 def test_contrastive_step_learns_a_fixed_batch():
-    """ContrastiveStep + SGD on one batch of two noisy views: the loss falls far below its start.
+    """The contrastive step + SGD on one batch of two noisy views: the loss falls far below its start.
     (Measured: the mean of the last 5 of 30 steps is at most 0.12 of the first over 40 seeds, so
     the 0.5 bound holds on any CPU's float path; a wrong sign or a dead gradient stays near 1.)"""
     torch.manual_seed(0)
     backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 16))
     head = ProjectionHead(16, [32, 8])
     optim = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
-    step = ContrastiveStep(ProjectedBackbone(backbone, head), backbone, head, optim,
-                           LossScaler(enabled=False), amp_dtype=None, channels_last=False, grad_clip=None,
-                           world_size=1, temperature=0.2)
+    objective = ContrastiveObjective(head, 0.2)
+    step = TrainStep(objective.wrap(backbone), backbone, objective, optim, LossScaler(enabled=False),
+                     amp_dtype=None, channels_last=False, grad_clip=None, world_size=1)
     gen = torch.Generator().manual_seed(100)
     images = torch.randn(8, 3, 4, 4, generator=gen)
     views = torch.cat([images + 0.1 * torch.randn(images.shape, generator=gen) for _ in range(2)])

@@ -112,15 +112,17 @@ def test_a_skipped_fp16_step_leaves_batchnorm_statistics_as_they_were():
     already folded NaN into the BN running statistics, which the step restores."""
     from facecompat.config import OptimConfig
     from facecompat.heads import PartialFC
+    from facecompat.train.objective import ArcFaceObjective
     from facecompat.train.step import TrainStep, build_optimizer
 
     torch.manual_seed(0)
     backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                                    torch.nn.Linear(4 * 6 * 6, 8), torch.nn.BatchNorm1d(8))
     head = PartialFC(8, 10, scale=16.0)
-    opt = build_optimizer(backbone, head, OptimConfig(lr=0.1), torch.device("cpu"))
+    objective = ArcFaceObjective(head)
+    opt = build_optimizer(backbone, objective, OptimConfig(lr=0.1), torch.device("cpu"))
     scaler = LossScaler(enabled=True, init_scale=8.0)
-    step = TrainStep(backbone, backbone, head, opt, scaler, amp_dtype=None, channels_last=False,
+    step = TrainStep(backbone, backbone, objective, opt, scaler, amp_dtype=None, channels_last=False,
                      grad_clip=5.0, world_size=1)
     images, labels = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
     assert step([(images, labels)])[1] is False
@@ -140,14 +142,16 @@ def _tiny_step(world: int, seed: int = 0):
 
     from facecompat.config import OptimConfig
     from facecompat.heads import PartialFC
+    from facecompat.train.objective import ArcFaceObjective
     from facecompat.train.step import TrainStep, build_optimizer
 
     torch.manual_seed(seed)
     backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8))
     head = PartialFC(8, 10, scale=16.0)
     model = DistributedDataParallel(backbone) if world > 1 else backbone
-    opt = build_optimizer(backbone, head, OptimConfig(lr=0.5, weight_decay=0.0), torch.device("cpu"))
-    step = TrainStep(model, backbone, head, opt, LossScaler(enabled=False), amp_dtype=None,
+    objective = ArcFaceObjective(head)
+    opt = build_optimizer(backbone, objective, OptimConfig(lr=0.5, weight_decay=0.0), torch.device("cpu"))
+    step = TrainStep(model, backbone, objective, opt, LossScaler(enabled=False), amp_dtype=None,
                      channels_last=False, grad_clip=None, world_size=world)
     return backbone, head, step
 

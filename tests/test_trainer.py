@@ -245,9 +245,9 @@ def test_two_rank_checkpoint_resumes_resharded_in_one_process(two_rank_reference
     trainer = Trainer(load_config(cfg, [f"train.output={run_dir.parent}", "train.exp_name=ref",
                                         "train.epochs=4"]), run_dir)
     trainer._resume()
-    assert torch.equal(trainer.head.weight.detach(), head)
-    assert trainer.head.num_local == head.shape[0]
-    assert trainer.optimizer.state[trainer.head.weight]["momentum_buffer"].shape == head.shape
+    assert torch.equal(trainer.objective.head.weight.detach(), head)
+    assert trainer.objective.head.num_local == head.shape[0]
+    assert trainer.optimizer.state[trainer.objective.head.weight]["momentum_buffer"].shape == head.shape
 
 
 @pytest.mark.skipif(not os.environ.get("FACECOMPAT_SLOW"), reason="c10d rendezvous of two agents takes "

@@ -7,6 +7,9 @@ venv="$(bash "$repo/tools/env.sh" | tail -n 1)"
 cd "$repo"
 echo "[test] ruff"
 "$venv/bin/ruff" check facecompat tools tests
+echo "[test] import layers"
+# The layers of docs/ARCHITECTURE.md (pyproject.toml [tool.importlinter]), lazy imports included.
+"$venv/bin/lint-imports" --no-cache
 echo "[test] pytest"
 # Two workers, a test file each at a time (module fixtures are built once), one math thread each:
 # the many subprocess and torchrun tests wait on start-up while the other worker computes.

@@ -31,6 +31,7 @@ from facecompat.heads import PartialFC, build_head
 from facecompat.models import get_model
 from facecompat.train.bench import StepBenchSpec, bench_train_step
 from facecompat.train.bench_compat import make_bench_bank
+from facecompat.train.objective import ArcFaceObjective
 from facecompat.train.precision import LossScaler, autocast_dtype
 from facecompat.train.step import TrainStep, build_optimizer
 
@@ -62,11 +63,11 @@ def _build_train_step(ctx: CheckContext, *, network: str, num_classes: int, prec
                                    device=ctx.device, seed=0, bank=bank)
         method = get_method("mixbct")(method_ctx).to(ctx.device)
     optim = OptimConfig()
-    optimizer = build_optimizer(backbone, head, optim, ctx.device, compat=method)
+    objective = ArcFaceObjective(head, method)
+    optimizer = build_optimizer(backbone, objective, optim, ctx.device)
     scaler = LossScaler(enabled=precision == "fp16")
-    step = TrainStep(backbone, backbone, head, optimizer, scaler, amp_dtype=autocast_dtype(precision),
-                     channels_last=False, grad_clip=optim.grad_clip, world_size=dist.get_world_size(),
-                     compat=method)
+    step = TrainStep(backbone, backbone, objective, optimizer, scaler, amp_dtype=autocast_dtype(precision),
+                     channels_last=False, grad_clip=optim.grad_clip, world_size=dist.get_world_size())
     return _Built(step, backbone, head, scaler, method)
 
 

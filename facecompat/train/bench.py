@@ -13,6 +13,7 @@ from facecompat import dist
 from facecompat.config import HeadConfig, OptimConfig
 from facecompat.heads import build_head
 from facecompat.models import get_model
+from facecompat.train.objective import ArcFaceObjective
 from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision
 from facecompat.train.step import TrainStep, build_optimizer
 
@@ -47,9 +48,10 @@ def bench_train_step(spec: StepBenchSpec, device: torch.device | str | None = No
     model = backbone
     if world > 1:
         model = dist.data_parallel(backbone, device)
-    optimizer = build_optimizer(backbone, head, OptimConfig(), device)
+    objective = ArcFaceObjective(head)
+    optimizer = build_optimizer(backbone, objective, OptimConfig(), device)
     scaler = LossScaler(enabled=precision == "fp16")
-    step = TrainStep(model, backbone, head, optimizer, scaler, amp_dtype=autocast_dtype(precision),
+    step = TrainStep(model, backbone, objective, optimizer, scaler, amp_dtype=autocast_dtype(precision),
                      channels_last=channels_last, grad_clip=5.0, world_size=world)
     gen = torch.Generator().manual_seed(rank)
     images = torch.randn(spec.batch_size, 3, 112, 112, generator=gen).clamp_(-1, 1).to(device)

@@ -32,6 +32,7 @@ from facecompat.config import HeadConfig, OptimConfig
 from facecompat.features import FeatureBank
 from facecompat.heads import build_head
 from facecompat.models import get_model
+from facecompat.train.objective import ArcFaceObjective
 from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision
 from facecompat.train.step import TrainStep, build_optimizer
 
@@ -102,10 +103,11 @@ def _build_setup(name: str, view: BenchView, bank: FeatureBank, *, network: str,
     model = backbone
     if world > 1:
         model = dist.data_parallel(backbone, device)
-    optimizer = build_optimizer(backbone, head, OptimConfig(), device, compat=method)
-    step = TrainStep(model, backbone, head, optimizer, LossScaler(enabled=precision == "fp16"),
+    objective = ArcFaceObjective(head, method)
+    optimizer = build_optimizer(backbone, objective, OptimConfig(), device)
+    step = TrainStep(model, backbone, objective, optimizer, LossScaler(enabled=precision == "fp16"),
                      amp_dtype=autocast_dtype(precision), channels_last=False, grad_clip=5.0,
-                     world_size=world, compat=method)
+                     world_size=world)
     return _Setup(name, step, method, [])
 
 

@@ -10,17 +10,21 @@ checkpointed with the run but is not part of ``model.pt``: ψ is the backbone em
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from facecompat import dist
-from facecompat.config import ContrastiveConfig
+from facecompat.config import AugmentConfig, Config, ContrastiveConfig
+from facecompat.data.faces import FaceRecords
 from facecompat.heads.grad import scale_grad
-from facecompat.train.precision import LossScaler
-from facecompat.train.step import TrainStep
+from facecompat.train.errors import TrainingError
+from facecompat.train.objective import Objective
 
 
 class ProjectionHead(nn.Module):
@@ -115,36 +119,68 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
     return share + (total - share.detach())
 
 
-class ContrastiveStep(TrainStep):
-    """:class:`~facecompat.train.step.TrainStep` with the contrastive loss instead of Partial FC.
+class ContrastiveObjective(Objective):
+    """NT-Xent over the projections of both views (``train.objective: contrastive``).
 
-    ``model`` is the :class:`ProjectedBackbone` (DDP-wrapped when distributed), ``head`` its
-    projection head (the optimiser's last group), ``images`` hold both views (``[2B, 3, H, W]``)
-    and labels are not used.
+    DDP wraps :class:`ProjectedBackbone` (backbone then this objective's projection head, so the
+    head's gradients are averaged with the backbone's); the batch holds both views (``[2B, 3, H,
+    W]``) and its labels are not used. The projection head is checkpointed (rank 0) but is not
+    part of ``model.pt``.
 
-    Args: as :class:`~facecompat.train.step.TrainStep` (no ``compat``), plus
+    Args:
+        projector: the projection head.
         temperature: NT-Xent's ``T``.
     """
 
-    def __init__(self, model: nn.Module, backbone: nn.Module, head: ProjectionHead,
-                 optimizer: torch.optim.Optimizer, scaler: LossScaler, *, amp_dtype: torch.dtype | None,
-                 channels_last: bool, grad_clip: float | None, world_size: int, temperature: float):
-        super().__init__(model, backbone, head, optimizer, scaler, amp_dtype=amp_dtype,
-                         channels_last=channels_last, grad_clip=grad_clip, world_size=world_size)
+    name = "contrastive"
+
+    def __init__(self, projector: ProjectionHead, temperature: float):
+        super().__init__()
+        self.projector = projector
         self.temperature = float(temperature)
 
-    def forward_loss(self, images: torch.Tensor, labels: torch.Tensor,
-                     inputs: dict[str, torch.Tensor] | None = None,
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(global-batch NT-Xent loss, no named terms) of one micro-batch of both views."""
-        if images.shape[0] % 2:
-            raise ValueError(f"expected both views of each image ([2B, 3, H, W]), got {images.shape[0]} rows")
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with self._autocast(images.device.type):
-            z = self.model(images)
+    @staticmethod
+    def loader_augment(cfg: Config) -> AugmentConfig:
+        return cfg.contrastive.augment
+
+    def wrap(self, backbone: nn.Module) -> nn.Module:
+        return ProjectedBackbone(backbone, self.projector)
+
+    def loss(self, emb: torch.Tensor, labels: torch.Tensor, inputs: Mapping[str, torch.Tensor] | None,
+             world_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(global-batch NT-Xent loss, no named terms) of one micro-batch's projections of both views."""
+        if emb.shape[0] % 2:
+            raise ValueError(f"expected both views of each image ([2B, 3, H, W]), got {emb.shape[0]} rows")
         # nt_xent_loss gives each rank the exact gradient of the global loss for its own rows;
         # DDP averages parameter gradients over ranks, so scaling by W makes the average the sum.
-        z = scale_grad(z.float(), self.world_size)
+        z = scale_grad(emb, world_size)
         n = z.shape[0] // 2
         return nt_xent_loss(z[:n], z[n:], self.temperature), {}
+
+    def describe(self) -> str:
+        widths = [m.out_features for m in self.projector.mlp if isinstance(m, nn.Linear)]
+        return f"self-supervised (contrastive: T={self.temperature}, projection {widths}, 2 views per image)"
+
+    def common_state(self) -> dict[str, Any]:
+        return {"projector": self.projector.state_dict()}
+
+    def load_state(self, path: Path, common: Mapping[str, Any], rank_state: Mapping[str, Any] | None,
+                   config: Config) -> None:
+        """The projection head (the RNG states of ``rank_state`` are the trainer's to restore; when
+        the checkpoint had another world size there are none, and augmentation does not need them)."""
+        try:
+            self.projector.load_state_dict(common["projector"])
+        except RuntimeError as exc:
+            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+            detail = lines[1] if len(lines) > 1 else lines[0]
+            raise TrainingError(f"{path}: projection head does not fit contrastive.projection="
+                                f"{list(config.contrastive.projection)} ({detail.rstrip('.')})") from None
+
+
+def build_contrastive(cfg: Config, records: FaceRecords, *, rank: int, world_size: int, device: torch.device,
+                      log: logging.Logger | None = None) -> ContrastiveObjective:
+    """The projection head, seeded apart from the per-rank stream: the same head whatever the world size."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        projector = build_projection_head(cfg.contrastive, cfg.model.embedding_size)
+    return ContrastiveObjective(projector.to(device), cfg.contrastive.temperature)

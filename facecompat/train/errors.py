@@ -3,8 +3,14 @@
 from facecompat.checkpoint import CheckpointError
 from facecompat.data.faces import NotAFaceSetError
 from facecompat.data.recordio import RecordIOError
+from facecompat.errors import UserError
 from facecompat.heads import LabelError
 from facecompat.models import WeightsError
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on (diverged, bad resume point); the message says where and what to do."""
+
 
 # Bad data, weights or checkpoints: the user's to fix, not a bug.
 USER_ERRORS: tuple[type[Exception], ...] = (

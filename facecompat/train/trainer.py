@@ -5,9 +5,10 @@ the head, and a loader over its slice of each epoch. ``Trainer.train()`` runs
 ``train_step`` per optimiser step, and around it logging, verification (rank 0 evaluates,
 the others wait) and checkpoints (every rank writes its shard).
 
-``train.objective: contrastive`` swaps the head for the self-supervised objective of
-:mod:`facecompat.train.contrastive` (a projection MLP trained with the backbone under DDP,
-two augmented views per image, no labels); the loop, logs and run directory stay the same.
+``train.objective`` picks what is trained besides the backbone (:mod:`facecompat.train.objective`):
+``arcface`` (the Partial FC head, optionally behind a compatibility method) or ``contrastive``
+(:mod:`facecompat.train.contrastive`: a projection MLP under DDP, two augmented views per image,
+no labels). The loop, checkpoints, logs and run directory are the same for both.
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ import torch
 
 from facecompat import checkpoint as ckpt
 from facecompat import dist
-from facecompat.compat.build import build_compat
 from facecompat.config import Config, ConfigError, dump_config
 from facecompat.data.loader import Batch, build_train_loader
-from facecompat.errors import UserError
-from facecompat.heads import build_head
 from facecompat.models import get_model, load_backbone_weights
-from facecompat.train.contrastive import ContrastiveStep, ProjectedBackbone, build_projection_head
+from facecompat.train.contrastive import ContrastiveObjective, build_contrastive
+from facecompat.train.errors import TrainingError
 from facecompat.train.log import MetricsWriter, Throughput, format_eta, setup_logging
+from facecompat.train.objective import ArcFaceObjective, Builder, Objective, build_arcface
 from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision
 from facecompat.train.schedule import PolyWarmupScheduler
 from facecompat.train.step import TrainStep, build_optimizer
@@ -42,8 +42,11 @@ from facecompat.train.step import TrainStep, build_optimizer
 MAX_CONSECUTIVE_SKIPS = 50
 
 
-class TrainingError(UserError, RuntimeError):
-    """Training cannot go on (diverged, bad resume point); the message says where and what to do."""
+# train.objective -> (class, builder); a new objective is one more entry.
+OBJECTIVES: dict[str, tuple[type[Objective], Builder]] = {
+    "arcface": (ArcFaceObjective, build_arcface),
+    "contrastive": (ContrastiveObjective, build_contrastive),
+}
 
 
 @dataclass
@@ -79,12 +82,15 @@ class Trainer:
         self.log = setup_logging(self.run_dir, self.rank)
         self._seed_everything()
 
-        self.contrastive = cfg.train.objective == "contrastive"
+        if cfg.train.objective not in OBJECTIVES:
+            raise ConfigError(f"train.objective: unknown objective {cfg.train.objective!r} "
+                              f"(valid: {', '.join(sorted(OBJECTIVES))})")
+        objective_cls, build_objective = OBJECTIVES[cfg.train.objective]
         # channels_last batches come from the loader in that layout (uint8, before normalising).
         channels_last = cfg.model.channels_last and self.device.type == "cuda"
         self.records, self.loader = build_train_loader(
             cfg.data, rank=self.rank, world_size=self.world_size, device=self.device,
-            augment=cfg.contrastive.augment if self.contrastive else None, channels_last=channels_last)
+            augment=objective_cls.loader_augment(cfg), channels_last=channels_last)
         self.num_classes = self.records.num_classes
         self.accum = cfg.optim.grad_accum
         self.steps_per_epoch = self.loader.steps_per_epoch // self.accum
@@ -96,46 +102,23 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.precision)
 
         self.backbone = self._build_backbone()
-        self.head, self.compat, self.projector = None, None, None
-        if self.contrastive:
-            # Seeded apart from the per-rank stream: the same head whatever the world size.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.train.seed)
-                self.projector = build_projection_head(cfg.contrastive, cfg.model.embedding_size)
-            self.projector = self.projector.to(self.device)
-            trained: torch.nn.Module = ProjectedBackbone(self.backbone, self.projector)
-        else:
-            self._check_labels()
-            # Labels were checked once for the whole view; on GPU the per-step check would be a host sync.
-            self.head = build_head(cfg.head, num_classes=self.num_classes,
-                                   embedding_size=cfg.model.embedding_size, seed=cfg.train.seed,
-                                   check_labels=self.device.type == "cpu").to(self.device)
-            # Built after the head (a method may read its shard layout); may extract the old-feature bank.
-            self.compat = build_compat(cfg, self.records, self.head, rank=self.rank,
-                                       world_size=self.world_size, device=self.device, log=self.log)
-            if self.compat is not None:
-                self.loader.batch_inputs = self.compat.batch_inputs
-            trained = self.backbone
-        if self.world_size > 1:
-            # Buffers (BN statistics) stay per rank, as in insightface; rank 0's are saved.
-            self.model = dist.data_parallel(trained, self.device)
-        else:
-            self.model = trained
-        last = self.projector if self.contrastive else self.head
-        self.optimizer = build_optimizer(self.backbone, last, cfg.optim, self.device, compat=self.compat)
+        # May extract the old-feature bank (collectively) for a compatibility method.
+        self.objective = build_objective(cfg, self.records, rank=self.rank, world_size=self.world_size,
+                                         device=self.device, log=self.log)
+        compat = getattr(self.objective, "compat", None)
+        if compat is not None:  # per-sample inputs read with each batch (the old-feature bank)
+            self.loader.batch_inputs = compat.batch_inputs
+        # Buffers (BN statistics) stay per rank, as in insightface; rank 0's are saved.
+        trained = self.objective.wrap(self.backbone)
+        self.model = dist.data_parallel(trained, self.device) if self.world_size > 1 else trained
+        self.optimizer = build_optimizer(self.backbone, self.objective, cfg.optim, self.device)
         self.scheduler = PolyWarmupScheduler(
             self.optimizer, total_steps=self.total_steps,
             warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch), power=cfg.optim.poly_power)
         self.scaler = LossScaler(enabled=self.precision == "fp16")
-        if self.contrastive:
-            self.step: TrainStep = ContrastiveStep(
-                self.model, self.backbone, self.projector, self.optimizer, self.scaler,
-                amp_dtype=self.amp_dtype, grad_clip=cfg.optim.grad_clip, world_size=self.world_size,
-                channels_last=channels_last, temperature=cfg.contrastive.temperature)
-        else:
-            self.step = TrainStep(self.model, self.backbone, self.head, self.optimizer, self.scaler,
-                                  amp_dtype=self.amp_dtype, grad_clip=cfg.optim.grad_clip,
-                                  world_size=self.world_size, compat=self.compat, channels_last=channels_last)
+        self.step = TrainStep(self.model, self.backbone, self.objective, self.optimizer, self.scaler,
+                              amp_dtype=self.amp_dtype, grad_clip=cfg.optim.grad_clip,
+                              world_size=self.world_size, channels_last=channels_last)
         self.position = Position()
         self.last_checkpoint: Path | None = None
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0)
@@ -197,27 +180,22 @@ class Trainer:
                               "(set data.val_dir, or data.val_targets=[])")
         return VerificationCallback(paths, batch_size=self.cfg.eval.batch_size, flip=self.cfg.eval.flip)
 
-    def _check_labels(self) -> None:
-        """Every label of the view in [0, num_classes): a class no rank owns is a data error."""
-        labels = np.asarray(self.records.labels)
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        if bad.size:
-            raise ConfigError(f"data.rec: {self.records.path}: label {int(bad[0])} outside "
-                              f"[0, {self.num_classes}) ({bad.size} images)")
-
     @property
-    def head_param_index(self) -> int:
-        """The head weight's index in the optimiser's flat parameter numbering (its last)."""
-        return sum(len(g["params"]) for g in self.optimizer.param_groups) - 1
+    def sharded_param_index(self) -> int | None:
+        """The objective's per-rank parameter (the head's weight) in the optimiser's flat numbering."""
+        sharded = self.objective.sharded_parameter()
+        if sharded is None:
+            return None
+        flat = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return next(i for i, p in enumerate(flat) if p is sharded)
 
     # ------------------------------------------------------------------ the step
 
     def train_step(self, batches: Sequence[Batch]) -> None:
         """One optimiser step over ``grad_accum`` micro-batches; no host synchronisation outside fp16."""
-        if self.compat is not None:
-            self.compat.set_progress(self.position.step / (self.steps_per_epoch * self.cfg.train.epochs))
+        self.objective.set_progress(self.position.step / (self.steps_per_epoch * self.cfg.train.epochs))
         losses, _ = self.step([(b.images, b.labels, b.inputs) for b in batches])
-        if self.compat is not None:
+        if self.objective.terms_per_rank:
             losses = self._average_over_ranks(losses)
         for loss in losses:
             self._track_loss(loss)
@@ -310,18 +288,11 @@ class Trainer:
 
     def _describe(self) -> str:
         c = self.cfg
-        if self.contrastive:
-            return (f"training {c.model.network} ({self.precision}) self-supervised (contrastive: "
-                    f"T={c.contrastive.temperature}, projection {list(c.contrastive.projection)}, "
-                    f"{self.loader.views} views per image) on {self.records.num_images} images; "
-                    f"world size {self.world_size}, batch {c.data.batch_size}x{self.world_size}x{self.accum} "
-                    f"images; {self.steps_per_epoch} steps/epoch, {self.total_steps} steps; "
-                    f"from step {self.position.step}")
-        return (f"training {c.model.network} ({self.precision}) on {self.records.num_images} images / "
-                f"{self.num_classes} classes; world size {self.world_size}, batch {c.data.batch_size}x"
-                f"{self.world_size}x{self.accum}; {self.steps_per_epoch} steps/epoch, {self.total_steps} "
-                f"steps; head ρ={c.head.sample_rate}, shard {self.head.num_local} classes; "
-                f"compat {c.compat.method if self.compat is None else self.compat!r}; "
+        views = f"x{self.loader.views} views" if self.loader.views > 1 else ""
+        return (f"training {c.model.network} ({self.precision}) {self.objective.describe()} on "
+                f"{self.records.num_images} images / {self.num_classes} classes; world size "
+                f"{self.world_size}, batch {c.data.batch_size}x{self.world_size}x{self.accum}{views}; "
+                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps; "
                 f"from step {self.position.step}")
 
     def _log_progress(self, start_time: float, start_step: int) -> None:
@@ -369,10 +340,7 @@ class Trainer:
         self._check_finite()  # never save a diverged state
         self.throughput.pause()
         pos = self.position
-        if self.contrastive:
-            common, rank_state = self._contrastive_state()
-        else:
-            common, rank_state = self._arcface_state()
+        common, rank_state = self._state()
         self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, pos.step, common, rank_state)
         if pos.step_in_epoch == 0 and self.rank == 0:
             ckpt.export_backbone(self.backbone, self.run_dir / "model.pt")
@@ -386,32 +354,21 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "position": vars(self.position).copy(),
                 "config": self.cfg.to_dict(), "num_classes": self.num_classes}
 
-    def _contrastive_state(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-        """(rank 0's state, this rank's): the projection head and optimiser are replicated, so
-        rank 0 saves them whole; every rank saves its RNG states."""
+    def _state(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """(rank 0's state, this rank's), composed from the components: the backbone, schedule,
+        scaler and position (rank 0), the optimiser (rank 0, less the objective's per-rank rows,
+        which every rank saves), the objective's two parts, and every rank's RNG states."""
+        opt_state, sharded_optim = self.optimizer.state_dict(), None
+        if self.sharded_param_index is not None:
+            opt_state, sharded_optim = ckpt.split_optimizer_state(opt_state, self.sharded_param_index)
         common = None
         if self.rank == 0:
-            common = {**self._common_state(), "projector": self.projector.state_dict(),
-                      "optimizer": self.optimizer.state_dict()}
-        return common, {"rng": ckpt.rng_state()}
-
-    def _arcface_state(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-        """(rank 0's state, this rank's): this rank's head shard with its optimiser rows and RNGs."""
-        opt_common, head_optim = ckpt.split_optimizer_state(self.optimizer.state_dict(),
-                                                            self.head_param_index)
-        common = None
-        if self.rank == 0:
-            common = {**self._common_state(), "optimizer": opt_common}
-            if self.compat is not None:
-                common["compat"] = self.compat.state_dict()
-        shard = self.head.shard_state()
-        rank_state = {"class_start": shard["class_start"], "num_local": shard["num_local"],
-                      "num_classes": shard["num_classes"], "head_weight": shard["weight"],
-                      "head_optim": {k: v.detach().cpu() if torch.is_tensor(v) else v
-                                     for k, v in head_optim.items()},
-                      "rng": ckpt.rng_state(self.head.generator)}
-        if self.compat is not None:  # per rank: its sampling streams
-            rank_state["compat"] = self.compat.state_dict()
+            common = {**self._common_state(), "optimizer": opt_state, **self.objective.common_state()}
+        rank_state = self.objective.rank_state()
+        if sharded_optim is not None:
+            rank_state["head_optim"] = {k: v.detach().cpu() if torch.is_tensor(v) else v
+                                        for k, v in sharded_optim.items()}
+        rank_state["rng"] = ckpt.rng_state(self.objective.generator)
         return common, rank_state
 
     def _resume(self) -> None:
@@ -434,52 +391,20 @@ class Trainer:
                                 f"train.objective is {self.cfg.train.objective}")
         _load_fitting(self.backbone, common["backbone"], f"{path}: backbone does not fit "
                       f"model.network={self.cfg.model.network}")
-        if self.contrastive:
-            self._resume_contrastive(path, common)
-            return
-        state, same_layout = ckpt.load_rank_state(
-            path, rank=self.rank, world_size=self.world_size, class_start=self.head.class_start,
-            num_local=self.head.num_local, num_classes=self.num_classes)
-        with torch.no_grad():
-            self.head.weight.copy_(state["head_weight"])
+        state, note = self.objective.read_rank_state(path, common, rank=self.rank, world_size=self.world_size)
+        self.objective.load_state(path, common, state, self.cfg)
         opt_state = common["optimizer"]
-        opt_state["state"][self.head_param_index] = state["head_optim"]
+        if self.sharded_param_index is not None:
+            opt_state["state"][self.sharded_param_index] = state["head_optim"]
         self.optimizer.load_state_dict(opt_state)
         self.scheduler.load_state_dict(common["scheduler"])
         self.scaler.load_state_dict(common["scaler"])
         self.position = Position(**common["position"])
-        if state.get("rng") is not None:
-            ckpt.set_rng_state(state["rng"], self.head.generator, generator_seed=self.head.sample_seed,
-                               seed=self.cfg.train.seed + self.rank, step=self.position.step)
-        if self.compat is not None:
-            saved = state.get("compat") or common.get("compat")
-            if saved is None:
-                raise TrainingError(f"{path}: checkpoint has no state of compat.method "
-                                    f"{self.cfg.compat.method!r} (it was written by another run)")
-            self.compat.load_state_dict(saved)
+        if state is not None and state.get("rng") is not None:
+            ckpt.set_rng_state(state["rng"], self.objective.generator, seed=self.cfg.train.seed + self.rank,
+                               generator_seed=self.objective.generator_seed, step=self.position.step)
         self.last_checkpoint = path
-        how = "" if same_layout else f" (re-sharded from world size {common['world_size']})"
-        self.log.info("resumed from %s at step %d%s", path, self.position.step, how)
-
-    def _resume_contrastive(self, path: Path, common: dict[str, Any]) -> None:
-        """Projection head, optimiser, schedule and position from ``common``; this rank's RNG states
-        when the checkpoint was written by as many ranks (augmentation does not depend on them)."""
-        _load_fitting(self.projector, common["projector"], f"{path}: projection head does not fit "
-                      f"contrastive.projection={list(self.cfg.contrastive.projection)}")
-        self.optimizer.load_state_dict(common["optimizer"])
-        self.scheduler.load_state_dict(common["scheduler"])
-        self.scaler.load_state_dict(common["scaler"])
-        self.position = Position(**common["position"])
-        if int(common["world_size"]) == self.world_size:
-            rank_file = path / f"rank_{self.rank:03d}.pt"
-            try:
-                state = torch.load(rank_file, map_location="cpu", weights_only=True)
-            except Exception as exc:  # a truncated or foreign file: name it
-                raise ckpt.CheckpointError(f"{rank_file}: cannot load "
-                                           f"({type(exc).__name__}: {exc})") from None
-            ckpt.set_rng_state(state["rng"], seed=self.cfg.train.seed + self.rank, step=self.position.step)
-        self.last_checkpoint = path
-        self.log.info("resumed from %s at step %d", path, self.position.step)
+        self.log.info("resumed from %s at step %d%s", path, self.position.step, note)
 
 
 def _load_fitting(module: torch.nn.Module, state: dict, problem: str) -> None:
