@@ -36,8 +36,21 @@ from pathlib import Path
 
 import numpy as np
 
-from facecompat.config import load_config
+from facecompat.cli import resolve_device
+from facecompat.compat.build import resolve_params
+from facecompat.compat.fct import load_fct_config, train_transformation
+from facecompat.compat.registry import get_method
+from facecompat.config import ConfigError, load_config
+from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic, read_manifest
+from facecompat.eval import ijb, matrix, metrics
+from facecompat.eval.catalog import EvalCatalog, EvalModelConfig
+from facecompat.eval.extract import read_face_list
+from facecompat.eval.features import model_features, resolve_models
+from facecompat.eval.ijb import find_target_dir
+from facecompat.eval.report import build_report, format_report
 from facecompat.fileio import atomic_write
+from facecompat.index import backfill
+from facecompat.train import train
 
 Stage = Callable[["QuickstartContext"], dict]
 MODELS = ("old", "new", "bct", "l2", "mixbct")  # the models that embed images, in report order
@@ -134,7 +147,6 @@ class QuickstartContext:
 
 # ------------------------------------------------------------------------------------------- stages
 def stage_data(ctx: QuickstartContext) -> dict:
-    from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic, read_manifest
 
     spec = SyntheticSpec(**ctx.size.data)
     there = read_manifest(ctx.data_dir) if ctx.data_dir.is_dir() else None
@@ -160,7 +172,6 @@ def _training_overrides(ctx: QuickstartContext, name: str, epochs: int) -> list[
 
 def train_model(ctx: QuickstartContext, name: str, config: str, epochs: int) -> dict:
     """Train ``<config_dir>/<config>`` on the quickstart's data into ``<work_dir>/runs/<name>``."""
-    from facecompat.train import train
 
     cfg = load_config(ctx.config_dir / config, _training_overrides(ctx, name, epochs))
     summary = train(cfg, ctx.runs / name, device=ctx.device)  # resumes an interrupted run
@@ -202,7 +213,6 @@ def _trainer(name: str) -> Stage:
 
 
 def _fct_config(ctx: QuickstartContext):
-    from facecompat.compat.fct import load_fct_config
 
     overrides = [f"data.rec={ctx.data_dir / 'train'}", f"old.checkpoint={ctx.runs / 'old'}",
                  f"side.checkpoint={ctx.runs / 'side'}", f"new.checkpoint={ctx.runs / 'new'}",
@@ -215,8 +225,6 @@ def check_recipes(ctx: QuickstartContext) -> None:
     """Read every recipe with the quickstart's overrides before anything runs: a broken or missing
     config fails in the first second (ConfigError / OSError naming the file and key), not after
     minutes of training."""
-    from facecompat.compat.build import get_method, resolve_params
-    from facecompat.config import ConfigError
 
     for name, config in RECIPES.items():
         path = ctx.config_dir / config
@@ -230,7 +238,6 @@ def check_recipes(ctx: QuickstartContext) -> None:
 
 
 def stage_fct(ctx: QuickstartContext) -> dict:
-    from facecompat.compat.fct import train_transformation
 
     out = ctx.runs / "fct"
     cfg = _fct_config(ctx)
@@ -243,7 +250,6 @@ def stage_fct(ctx: QuickstartContext) -> dict:
 
 
 def _catalog(ctx: QuickstartContext):
-    from facecompat.eval.catalog import EvalCatalog, EvalModelConfig
 
     models = {name: EvalModelConfig(path=str(ctx.runs / name)) for name in (*MODELS, "side")}
     models["fct"] = EvalModelConfig(transform=str(ctx.runs / "fct"))
@@ -253,10 +259,6 @@ def _catalog(ctx: QuickstartContext):
 
 
 def _features(ctx: QuickstartContext, names: list[str], uncertainty: dict | None = None) -> dict:
-    from facecompat.cli import resolve_device
-    from facecompat.eval.extract import read_face_list
-    from facecompat.eval.features import model_features, resolve_models
-    from facecompat.eval.ijb import find_target_dir
 
     catalog = _catalog(ctx)
     ijb_dir = find_target_dir(catalog.data_root, catalog.target)
@@ -267,7 +269,6 @@ def _features(ctx: QuickstartContext, names: list[str], uncertainty: dict | None
 
 
 def _meta(ctx: QuickstartContext):
-    from facecompat.eval import ijb
 
     return ijb.load_ijb_meta(ctx.data_dir, "IJBC", cache_dir=ctx.eval_dir)
 
@@ -282,14 +283,12 @@ def headline_far(num_impostors: int, min_false_accepts: int = 20) -> float:
 
 
 def _cells() -> list[tuple[str, str]]:
-    from facecompat.eval import matrix
 
     return [*matrix.matrix_cells(list(MODELS)), ("new", "fct")]
 
 
 def stage_evaluate(ctx: QuickstartContext) -> dict:
     """Every self and cross cell, 1:1 and 1:N; writes ``eval/results.json`` and ``roc.png``."""
-    from facecompat.eval import ijb, matrix, metrics
 
     meta = _meta(ctx)
     feats = _features(ctx, [*MODELS, "fct"])
@@ -316,7 +315,6 @@ def compatibility(results: dict, fars: list[float]) -> dict:
     the FCT-upgraded gallery: for ``fct`` the cross test is new|fct, the new model's queries against
     the old gallery after h, judged by the same rule against old|old. ``ecc`` is the 1:1 verdict at
     ``fars``; ``ecc_search`` the 1:N one (rank-1)."""
-    from facecompat.eval import matrix
 
     cross = {"fct": "new|fct"}
     out = matrix.compatibility(results, list(CANDIDATES), "old", "new", fars, cross_cells=cross)
@@ -328,8 +326,6 @@ def compatibility(results: dict, fars: list[float]) -> dict:
 def stage_backfill(ctx: QuickstartContext) -> dict:
     """The FCT-upgraded gallery backfilled with the new model (random, uncertainty, distance order),
     and the old gallery in random order: 1:N metrics per backfilled fraction; ``backfill.png``."""
-    from facecompat.eval import ijb
-    from facecompat.index import backfill
 
     meta = _meta(ctx)
     uncertainty: dict = {}
@@ -358,7 +354,6 @@ def stage_backfill(ctx: QuickstartContext) -> dict:
 
 
 def stage_report(ctx: QuickstartContext) -> dict:
-    from facecompat.eval.report import build_report, format_report
 
     evaluation = json.loads((ctx.eval_dir / "results.json").read_text())
     filled = json.loads((ctx.eval_dir / "backfill.json").read_text())

@@ -37,6 +37,7 @@ from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, pa
 from facecompat.compat.lce import take_class_rows
 from facecompat.compat.registry import register_method
 from facecompat.config import ConfigError
+from facecompat.data.loader import build_dataset
 from facecompat.heads.grad import scale_grad
 from facecompat.heads.partial_fc import PartialFC
 
@@ -94,7 +95,6 @@ def old_classifier_rows(ctx: CompatContext, prototype: str) -> tuple[Tensor, Ten
     except ckpt.CheckpointError as exc:
         raise ConfigError(f"compat.old.checkpoint: the old classifier: {exc} "
                           "(or set compat.params.prototype: class_mean)") from None
-    from facecompat.data.loader import build_dataset
 
     old_view = build_dataset(ctx.old_config.data)
     old = old_labels_of(classes, old_view)

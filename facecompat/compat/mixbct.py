@@ -30,6 +30,7 @@ from torch import Tensor
 
 from facecompat import rng
 from facecompat.compat.base import CompatContext, CompatMethod, CompatOutput, param_error
+from facecompat.compat.bct import shard_class_means
 from facecompat.compat.registry import register_method
 
 _STREAM = 0x31C5_B7A1
@@ -75,7 +76,6 @@ class MixBCT(CompatMethod):
             # Class centres start at the old model's class means (a resumed run loads its own).
             # A class id without images (no record in the bank, never a label) keeps its random
             # centre: a zero row would take 1/eps gradients through the head's normalisation.
-            from facecompat.compat.bct import shard_class_means
 
             rows, known = shard_class_means(ctx)
             weight = ctx.head.weight

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from facecompat.data.dali import DaliLoader, dali_available
 from facecompat.data.faces import FaceRecords, FaceRecWriter, decode_image
 from facecompat.data.loader import (
     BatchKey,
@@ -331,7 +332,6 @@ def _bench_view(records: FaceRecords, n: int, batch_size: int, rounds: int,
 
 
 def _dali_methods(view: FaceRecords, batch_size: int) -> dict[str, Callable[[], float]]:
-    from facecompat.data.dali import DaliLoader, dali_available
 
     if not dali_available():
         raise ImportError("DALI is not installed (nvidia.dali cannot be imported)")

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from facecompat.data.align import align_face
 from facecompat.data.faces import FaceRecWriter
 from facecompat.errors import UserError
 
@@ -68,7 +69,6 @@ def _encode(path: Path, rel: str, landmarks: dict[str, np.ndarray] | None, size:
     if landmarks is not None:
         if rel not in landmarks:
             raise ImageFolderError(f"{path}: no landmarks for '{rel}' in the landmark file")
-        from facecompat.data.align import align_face
 
         try:
             img = align_face(img, landmarks[rel], size=size)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facecompat.compat.fct import FCTransform
 from facecompat.eval.catalog import EvalCatalog, TransformSpec, resolve_model
 from facecompat.eval.extract import FaceList, extract_cached
 from facecompat.models.spec import ModelSpec, load_model
@@ -79,7 +80,6 @@ def model_features(specs: dict[str, ModelSpec | TransformSpec], catalog: EvalCat
     out = {}
     for name, spec in specs.items():
         if isinstance(spec, TransformSpec):
-            from facecompat.compat.fct import FCTransform
 
             fct = FCTransform.load(spec.directory, device)
             fct.check_models(spec.old.fingerprint(), spec.side.fingerprint() if spec.side else None)

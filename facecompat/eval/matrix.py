@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from facecompat.eval import ijb, metrics
+from facecompat.fileio import atomic_write
 
 HEADLINE_FARS = (1e-4, 1e-5)
 
@@ -108,7 +109,6 @@ def evaluate_cells(meta: ijb.IJBMeta, pooled: dict[str, ijb.Pooled], cells: Sequ
     Returns:
         ``({"q|g": {"1:1": {...}, "1:N": {...}}}, {"q|g": (fpr, tpr)})``.
     """
-    from facecompat.fileio import atomic_write
 
     one_to_n = meta.has_1n if one_to_n is None else one_to_n
     results: dict[str, dict] = {}
@@ -329,7 +329,6 @@ def save_figure(fig, ax, path: str | os.PathLike, title: str) -> Path:
     """Title, grid, legend, tight layout; the PNG written atomically (parents created); figure closed."""
     import matplotlib.pyplot as plt
 
-    from facecompat.fileio import atomic_write
 
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)

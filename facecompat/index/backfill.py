@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from facecompat.eval import ijb, metrics
+from facecompat.eval.matrix import new_figure, save_figure
 
 _CHUNK_ROWS = 65_536
 DEFAULT_FRACTIONS = tuple(k / 10 for k in range(11))  # 0, 0.1, ..., 1
@@ -353,7 +354,6 @@ def ordering_curves(meta: ijb.IJBMeta, probe_feats_new: np.ndarray | ijb.Pooled,
 def plot_backfill(curves: Mapping[str, dict], path: str | os.PathLike, metric: str = "rank1",
                   title: str | None = None) -> Path:
     """One line per ordering (metric vs backfilled fraction, area in the legend), atomically written PNG."""
-    from facecompat.eval.matrix import new_figure, save_figure
 
     if not curves:
         raise ValueError("plot_backfill: no curves to plot")

@@ -11,7 +11,7 @@ import torch
 
 from facecompat import dist
 from facecompat.config import HeadConfig, OptimConfig
-from facecompat.heads import build_head
+from facecompat.heads import PartialFC, build_head, head_memory_bytes
 from facecompat.models import get_model
 from facecompat.train.objective import ArcFaceObjective
 from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision
@@ -101,7 +101,6 @@ def bench_head_memory(num_classes: int, world_size: int = 8, sample_rate: float 
         ``{"num_local", "sample_rate", "global_batch", "embedding_size", "measured_gib",
         "formula_gib"}``.
     """
-    from facecompat.heads import PartialFC, head_memory_bytes
 
     if num_classes < 1 or world_size < 1 or global_batch < 1 or embedding_size < 1 or steps < 1:
         raise ValueError("num_classes, world_size, global_batch, embedding_size and steps must be >= 1")

@@ -28,6 +28,7 @@ from facecompat import checkpoint as ckpt
 from facecompat import dist
 from facecompat.config import Config, ConfigError, dump_config
 from facecompat.data.loader import Batch, build_train_loader
+from facecompat.eval.verification import VerificationCallback
 from facecompat.models import get_model, load_backbone_weights
 from facecompat.train.contrastive import ContrastiveObjective, build_contrastive
 from facecompat.train.errors import TrainingError
@@ -170,7 +171,6 @@ class Trainer:
         targets = self.cfg.data.val_targets
         if not targets or self.cfg.train.val_every == 0 or self.rank != 0:
             return None
-        from facecompat.eval.verification import VerificationCallback
 
         val_dir = Path(self.cfg.data.val_dir) if self.cfg.data.val_dir else _beside_rec(self.cfg.data.rec)
         paths = [val_dir / f"{name}.bin" for name in targets]

@@ -11,6 +11,7 @@ import numpy as np
 
 from facecompat.eval.ijb.records import GALLERY_NAMES, IJBMeta, IJBMetaError, Subjects, _preview
 from facecompat.eval.ijb.tables import _parse_int_table, _parse_named_table, _parse_subject_csv
+from facecompat.fileio import atomic_write
 
 META_CACHE_VERSION = 1
 
@@ -105,7 +106,6 @@ def _meta_cache_path(cache_dir: Path, meta_dir: Path, target: str, allow_missing
 
 
 def _write_meta_cache(path: Path, meta: IJBMeta) -> None:
-    from facecompat.fileio import atomic_write
 
     arrays = {"image_names": meta.image_names, "landmarks": meta.landmarks, "det_scores": meta.det_scores,
               "template_ids": meta.template_ids, "media_ids": meta.media_ids,
