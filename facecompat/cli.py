@@ -1,4 +1,6 @@
-"""Pieces every command-line tool shares: one-line argument errors (exit 2), value types, device choice.
+"""Pieces every command-line tool shares: one-line argument errors (exit 2), value types, the
+common flags (``--device``, ``--json``), output paths checked before the work, and the one way a
+tool ends on a user's error (:func:`run_main`).
 
 Light on purpose: importing it (for ``--help``) does not import torch.
 """
@@ -6,10 +8,14 @@ Light on purpose: importing it (for ``--help``) does not import torch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from facecompat.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +42,71 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a count such as ``--workers``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def output_file(text: str) -> Path:
+    """argparse type: a file the tool will write (checked now, before the work): not a directory,
+    in a folder that exists or can be made. ``-`` (standard output) passes through."""
+    if text == "-":
+        return Path(text)
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, expected a file to write")
+    parent = next((q for q in (path.parent, *path.parent.parents) if q.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write under {parent}")
+    return path
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """``--device``: cpu, cuda (this process's GPU) or cuda:N; default cuda when available."""
+    parser.add_argument("--device", help="cpu, cuda (this process's GPU: LOCAL_RANK modulo the visible "
+                        "GPUs) or cuda:N (default: cuda when available, else cpu)")
+
+
+def add_json_arg(parser: argparse.ArgumentParser, what: str = "the results") -> None:
+    """``--json [OUT]``: print ``what`` as JSON on standard output, or write it to ``OUT``."""
+    parser.add_argument("--json", nargs="?", const=Path("-"), type=output_file, metavar="OUT",
+                        help=f"{what} as JSON: on standard output, or written to OUT")
+
+
+def write_json(obj: Any, dest: Path | None) -> None:
+    """``obj`` as JSON to ``dest`` (``-``: standard output; None: nothing), written atomically."""
+    if dest is None:
+        return
+    text = json.dumps(obj, indent=2, sort_keys=False, default=str)
+    if str(dest) == "-":
+        print(text)
+        return
+    from facecompat.fileio import atomic_write
+
+    with atomic_write(dest, "w") as f:
+        f.write(text + "\n")
+
+
+def run_main(prog: str, main: Callable[[], int | None]) -> int:
+    """Run a tool's ``main``: a :class:`~facecompat.errors.UserError` (bad input the user can fix)
+    becomes one line ``prog: error: ...`` and exit status 2, Ctrl-C exit status 130; anything else
+    is a bug and keeps its traceback."""
+    try:
+        return int(main() or 0)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
 def comma_names(text: str, what: str, choices: tuple[str, ...] | None = None) -> list[str]:
     """argparse helper: distinct comma-separated names (among ``choices`` when given), at least one."""
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -57,13 +128,14 @@ def comma_floats(text: str, what: str) -> list[float]:
 def resolve_device(name: str | None) -> torch.device:
     """``--device`` value -> torch.device, made this process's current device
     (:func:`facecompat.dist.use_device`: default this rank's GPU when CUDA is available, else cpu).
-    Raises ValueError naming the flag (one line) for a malformed name, absent CUDA or a missing GPU."""
+    Raises DeviceError (a UserError and ValueError) naming the flag, in one line, for a malformed name,
+    absent CUDA or a missing GPU."""
     from facecompat import dist
 
     try:
         return dist.use_device(name)
     except dist.DeviceError as exc:
-        raise ValueError(f"--device: {exc}") from None
+        raise dist.DeviceError(f"--device: {exc}") from None
 
 
 def run_collective(work: Callable[[], T],
