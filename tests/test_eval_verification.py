@@ -159,3 +159,29 @@ def test_cli_subprocess(runs, lfw, tmp_path):
     bad = _cli("--model", str(old), "--bins", str(lfw), "--batch-size", "0")
     assert bad.returncode == 2
     _one_error_line(bad.stderr, "--batch-size")
+
+
+def test_json_bare_prints_the_results_instead_of_the_table(tool, runs, lfw, capsys):
+    old, _ = runs
+    assert tool.main(["--model", str(old), "--bins", str(lfw), "--device", "cpu", "--no-flip", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
+    assert list(results["lfw"]) == ["A|A"] and 0.0 <= results["lfw"]["A|A"]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--json", "{dir}"], "--json"), (["--device", "cuda:7"], "--device"), (["--device", "tpu"], "--device"),
+    (["--batch-size", "-1"], "--batch-size")])
+def test_bad_flags_fail_before_the_work(tool, runs, tmp_path, capsys, extra, culprit):
+    """A directory for --json, a device that is not there, a bad count: one line, exit status 2, before
+    any model or set is read (the set named here does not exist)."""
+    old, _ = runs
+    argv = ["--model", str(old), "--bins", str(tmp_path / "missing.bin"),
+            *[a.replace("{dir}", str(tmp_path)) for a in extra]]
+    try:
+        code = tool.main(argv)
+    except SystemExit as exit_:  # refused by argparse
+        code = exit_.code
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    _one_error_line(captured.err, culprit)

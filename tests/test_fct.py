@@ -456,5 +456,36 @@ def test_backfill_tool_from_fct_gallery(fct_catalog, synthetic_tiny, tmp_path, c
     capsys.readouterr()
     assert tool.main(["--config", str(catalog_path), "--query", "new", "--stored", "old",
                       "--orderings", "uncertainty"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "predicts no uncertainty" in errors[0]
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and errors[0].startswith("backfill.py: error: ") and "predicts no uncertainty" \
+        in errors[0]
+    # --json bare: the curves as JSON on stdout, no table
+    assert tool.main(["--config", str(catalog_path), "--query", "new", "--stored", "fct", "--fractions",
+                      "0,0.5,1", "--random-runs", "1", "--orderings", "distance", "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["orderings"]) == ["distance"]
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--json", "{dir}"], "--json"), (["--png", "{dir}"], "--png"), (["--seed", "-1"], "--seed"),
+    (["--random-runs", "0"], "--random-runs"), (["--orderings", "random,nope"], "--orderings"),
+    (["--device", "cuda:99"], "--device"), (["--fractions", "0,0.3,1"], "--fractions"),
+    (["--metric", "rank99"], "--metric"), (["--stored", "new"], "--stored"),
+    (["--stored", "nothing"], "nothing")])
+def test_backfill_tool_bad_input_one_line_before_the_work(tmp_path, capsys, argv, culprit):
+    """Bad flags and outputs stop in one line, exit status 2, before any catalog, meta or model is read
+    (the catalog named here does not even exist, except for the model-name case)."""
+    tool = load_tool(REPO / "tools" / "backfill.py", "backfill_tool")
+    catalog = tmp_path / "catalog.yaml"
+    if culprit == "nothing":
+        catalog.write_text("models: {}\n")
+    argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
+    base = ["--config", str(catalog), "--query", "new", "--stored", "old"]
+    try:
+        code = tool.main([*base, *argv])
+    except SystemExit as exit_:  # argparse refuses it at parse time
+        code = exit_.code
+    assert code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1 and "backfill.py: error: " in lines[0], captured.err
+    assert culprit in lines[0] and "Traceback" not in captured.err

@@ -246,7 +246,7 @@ def test_tool_help_explains_itself(tools, name, capsys):
 
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    lines = [line for line in err.splitlines() if line.startswith("error: ") or ".py: error: " in line]
     assert len(lines) == 1, err
     return lines[0]
 
@@ -364,3 +364,89 @@ def test_extract_gallery_tool_on_tiny_ijbc(tools, tmp_path, models, synthetic_ti
     upgraded = FeatureStore.open(tmp_path / "g_up")
     assert upgraded.spaces() == {model_version(models["fp"]["new"])["id"]: items.size}
     assert upgraded.meta["gallery_only"] is True and upgraded.meta["target"] == "IJBC"
+
+
+def _exit_code(fn, argv: list[str]) -> int:
+    """main's status, or argparse's SystemExit code (a flag refused at parse time)."""
+    try:
+        return fn(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.mark.parametrize("name, argv, culprit", [
+    ("extract_gallery", ["--model", "old", "--out", "{tmp}/g", "--json", "{tmp}"], "--json"),
+    ("extract_gallery", ["--model", "old", "--out", "{tmp}/file"], "--out"),
+    ("extract_gallery", ["--model", "old", "--out", "{tmp}/g", "--workers", "-1"], "--workers"),
+    ("extract_gallery", ["--model", "old", "--out", "{tmp}/g", "--batch-size", "0"], "--batch-size"),
+    ("extract_gallery", ["--model", "old", "--out", "{tmp}/store"], "--overwrite"),
+    ("extract_gallery", ["--model", "old", "--out", "{tmp}/g", "--device", "cuda:99"], "--device"),
+    ("transform_gallery", ["--transform", "{tmp}/none", "--old", "{tmp}/none", "--out", "{tmp}/g", "--json",
+                           "{tmp}"], "--json"),
+    ("transform_gallery", ["--transform", "{tmp}/none", "--old", "{tmp}/none", "--out", "{tmp}/file"],
+     "--out"),
+    ("transform_gallery", ["--transform", "{tmp}/none", "--old", "{tmp}/none", "--out", "{tmp}/store"],
+     "--overwrite"),
+    ("transform_gallery", ["--transform", "{tmp}/none", "--old", "{tmp}/none", "--out", "{tmp}/g",
+                           "--chunk-rows", "-1"], "--chunk-rows"),
+    ("transform_gallery", ["--transform", "{tmp}/none", "--old", "{tmp}/none", "--out", "{tmp}/g",
+                           "--device", "nope"], "--device"),
+    ("search_gallery", ["--gallery", "{tmp}/none", "--queries", "{tmp}/q.npy", "--query-model", "x", "--out",
+                        "{tmp}"], "--out"),
+    ("search_gallery", ["--gallery", "{tmp}/none", "--queries", "{tmp}/q.npy", "--query-model", "x", "--out",
+                        "{tmp}/r.json", "-k", "0"], "-k"),
+])
+def test_gallery_tools_refuse_bad_flags_and_outputs_before_the_work(tools, tmp_path, capsys, name, argv,
+                                                                    culprit):
+    """A bad count, device or output (a directory for a file, a file for a store, an existing store
+    without --overwrite) stops in one line with exit status 2 before any input is read: the other
+    inputs named here do not even exist."""
+    (tmp_path / "file").write_text("not a store")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "store.json").write_text("{}")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert _exit_code(tools[name].main, [*argv, "--config", str(tmp_path / "none.yaml")]
+                      if name == "extract_gallery" else argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1 and "error: " in lines[0], captured.err
+    assert culprit in lines[0]
+
+
+def test_extract_gallery_names_the_allow_missing_flag(tools, tmp_path, models, synthetic_tiny, capsys):
+    """A face whose image is missing: the message names --allow-missing (the flag the user types)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_tiny / "IJBC", data / "IJBC")
+    first = next(iter(sorted((data / "IJBC" / "loose_crop").iterdir())))
+    first.unlink()
+    argv = ["--model", str(models["runs"]["old"]), "--out", str(tmp_path / "g"), "--data-root", str(data),
+            "--config", str(tmp_path / "none.yaml"), "--device", "cpu"]
+    (tmp_path / "none.yaml").write_text("models: {}\n")
+    assert tools["extract_gallery"].main(argv) == 2
+    line = _error_line(capsys)
+    assert "--allow-missing" in line and "allow_missing" not in line and first.name in line
+
+
+def test_search_gallery_out_dash_prints_the_results(tools, tmp_path, models, capsys):
+    """--out -: the results as JSON on standard output, nothing else there."""
+    feats = np.random.default_rng(6).standard_normal((20, NEW_DIM)).astype(np.float32)
+    gallery = store_model_features(tmp_path / "g", feats, np.arange(20), models["fp"]["new"])
+    queries = tmp_path / "q.npy"
+    np.save(queries, feats[[7]])
+    assert tools["search_gallery"].main(["--gallery", str(gallery.path), "--queries", str(queries), "-k", "2",
+                                         "--cpu", "--query-model", str(models["runs"]["new"]), "--out",
+                                         "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["ids"][0][0] == 7
+
+
+def test_transform_gallery_json_file_beside_the_report(tools, tmp_path, models, capsys):
+    """--json OUT writes the summary (atomically) and keeps the report on stdout."""
+    old, side = _stores(tmp_path, models)
+    out = tmp_path / "reports" / "t.json"
+    assert tools["transform_gallery"].main([
+        "--transform", str(models["dirs"]["fct"]), "--old", str(old.path), "--side", str(side.path),
+        "--device", "cpu", "--no-progress", "--out", str(tmp_path / "fct"), "--json", str(out)]) == 0
+    assert "upgraded gallery" in capsys.readouterr().out
+    assert json.loads(out.read_text())["rows_transformed"] == 200

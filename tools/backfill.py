@@ -9,11 +9,21 @@ of the gallery is re-embedded with the new model, for each order of re-embedding
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from facecompat.cli import OneLineParser, comma_floats, comma_names, positive_int
+from facecompat.cli import (
+    OneLineParser,
+    add_device_arg,
+    add_json_arg,
+    comma_floats,
+    comma_names,
+    non_negative_int,
+    output_file,
+    positive_int,
+    run_main,
+)
+from facecompat.errors import UserError
 
 EPILOG = """\
 what is compared:
@@ -34,8 +44,10 @@ metrics: 1:N CMC rank-1/5/10 and TPIR at FPIR 1e-2 / 1e-1 (DESIGN §5) over the 
 G2 as the public cross-model evaluator reports them: rank-k pooled (hits over all their mated
 probes), TPIR the mean of the two galleries' TPIRs (each has its own threshold);
 area = the plain mean of the metric over the evenly spaced fractions (FastFill's definition).
-Outputs: a table per metric on stdout; --json {"query", "stored", "orderings": {name: {"fractions",
-"metric": {name: [..]}, "area": {name: x}, "per_gallery", ...}}}; --png the curves of --metric.
+Outputs: a table per metric on stdout; --json prints {"query", "stored", "orderings": {name:
+{"fractions", "metric": {name: [..]}, "area": {name: x}, "per_gallery", ...}}} instead (--json OUT
+writes it to OUT beside the table); --png the curves of --metric.
+Bad input stops with one line and exit status 2, before any extraction.
 
 examples:
   python tools/backfill.py --config configs/eval_ijbc_synthetic.yaml --query new --stored old
@@ -44,6 +56,10 @@ examples:
 """
 
 ORDERINGS = ("random", "uncertainty", "distance")
+
+
+class BackfillToolError(UserError, ValueError):
+    """Bad input the tool reports in one line (exit status 2)."""
 
 
 def _orderings(text: str) -> list[str]:
@@ -69,13 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="orderings to run (default: all that apply)")
     p.add_argument("--fractions", type=_fractions, metavar="F,...",
                    help="backfilled fractions, evenly spaced from 0 to 1 (default 0, 0.1, ..., 1)")
-    p.add_argument("--seed", type=int, default=0, help="first seed of the random orderings (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="first seed of the random orderings (default 0)")
     p.add_argument("--random-runs", type=positive_int, default=5, metavar="N",
                    help="random orderings averaged (default 5): one seed decides little on small galleries")
     p.add_argument("--metric", default="rank1", help="metric of the PNG (default rank1; e.g. tpir@fpir=0.01)")
-    p.add_argument("--json", type=Path, metavar="OUT", help="write the curves as JSON")
-    p.add_argument("--png", type=Path, metavar="OUT", help="plot the curves of --metric")
-    p.add_argument("--device", help="torch device for extraction (default: cuda when available, else cpu)")
+    add_json_arg(p, "the curves")
+    p.add_argument("--png", type=output_file, metavar="OUT", help="plot the curves of --metric")
+    add_device_arg(p)
     p.add_argument("--no-faiss", dest="faiss", action="store_false", help="1:N search with numpy instead")
     return p
 
@@ -90,33 +107,42 @@ def run(args: argparse.Namespace, log) -> dict:
     from facecompat.eval.features import model_features, resolve_models
     from facecompat.index import backfill
 
+    if args.metric not in backfill.metric_names():
+        raise BackfillToolError(f"--metric {args.metric}: choose among {', '.join(backfill.metric_names())}")
+    if args.query == args.stored:
+        raise BackfillToolError(f"--query and --stored are both {args.query!r}: backfilling changes nothing")
+    try:
+        fractions = backfill.check_fractions(args.fractions if args.fractions is not None
+                                             else backfill.DEFAULT_FRACTIONS)
+    except ValueError as exc:
+        raise BackfillToolError(f"--fractions: {exc}") from None
+    device = resolve_device(args.device)
     default = Path("configs/eval_ijbc.yaml")
     catalog_path = args.config or (default if default.is_file() else None)
     catalog = load_catalog(catalog_path)
     source = str(catalog_path) if catalog_path else "the default catalog (no --config)"
+    try:
+        specs = resolve_models([args.query, args.stored], catalog, source)
+    except UserError:
+        raise
+    except (ValueError, OSError) as exc:  # resolve_model(s)' documented bad-input errors
+        raise BackfillToolError(f"--query {args.query} / --stored {args.stored}: {exc}") from None
+    if isinstance(specs[args.query], TransformSpec):
+        raise BackfillToolError(f"--query {args.query}: a transformation cannot embed images; "
+                                "give the new model")
     target = args.target or catalog.target
-    data_root = args.data_root or Path(catalog.data_root)
-    ijb_dir = ijb.find_target_dir(data_root, target)
-    if args.metric not in backfill.metric_names():
-        raise ValueError(f"--metric {args.metric!r}: choose among {', '.join(backfill.metric_names())}")
-    fractions = backfill.check_fractions(args.fractions if args.fractions is not None
-                                         else backfill.DEFAULT_FRACTIONS)
+    ijb_dir = ijb.find_target_dir(args.data_root or Path(catalog.data_root), target)
     meta = ijb.load_ijb_meta(ijb_dir, target, cache_dir=args.cache_dir or Path(catalog.cache_dir))
     if not meta.has_1n:
-        raise ValueError(f"{ijb_dir / 'meta'}: no 1:N gallery/probe files: nothing to backfill")
-    if args.query == args.stored:
-        raise ValueError(f"--query and --stored are both {args.query!r}: backfilling changes nothing")
-    specs = resolve_models([args.query, args.stored], catalog, source)
-    if isinstance(specs[args.query], TransformSpec):
-        raise ValueError(f"--query {args.query}: a transformation cannot embed images; give the new model")
+        raise BackfillToolError(f"{ijb_dir / 'meta'}: no 1:N gallery/probe files: nothing to backfill")
     faces = read_face_list(ijb_dir, target)
     uncertainty: dict = {}
     feats = model_features(specs, catalog, ijb_dir, target, faces, cache_dir=args.cache_dir,
-                           device=resolve_device(args.device), log=log, uncertainty=uncertainty)
+                           device=device, log=log, uncertainty=uncertainty)
     var = uncertainty.get(args.stored)
     orderings = args.orderings or [o for o in ORDERINGS if o != "uncertainty" or var is not None]
     if "uncertainty" in orderings and var is None:
-        raise ValueError(f"--orderings uncertainty: --stored {args.stored} predicts no uncertainty "
+        raise BackfillToolError(f"--orderings uncertainty: --stored {args.stored} predicts no uncertainty "
                          "(it is not an FCT transformation trained with transform.uncertainty)")
     new = np.asarray(feats[args.query])
     curves = backfill.ordering_curves(meta, new, feats[args.stored], new, orderings, fractions,
@@ -153,28 +179,23 @@ def report(out: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from facecompat.compat.fct import FCTError
-    from facecompat.config import ConfigError
-    from facecompat.eval.extract import ExtractError
-    from facecompat.eval.ijb import IJBMetaError
-    from facecompat.fileio import atomic_write
+    return run_main("backfill.py", lambda: _run_and_report(args))
+
+
+def _run_and_report(args: argparse.Namespace) -> int:
+    from facecompat.cli import write_json
     from facecompat.index import backfill
-    from facecompat.models import WeightsError
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    try:
-        out = run(args, log)
-        if args.json:
-            with atomic_write(args.json, "w") as f:
-                json.dump(out, f, indent=1)
-        if args.png:
-            backfill.plot_backfill(out["orderings"], args.png, args.metric,
-                                   title=f"{out['target']} 1:N, query {out['query']}, stored {out['stored']}")
-    except (ConfigError, ExtractError, IJBMetaError, WeightsError, FCTError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = run(args, log)
+    write_json(out, args.json)
+    if args.png:
+        backfill.plot_backfill(out["orderings"], args.png, args.metric,
+                               title=f"{out['target']} 1:N, query {out['query']}, stored {out['stored']}")
+    if args.json is not None and str(args.json) == "-":
+        return 0
     print(report(out))
     for label, path in (("results", args.json), ("plot", args.png)):
         if path is not None:

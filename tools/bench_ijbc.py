@@ -36,7 +36,9 @@ user runs it, against the public cross-model evaluator's verification_11(old tem
 templates, ..., p1, p2) written the reference way (old-model templates in the pair file's first
 column, new-model ones in the second); every TAR@FAR must be identical (exit status 1 if not).
 --pairs N scales the pair count down for quick checks (genuine pairs scaled alike).
-Exit status 2 with a one-line reason on bad input.
+--json prints the results as JSON instead of the table; --json OUT writes them to OUT beside it.
+Exit status 2 with a one-line reason on bad input (checked before the work: --pairs under 100,
+a --data-dir or --json that cannot be written).
 """
 
 from __future__ import annotations
@@ -44,22 +46,31 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch  # noqa: F401  (loaded before timing; see the module docstring)
-from tqdm import tqdm
 
-from facecompat.eval import ijb, metrics
+from facecompat.cli import OneLineParser, add_json_arg, run_main
+from facecompat.errors import UserError
 
-FULL = {"faces": 469_375, "templates": 23_124, "pairs": 15_658_489, "genuine": 19_557}
+if TYPE_CHECKING:  # torch and facecompat.eval are imported after parsing: --help stays fast
+    from facecompat.eval import ijb
+
+FULL = {"faces": 469_375, "templates": 23_124, "pairs": 15_658_489, "genuine": 19_557, "subjects": 3_500}
 DIM = 512
 META_VERSION = 2  # bump when make_meta's output changes: an older folder is rewritten
 GALLERY_SIZES = {"G1": 1_772, "G2": 1_759}
+MIN_PAIRS = 100
+
+
+class BenchError(UserError, RuntimeError):
+    """Bad input (or an unwritable --data-dir) the tool reports in one line (exit status 2)."""
 
 
 def _int_lines(columns: list[np.ndarray]) -> bytes:
@@ -84,7 +95,8 @@ def make_meta(out: Path, num_pairs: int, num_genuine: int, seed: int = 0) -> Non
     meta = out / "IJBC" / "meta"
     meta.mkdir(parents=True, exist_ok=True)
     n, t = FULL["faces"], FULL["templates"]
-    template_subject = rng.integers(0, 3_500, t)
+    num_subjects = FULL["subjects"]
+    template_subject = rng.integers(0, num_subjects, t)
     face_template = np.concatenate([np.arange(t), rng.integers(0, t, n - t)])
     rng.shuffle(face_template)
     media_per_template = rng.integers(1, 8, t)
@@ -100,7 +112,7 @@ def make_meta(out: Path, num_pairs: int, num_genuine: int, seed: int = 0) -> Non
         for a, p, s in zip(names, pts.tolist(), score.tolist())))
     # genuine pairs: two templates of one subject; impostor pairs: random templates of two subjects
     by_subject = np.argsort(template_subject, kind="stable")
-    starts = np.searchsorted(template_subject[by_subject], np.arange(3_500))
+    starts = np.searchsorted(template_subject[by_subject], np.arange(num_subjects))
     sizes = np.diff(np.r_[starts, t])
     subj = rng.choice(np.flatnonzero(sizes >= 2), num_genuine)
     a = rng.integers(0, sizes[subj])
@@ -173,6 +185,8 @@ def reference_pool(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray,
     Like insightface, faces are weighted in float32 and the template array is numpy's default
     float64 (``np.zeros((T, D))``), so templates and pair scores are float64 from here on.
     """
+    from tqdm import tqdm
+
     feats = feats * scores.astype(np.float32)[:, None]
     unique_templates = np.unique(templates)
     template_feats = np.zeros((len(unique_templates), feats.shape[1]))
@@ -194,6 +208,8 @@ def reference_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p
     """insightface verification(): row gathers + multiply-sum in batches of 100,000 pairs. With
     ``template_feats2`` the cross-model evaluator's verification_11: ``p1`` from the first array
     (the gallery model), ``p2`` from the second (the query model), same template order."""
+    from tqdm import tqdm
+
     second = template_feats if template_feats2 is None else template_feats2
     template2id = np.zeros(max(unique_templates) + 1, dtype=int)
     template2id[unique_templates] = np.arange(len(unique_templates))
@@ -206,6 +222,8 @@ def reference_scores(template_feats: np.ndarray, unique_templates: np.ndarray, p
 
 def reference_tar(fpr: np.ndarray, tpr: np.ndarray) -> dict[str, float]:
     """insightface's printed TAR@FAR: flip the ROC, then the first of min(zip(|fpr - far|, index))."""
+    from facecompat.eval import metrics
+
     fpr, tpr = np.flipud(fpr), np.flipud(tpr)
     out = {}
     for far in metrics.DEFAULT_FARS:
@@ -280,6 +298,8 @@ def _peak_rss_mb() -> float:
 
 def _parse_parts(meta_dir: Path) -> dict[str, float]:
     """Seconds of each parser of load_ijb_meta, called again one by one (files in the page cache)."""
+    from facecompat.eval import ijb
+
     parts = {}
     calls = {"5-point file": lambda: ijb._parse_named_table(meta_dir / "ijbc_name_5pts_score.txt", 12, float),
              "face/template/media file": lambda: ijb._parse_named_table(meta_dir / "ijbc_face_tid_mid.txt",
@@ -294,6 +314,10 @@ def _parse_parts(meta_dir: Path) -> dict[str, float]:
 
 
 def run(data_dir: Path, num_pairs: int, reference: bool, cross: bool = False) -> dict:
+    import torch  # noqa: F401  (loaded before timing; see the module docstring)
+
+    from facecompat.eval import ijb, metrics
+
     info = data_dir / "IJBC" / "meta" / "bench.json"
     num_genuine = max(1, round(FULL["genuine"] * num_pairs / FULL["pairs"]))
     stored = json.loads(info.read_text()) if info.is_file() else {}
@@ -305,7 +329,7 @@ def run(data_dir: Path, num_pairs: int, reference: bool, cross: bool = False) ->
         child.start()
         child.join()
         if child.exitcode != 0:
-            raise OSError(f"writing the meta folder in {data_dir} failed (exit {child.exitcode})")
+            raise BenchError(f"--data-dir {data_dir}: writing the meta folder failed (exit {child.exitcode})")
     out: dict = {"faces": FULL["faces"], "templates": FULL["templates"], "pairs": num_pairs}
     rss_before = _peak_rss_mb()
     t0 = time.perf_counter()
@@ -416,34 +440,62 @@ def _cross_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--data-dir", type=Path,
+def _pairs(text: str) -> int:
+    """argparse type: a pair count >= MIN_PAIRS."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < MIN_PAIRS:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_PAIRS}, got {value}")
+    return value
+
+
+def _data_dir(text: str) -> Path:
+    """argparse type: the folder the meta files are written to (checked before the work)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
+    parent = next((q for q in (path, *path.parents) if q.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write under {parent}")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="bench_ijbc.py", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--data-dir", type=_data_dir, metavar="DIR",
                         help="where the meta folder is written/reused (default: temp)")
-    parser.add_argument("--pairs", type=int, default=FULL["pairs"], help="number of 1:1 pairs")
+    parser.add_argument("--pairs", type=_pairs, default=FULL["pairs"], metavar="N",
+                        help=f"number of 1:1 pairs (at least {MIN_PAIRS}; default {FULL['pairs']:,})")
     parser.add_argument("--reference", action="store_true", help="also time the insightface-style code")
     parser.add_argument("--cross", action="store_true",
                         help="check eval_ijbc.py's cross test against verification_11 instead of timing")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
-    if args.pairs < 100:
-        print("bench_ijbc: --pairs must be at least 100", file=sys.stderr)
-        return 2
-    try:
-        if args.data_dir is None:
-            with tempfile.TemporaryDirectory(prefix="bench_ijbc_") as tmp:
-                res = run(Path(tmp), args.pairs, args.reference, args.cross)
-        else:
-            res = run(args.data_dir, args.pairs, args.reference, args.cross)
-    except (ijb.IJBMetaError, OSError) as err:
-        print(f"bench_ijbc: {err}", file=sys.stderr)
-        return 2
+    add_json_arg(parser, "the results (instead of the table)")
+    return parser
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run the bench (or the cross check) in --data-dir or a temporary folder; print and write the results."""
+    from facecompat.cli import write_json
+
+    if args.data_dir is None:
+        with tempfile.TemporaryDirectory(prefix="bench_ijbc_") as tmp:
+            res = run(Path(tmp), args.pairs, args.reference, args.cross)
+    else:
+        res = run(args.data_dir, args.pairs, args.reference, args.cross)
+    write_json(res, args.json)
+    if args.json is None or str(args.json) != "-":
+        print(_cross_table(res) if args.cross else _table(res))
     if args.cross:
-        print(json.dumps(res, indent=2) if args.json else _cross_table(res))
         return 0 if res["cross"]["tar_agree_abs"] == 0 else 1
-    print(json.dumps(res, indent=2) if args.json else _table(res))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main("bench_ijbc.py", lambda: bench(args))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from facecompat.cli import OneLineParser, positive_int
+from facecompat.cli import OneLineParser, add_device_arg, add_json_arg, positive_int, run_main
+from facecompat.errors import UserError
 
 if TYPE_CHECKING:  # nothing heavy at import time: --help stays fast
     import torch
@@ -30,12 +31,18 @@ L2 distance, 10-fold accuracy with the threshold chosen on the other nine folds.
 With --gallery-model B, model A (--model) embeds the first image of every pair and B the second
 (rows A/B); the self tests A/A and B/B are reported beside it.
 
-output: a table on stdout; --json OUT writes {set: {"A|B": {"accuracy", "accuracy_std",
-"threshold", "auc", "num_pairs", "query", "gallery"}}} with accuracies as fractions in [0, 1].
+output: a table on stdout; --json prints {set: {"A|B": {"accuracy", "accuracy_std",
+"threshold", "auc", "num_pairs", "query", "gallery"}}} instead (--json OUT writes it to OUT
+beside the table), with accuracies as fractions in [0, 1]. Bad input (a missing set or model, a
+weights file without --network, weights that do not fit) stops with one line and exit status 2.
 
 example:
   python tools/eval_verification.py --model ms1mv3_r50/model.pt --network r50 --bins data/lfw.bin
 """
+
+class VerificationToolError(UserError, ValueError):
+    """Bad input the tool reports in one line (exit status 2)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="eval_verification.py", description=__doc__, epilog=EPILOG,
@@ -55,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=256, metavar="N",
                         help="images per forward pass (default 256)")
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="no flip test-time augmentation")
-    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    add_device_arg(parser)
+    add_json_arg(parser, "the results")
     return parser
 
 
@@ -65,12 +72,18 @@ def load_model(path: str | Path, network: str | None = None, embedding_size: int
     """Build the backbone of :func:`resolve_model_spec`, load its weights strictly, move it to ``device``.
 
     Raises:
-        ValueError: an unknown network; WeightsError when the weights do not fit it (names the file).
+        VerificationToolError (a UserError): a missing model, a weights file without a network, an
+            unknown network, weights that do not fit it (names the file).
     """
     from facecompat.models.spec import ModelSpec, load_model, resolve_model_spec
 
-    network, embedding_size, weights = resolve_model_spec(path, network, embedding_size)
-    return load_model(ModelSpec(str(path), network, embedding_size, weights, str(path)), device)
+    try:
+        network, embedding_size, weights = resolve_model_spec(path, network, embedding_size)
+        return load_model(ModelSpec(str(path), network, embedding_size, weights, str(path)), device)
+    except UserError:
+        raise
+    except (ValueError, OSError) as exc:  # resolve_model_spec/load_model's documented bad-input errors
+        raise VerificationToolError(str(exc)) from None
 
 
 def evaluate_bins(models: dict, bins: list[Path], batch_size: int = 256, device: str | torch.device = "cpu",
@@ -86,10 +99,11 @@ def evaluate_bins(models: dict, bins: list[Path], batch_size: int = 256, device:
     stems = [p.stem for p in bins]
     repeated = sorted({s for s in stems if stems.count(s) > 1})
     if repeated:
-        raise ValueError(f"verification sets must have distinct file names; repeated: {', '.join(repeated)}")
+        raise VerificationToolError(f"--bins: verification sets must have distinct file names; repeated: "
+                                    f"{', '.join(repeated)}")
     for path in bins:
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: verification set not found")
+            raise VerificationToolError(f"--bins {path}: verification set not found")
     results: dict[str, dict[str, dict]] = {}
     for index, path in enumerate(bins, 1):
         vset = load_verification_set(path)
@@ -118,42 +132,36 @@ def format_table(results: dict[str, dict[str, dict]], labels: dict[str, str]) ->
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import json
+def run(args: argparse.Namespace) -> int:
+    """Check the sets, load the models, evaluate, report (table and/or JSON)."""
+    from facecompat.cli import resolve_device, write_json
 
-    from facecompat.cli import resolve_device
-    from facecompat.fileio import atomic_write
-
-    try:
-        device = resolve_device(args.device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
+    for path in args.bins:  # before the (slow) model loading
+        if not path.is_file():
+            raise VerificationToolError(f"--bins {path}: verification set not found")
     specs = {"A": (args.model, args.network, args.embedding_size)}
     if args.gallery_model is not None:
         specs["B"] = (args.gallery_model, args.gallery_network, args.gallery_embedding_size)
-    try:
-        for path in args.bins:  # before the (slow) model loading
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: verification set not found")
-        models = {key: load_model(*spec, device=device) for key, spec in specs.items()}
-        results = evaluate_bins(models, args.bins, args.batch_size, device, args.flip,
-                                progress=lambda line: print(line, file=sys.stderr, flush=True))
-        for set_rows in results.values():
-            for key, res in set_rows.items():
-                query, gallery = key.split("|")
-                res["query"], res["gallery"] = str(specs[query][0]), str(specs[gallery][0])
-        if args.json:
-            with atomic_write(args.json, "w") as f:
-                json.dump(results, f, indent=1)
-    except (ValueError, OSError) as exc:  # WeightsError, PairsBinError, ConfigError are ValueErrors
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    models = {key: load_model(*spec, device=device) for key, spec in specs.items()}
+    results = evaluate_bins(models, args.bins, args.batch_size, device, args.flip,
+                            progress=lambda line: print(line, file=sys.stderr, flush=True))
+    for set_rows in results.values():
+        for key, res in set_rows.items():
+            query, gallery = key.split("|")
+            res["query"], res["gallery"] = str(specs[query][0]), str(specs[gallery][0])
+    write_json(results, args.json)
+    if args.json is not None and str(args.json) == "-":
+        return 0
     print(format_table(results, {key: str(spec[0]) for key, spec in specs.items()}))
-    if args.json:
+    if args.json is not None:
         print(f"results: {args.json}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main("eval_verification.py", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,20 @@ Distributed:  torchrun --nproc_per_node=8 tools/extract_gallery.py --model old -
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from facecompat.cli import OneLineParser, positive_int
+from facecompat.cli import (
+    OneLineParser,
+    add_device_arg,
+    add_json_arg,
+    non_negative_int,
+    positive_int,
+    run_collective,
+)
+from facecompat.errors import UserError
 
 DEFAULT_CATALOG = Path("configs/eval_ijbc.yaml")
 
@@ -49,8 +56,20 @@ examples:
 """
 
 
-class GalleryToolError(ValueError):
+class GalleryToolError(UserError, ValueError):
     """Bad input the tool reports in one line (exit status 2)."""
+
+
+def store_dir(text: str) -> Path:
+    """argparse type: a feature store directory to write (checked now, before the work): not a file,
+    under a folder that exists or can be made."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, expected a store directory")
+    parent = next((q for q in (path.parent, *path.parent.parents) if q.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write under {parent}")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="MODEL",
                    help="catalog name or run directory / weights file")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the feature store to write")
+    p.add_argument("--out", required=True, type=store_dir, metavar="DIR", help="the feature store to write")
     p.add_argument("--gallery-only", action="store_true",
                    help="keep only the faces of the 1:N gallery templates (needs the 1:N CSVs)")
     p.add_argument("--config", type=Path, metavar="YAML",
@@ -70,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true",
                    help="leave out (and count) faces whose image is missing instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    add_device_arg(p)
     p.add_argument("--batch-size", type=positive_int, metavar="N", help="faces per forward pass")
-    p.add_argument("--workers", type=int, metavar="N", help="DataLoader workers for image decoding")
-    p.add_argument("--json", nargs="?", const="-", metavar="OUT",
-                   help="print the summary as JSON (or write it to OUT)")
+    p.add_argument("--workers", type=non_negative_int, metavar="N",
+                   help="DataLoader workers for image decoding")
+    add_json_arg(p, "the summary (instead of the report)")
     return p
 
 
@@ -89,37 +108,48 @@ def extract(args: argparse.Namespace, log) -> dict | None:
     from facecompat import dist
     from facecompat.cli import resolve_device
     from facecompat.eval.catalog import TransformSpec, load_catalog, resolve_model
-    from facecompat.eval.extract import cache_paths, read_face_list
+    from facecompat.eval.extract import ExtractError, cache_paths, read_face_list
     from facecompat.eval.features import model_features
     from facecompat.eval.ijb import find_target_dir
     from facecompat.fileio import file_sha1
     from facecompat.index.upgrade import store_model_features
 
+    if (args.out / "store.json").exists() and not args.overwrite:  # before any work
+        raise GalleryToolError(f"--out {args.out}: a feature store exists there (--overwrite replaces it)")
+    device = resolve_device(args.device)
     catalog_path = args.config or (DEFAULT_CATALOG if DEFAULT_CATALOG.is_file() else None)
     catalog = load_catalog(catalog_path)
     source = str(catalog_path) if catalog_path else "the default catalog (no --config)"
     target = args.target or catalog.target
     ijb_dir = find_target_dir(args.data_root or Path(catalog.data_root), target)
     cache_dir = args.cache_dir or Path(catalog.cache_dir)
-    spec = resolve_model(args.model, catalog, source, args.network)
+    try:
+        spec = resolve_model(args.model, catalog, source, args.network)
+    except UserError:
+        raise
+    except (ValueError, OSError) as exc:  # resolve_model's documented bad-input errors
+        raise GalleryToolError(f"--model: {exc}") from None
     if isinstance(spec, TransformSpec):
         raise GalleryToolError(
             f"--model {args.model}: an FCT transformation ({spec.directory}), not a model; store its old "
             f"model's gallery (and its side-information model's) here, then run tools/transform_gallery.py "
             f"--transform {spec.directory} --old STORE [--side STORE] --out DIR")
-    if (args.out / "store.json").exists() and not args.overwrite:
-        raise GalleryToolError(f"--out {args.out}: a feature store exists there (--overwrite replaces it)")
-    faces = read_face_list(ijb_dir, target, allow_missing=args.allow_missing)
+    try:
+        faces = read_face_list(ijb_dir, target, allow_missing=args.allow_missing)
+    except ExtractError as exc:  # the library names its argument; the user typed the flag
+        raise ExtractError(str(exc).replace("allow_missing=True", "--allow-missing")) from None
     items = faces.rows
     if args.gallery_only:
         from facecompat.eval.ijb import load_ijb_meta
         from facecompat.index.backfill import gallery_items
 
         meta = load_ijb_meta(ijb_dir, target, allow_missing=args.allow_missing, cache_dir=cache_dir)
-        items = np.intersect1d(gallery_items(meta), faces.rows)
+        try:
+            items = np.intersect1d(gallery_items(meta), faces.rows)
+        except ValueError as exc:  # no 1:N files, or inconsistent ones: the data's fault
+            raise GalleryToolError(f"--gallery-only: {exc}") from None
         if items.size == 0:
             raise GalleryToolError(f"{ijb_dir}: no gallery face has an image")
-    device = resolve_device(args.device)
     npy = cache_paths(cache_dir, spec.name, target)[0]
     before = _mtime(npy)
     start = time.perf_counter()
@@ -166,14 +196,7 @@ def report(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from facecompat.cli import run_collective
-    from facecompat.compat.fct import FCTError
-    from facecompat.config import ConfigError
-    from facecompat.eval.extract import ExtractError
-    from facecompat.eval.ijb import IJBMetaError
-    from facecompat.fileio import atomic_write
-    from facecompat.index.store import StoreError
-    from facecompat.models import WeightsError
+    from facecompat.cli import write_json
 
     rank = int(os.environ.get("RANK", "0"))
 
@@ -181,18 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(line, file=sys.stderr, flush=True)
 
-    errors = (GalleryToolError, ConfigError, ExtractError, IJBMetaError, WeightsError, FCTError, StoreError,
-              ValueError, OSError)
-    status, rank, summary = run_collective(lambda: extract(args, log), errors)
+    status, rank, summary = run_collective(lambda: extract(args, log), (UserError,))
     if status or summary is None:
         return status
-    if args.json == "-":
-        print(json.dumps(summary, indent=1))
-        return 0
-    if args.json:
-        with atomic_write(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
-    print(report(summary))
+    write_json(summary, args.json)
+    if args.json is None or str(args.json) != "-":
+        print(report(summary))
     return 0
 
 

@@ -8,12 +8,12 @@ python tools/search_gallery.py --gallery work_dirs/gallery/fct --queries probes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from facecompat.cli import OneLineParser, positive_int
+from facecompat.cli import OneLineParser, output_file, positive_int, run_main
+from facecompat.errors import UserError
 
 DEFAULT_CATALOG = Path("configs/eval_ijbc.yaml")
 
@@ -46,7 +46,7 @@ examples:
 """
 
 
-class GalleryToolError(ValueError):
+class GalleryToolError(UserError, ValueError):
     """Bad input the tool reports in one line (exit status 2)."""
 
 
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IVF lists searched per query (default 16)")
     p.add_argument("-k", type=positive_int, default=5, metavar="K", help="results per query (default 5)")
     p.add_argument("--cpu", action="store_true", help="search on the CPU even when faiss sees a GPU")
-    p.add_argument("--out", required=True, type=Path, metavar="JSON", help="where to write the results")
+    p.add_argument("--out", required=True, type=output_file, metavar="JSON",
+                   help="where to write the results (checked before the search; - prints them instead)")
     return p
 
 
@@ -89,7 +90,7 @@ def _resolve_version(token: str, known: set[str], catalog, source: str, network:
         return token
     try:
         spec = resolve_model(token, catalog, source, network)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # resolve_model's documented bad-input errors
         raise GalleryToolError(f"--declare {token}: not a version id of the query or the gallery "
                                f"({', '.join(sorted(known))}) and not a model ({exc})") from None
     if isinstance(spec, TransformSpec):
@@ -131,7 +132,12 @@ def search(args: argparse.Namespace) -> dict:
     if args.k > store.num_items:
         raise GalleryToolError(f"-k {args.k}: the gallery has only {store.num_items} items")
     queries = _load_queries(args.queries, store.dim)
-    spec = resolve_model(args.query_model, catalog, source, args.network)
+    try:
+        spec = resolve_model(args.query_model, catalog, source, args.network)
+    except UserError:
+        raise
+    except (ValueError, OSError) as exc:  # resolve_model's documented bad-input errors
+        raise GalleryToolError(f"--query-model: {exc}") from None
     if isinstance(spec, TransformSpec):
         raise GalleryToolError(f"--query-model {args.query_model}: an FCT transformation; queries are "
                                "embedded by a model (the new one)")
@@ -140,10 +146,20 @@ def search(args: argparse.Namespace) -> dict:
     declared = sorted({(_resolve_version(q, known, catalog, source, args.network),
                         _resolve_version(g, known, catalog, source, args.network)) for q, g in args.declare})
     start = time.perf_counter()
-    index = GalleryIndex.from_store(store, query_version, declared, kind=args.kind, nlist=args.nlist,
-                                    nprobe=args.nprobe, use_gpu=False if args.cpu else None)
+    try:
+        index = GalleryIndex.from_store(store, query_version, declared, kind=args.kind, nlist=args.nlist,
+                                        nprobe=args.nprobe, use_gpu=False if args.cpu else None)
+    except UserError:  # IncompatibleError: rows of a version the queries cannot be compared with
+        raise
+    except ImportError as exc:  # no faiss installed
+        raise GalleryToolError(str(exc)) from None
+    except ValueError as exc:  # the gallery's rows (a zero vector, ...): from_store's bad-data errors
+        raise GalleryToolError(f"--gallery {args.gallery}: {exc}") from None
     built = time.perf_counter() - start
-    scores, ids = index.search(np.asarray(queries), args.k)
+    try:
+        scores, ids = index.search(np.asarray(queries), args.k)
+    except ValueError as exc:  # a NaN or zero query row
+        raise GalleryToolError(f"--queries {args.queries}: {exc}") from None
     seconds = time.perf_counter() - start
     return {"gallery": str(store.path), "gallery_versions": store.version_counts(),
             "query_model": spec.source, "query_version": query_version,
@@ -171,23 +187,20 @@ def report(out: dict, rows: int = 5) -> str:
     return "\n".join(lines)
 
 
+def run(args: argparse.Namespace) -> int:
+    from facecompat.cli import write_json
+
+    out = search(args)
+    write_json(out, args.out)
+    if str(args.out) != "-":
+        print(report(out))
+        print(f"results: {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from facecompat.config import ConfigError
-    from facecompat.fileio import atomic_write
-    from facecompat.index.store import IncompatibleError, StoreError
-
-    try:
-        out = search(args)
-        with atomic_write(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-    except (GalleryToolError, ConfigError, StoreError, IncompatibleError, ValueError, ImportError,
-            OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report(out))
-    print(f"results: {args.out}")
-    return 0
+    return run_main("search_gallery.py", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ python tools/transform_gallery.py --transform work_dirs/synthetic_fct --old work
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from facecompat.cli import OneLineParser, positive_int
+from facecompat.cli import OneLineParser, add_device_arg, add_json_arg, positive_int, run_main
+from facecompat.errors import UserError
 
 EPILOG = """\
 inputs (feature stores, facecompat/index/store.py; tools/extract_gallery.py writes them):
@@ -47,8 +48,20 @@ examples:
 """
 
 
-class GalleryToolError(ValueError):
+class GalleryToolError(UserError, ValueError):
     """Bad input the tool reports in one line (exit status 2)."""
+
+
+def store_dir(text: str) -> Path:
+    """argparse type: a feature store directory to write (checked now, before the work): not a file,
+    under a folder that exists or can be made."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, expected a store directory")
+    parent = next((q for q in (path.parent, *path.parent.parents) if q.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write under {parent}")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,15 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FCT transformation directory (tools/train_fct.py's output: transform.pt, fct.json)")
     p.add_argument("--old", required=True, type=Path, metavar="STORE", help="the stored old-model gallery")
     p.add_argument("--side", type=Path, metavar="STORE", help="the side-information store of the same items")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the upgraded store to write")
+    p.add_argument("--out", required=True, type=store_dir, metavar="DIR", help="the upgraded store to write")
     p.add_argument("--chunk-rows", type=positive_int, default=65536, metavar="N",
                    help="rows read, transformed and written per step (default 65536)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
+    add_device_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--compare", type=Path, metavar="STORE",
                    help="a store made by extract_gallery.py whose recorded extraction time to compare with")
-    p.add_argument("--json", nargs="?", const="-", metavar="OUT",
-                   help="print the summary as JSON (or write it to OUT)")
+    add_json_arg(p, "the summary (instead of the report)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -94,6 +106,8 @@ def transform(args: argparse.Namespace) -> dict:
     from facecompat.index.store import FeatureStore
     from facecompat.index.upgrade import read_uncertainty, transform_store
 
+    if (args.out / "store.json").exists() and not args.overwrite:  # before any work
+        raise GalleryToolError(f"--out {args.out}: a feature store exists there (--overwrite replaces it)")
     device = resolve_device(args.device)
     fct = FCTransform.load(args.transform, device)
     old = FeatureStore.open(args.old)
@@ -161,22 +175,19 @@ def report(s: dict) -> str:
     return "\n".join(lines)
 
 
+def run(args: argparse.Namespace) -> int:
+    from facecompat.cli import write_json
+
+    summary = transform(args)
+    write_json(summary, args.json)
+    if args.json is None or str(args.json) != "-":
+        print(report(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from facecompat.compat.fct import FCTError
-    from facecompat.fileio import atomic_write
-    from facecompat.index.store import IncompatibleError, StoreError
-
-    try:
-        summary = transform(args)
-        if args.json not in (None, "-"):
-            with atomic_write(args.json, "w") as f:
-                json.dump(summary, f, indent=1)
-    except (GalleryToolError, FCTError, StoreError, IncompatibleError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1) if args.json == "-" else report(summary))
-    return 0
+    return run_main("transform_gallery.py", lambda: run(args))
 
 
 if __name__ == "__main__":
