@@ -434,4 +434,16 @@ def test_extract_features_tool(tmp_path, synthetic_tiny, runs, capsys):
     assert tool.main([str(config), "--set", "compat.old.checkpoint=null"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "compat.old.checkpoint: not set" in err
+    (tmp_path / "file").write_text("x")
+    for argv, needle in ((["--workers", "-1"], "argument --workers: must be >= 0"),
+                         (["--out", str(tmp_path / "file")], "argument --out: "),
+                         (["--json", str(tmp_path)], "argument --json: ")):
+        with pytest.raises(SystemExit) as exc:  # refused before any work
+            tool.main([str(config), *argv])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and err.splitlines() == [err], err
+        assert err.startswith("extract_features.py: error: ") and needle in err, err
+    assert tool.main([str(config), "--device", "gpu0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "--device: not a device: 'gpu0'" in err
     shutil.rmtree(out["path"])

@@ -41,22 +41,37 @@ def test_every_method_against_none(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the temporary bank is removed
 
 
-def test_cli_errors_are_one_line(capsys, tmp_path):
+def test_cli_runs_and_writes_json(tmp_path, capsys):
     tool = load_tool(TOOL, "bench_compat_tool")
-    assert tool.main(["--methods", "none,bct,mixbtc", "--num-classes", "10"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == "error: compat.method: unknown method 'mixbtc' (valid: none, advbct, bct, l2, lce, mixbct)"
-    assert tool.main(["--num-classes", "10", "--num-records", "5", "--workdir", str(tmp_path)]) == 2
-    assert "every class needs a record" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+    argv = ["--methods", "bct", "--network", "r18-w0.125", "--embedding-size", "32", "--batch-size", "8",
+            "--num-classes", "50", "--steps", "1", "--warmup", "0", "--rounds", "1", "--device", "cpu",
+            "--workdir", str(tmp_path), "--json", str(tmp_path / "out" / "r.json")]
+    assert tool.main(argv) == 0
+    assert "bct" in capsys.readouterr().out  # the table is printed too
+    import json
+
+    result = json.loads((tmp_path / "out" / "r.json").read_text())
+    assert list(result["methods"]) == ["none", "bct"] and result["batch_size"] == 8
+    assert list(tmp_path.iterdir()) == [tmp_path / "out"]  # the temporary bank is removed
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--methods", "none,bct,mixbtc"], "--methods: unknown method 'mixbtc' (valid: all, or some of none, "
+                                       "advbct, bct, l2, lce, mixbct)"),
+    (["--num-records", "5"], "--num-records (5) must be >= --num-classes (10): every class needs a record"),
+    (["--steps", "0"], "--steps: must be >= 1"),
+    (["--warmup", "-1"], "--warmup: must be >= 0"),
+    (["--network", "r19"], "--network: unknown backbone 'r19'"),
+    (["--workdir", "/nonexistent/dir"], "--workdir: /nonexistent/dir: not a writable folder"),
+    (["--device", "cuda"], "--device: cuda: CUDA is not available here"),  # tests hide CUDA
+])
+def test_cli_errors_are_one_line(capsys, argv, needle):
+    tool = load_tool(TOOL, "bench_compat_tool")
     with pytest.raises(SystemExit) as exc:
-        tool.main(["--steps", "0"])
-    assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1
-    with pytest.raises(SystemExit) as exc:  # no GPU here (tests hide CUDA)
-        tool.main(["--device", "cuda"])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.count("\n") == 1
-    assert "--device: cuda: CUDA is not available here" in err
+        tool.main(["--num-classes", "10", "--batch-size", "8", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("bench_compat.py: error: "), err
+    assert needle in err[0], err
 
 
 def test_default_methods_are_every_registered_one():

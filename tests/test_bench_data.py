@@ -20,6 +20,14 @@ def load_tool():
     return module
 
 
+def _status(tool, argv: list[str]) -> int:
+    """main's exit status, argparse's refusals (SystemExit) included."""
+    try:
+        return tool.main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
 def test_bench_makes_a_rec_and_reports_json(tmp_path):
     rec = tmp_path / "bench"
     args = [sys.executable, str(TOOL), str(rec), "--make", "300", "--n", "200", "--batch-size", "50",
@@ -49,8 +57,10 @@ def test_bench_table_and_bad_input(tmp_path, capsys):
     rec = tmp_path / "small"
     assert tool.main([str(rec), "--make-only", "--make", "40"]) == 0
     assert not capsys.readouterr().out
-    assert tool.main([str(rec), "--n", "40", "--batch-size", "50"]) == 2
+    assert _status(tool, [str(rec), "--n", "40", "--batch-size", "50"]) == 2
     assert "need at least one batch" in capsys.readouterr().err
+    assert tool.main([str(rec), "--n", "100", "--batch-size", "50"]) == 2  # the rec holds 40
+    assert "40 images to measure on, need at least one batch of --batch-size 50" in capsys.readouterr().err
     assert tool.main([str(rec), "--n", "40", "--batch-size", "20", "--rounds", "1"]) == 0
     table = capsys.readouterr().out
     assert "ratio facecompat / reference" in table and "img/s" in table
@@ -99,19 +109,21 @@ def test_bench_bad_input_exits_2_with_one_line(tmp_path, capsys):
 
     tool = load_tool()
     rec = tmp_path / "rec"
-    cases = [(["--n", "10"], "no train.rec"),  # missing rec, no --make
-             (["--make", "0"], "n >= 1")]
+    cases = [(["--n", "10", "--batch-size", "5"], "no train.rec"),  # missing rec, no --make
+             (["--make", "0"], "--make: must be >= 1"),
+             (["--json", str(tmp_path)], "is a directory")]
     for argv, message in cases:
-        assert tool.main([str(rec), *argv]) == 2
+        assert _status(tool, [str(rec), *argv]) == 2
         out = capsys.readouterr()
         assert not out.out and out.err.count("\n") == 1, argv
-        assert out.err.startswith("bench_data: ") and message in out.err, argv
+        assert out.err.startswith("bench_data.py: error: ") and message in out.err, argv
     make_bench_rec(rec, 30, progress=False)
-    cases = [(["--n", "0"], "must be >= 1"),
+    cases = [(["--n", "0"], "--n: must be >= 1"),
              (["--n", "20", "--batch-size", "25"], "need at least one batch"),
-             (["--rounds", "0"], "must be >= 1")]
+             (["--rounds", "0"], "--rounds: must be >= 1"),
+             (["--seed", "-1"], "--seed: must be >= 0")]
     for argv, message in cases:
-        assert tool.main([str(rec), *argv]) == 2
+        assert _status(tool, [str(rec), *argv]) == 2
         out = capsys.readouterr()
         assert not out.out and out.err.count("\n") == 1, argv
-        assert out.err.startswith("bench_data: ") and message in out.err, argv
+        assert out.err.startswith("bench_data.py: error: ") and message in out.err, argv

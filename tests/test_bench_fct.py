@@ -33,3 +33,18 @@ def test_bench_fct_json(capsys):
     with pytest.raises(SystemExit) as exc:
         tool.main([*argv, "--side-dim", "-1"])
     assert exc.value.code == 2
+
+
+def test_bench_fct_bad_input_is_one_line(capsys, tmp_path):
+    tool = load_tool(REPO / "tools" / "bench_fct.py", "bench_fct")
+    base = ["--rows", "10", "--chunk", "10", "--images", "2", "--batch", "2", "--device", "cpu"]
+    assert tool.main([*base, "--network", "r19"]) == 2  # after parsing: the registry says
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bench_fct.py: error: --network: unknown backbone 'r19'"), err
+    for bad, needle in ((["--side-dim", "-1"], "--side-dim: must be >= 0"),
+                        (["--json", str(tmp_path)], "is a directory"),
+                        (["--hidden", "32,x"], "--hidden")):
+        with pytest.raises(SystemExit) as exc:
+            tool.main([*base, *bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and needle in err[0], err

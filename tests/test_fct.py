@@ -341,16 +341,26 @@ def test_tool_trains_without_side_information_and_reports(planted, tmp_path, cap
     tool = load_tool(REPO / "tools" / "train_fct.py", "train_fct")
     out = tmp_path / "noside"
     assert tool.main([str(cfg_path), "--set", "side=null", "--set", "train.epochs=2",
-                      "--set", f"output={out}", "--device", "cpu"]) == 0
+                      "--set", f"output={out}", "--device", "cpu", "--json", str(tmp_path / "s.json")]) == 0
     text = capsys.readouterr().out
     assert "cos(h, new)" in text and "cost: features" in text
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["training"]["steps"] > 0 and "held_out" in summary["fit"]
     fct = FCTransform.load(out)
     assert not fct.uses_side and fct.module.side_dim == 0
     with pytest.raises(FCTError, match="trained without side-information"):
         fct.apply(np.zeros((2, OLD_DIM), np.float32), np.zeros((2, SIDE_DIM), np.float32))
-    assert tool.main([str(cfg_path), "--set", "train.lr=-1"]) == 2
+    for argv, needle in (([str(cfg_path), "--set", "train.lr=-1"], "train.lr"),
+                         ([str(tmp_path / "absent.yaml")], "absent.yaml"),
+                         ([str(cfg_path), "--device", "gpu0"], "--device: not a device: 'gpu0'")):
+        assert tool.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as exc:  # refused before any work
+        tool.main([str(cfg_path), "--json", str(tmp_path)])
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "train.lr" in err and err.count("\n") == 1
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("train_fct.py: error: argument --json: "), err
 
 
 # ------------------------------------------------------------------------------------ in evaluation

@@ -49,7 +49,25 @@ def test_inspect_summary_and_bad_file(tmp_path):
     out = run("tools/inspect_rec.py", str(broken))
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and str(broken) in last and "key 6" in last and "truncated" in last
+    assert last.startswith("inspect_rec.py: error: ") and str(broken) in last and "key 6" in last
+    assert "truncated" in last
+
+
+def test_inspect_bad_arguments_are_one_line(tmp_path):
+    for args, needle in (([str(tmp_path / "absent.rec")], "no such RecordIO file"),
+                         ([str(FIXTURES / "train.rec"), "--idx", str(tmp_path / "no.idx")], "--idx: "),
+                         ([str(FIXTURES / "train.rec"), "--json", str(tmp_path)], "is a directory")):
+        out = run("tools/inspect_rec.py", *args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert lines[0].startswith("inspect_rec.py: error: ") and needle in lines[0], lines
+
+
+def test_inspect_json_to_a_file(tmp_path):
+    out = run("tools/inspect_rec.py", str(FIXTURES / "train.rec"), "--json", str(tmp_path / "s.json"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["images"] == 9
+    assert "images" in out.stdout  # the table is still printed
 
 
 def _write_folder(root: Path, sizes: dict[str, int], shape=(112, 112)) -> None:
@@ -95,6 +113,20 @@ def test_im2rec_rejects_unaligned_and_leaves_nothing(tmp_path):
     assert not any((tmp_path / "rec").glob("*.tmp"))
     out = run("tools/im2rec.py", str(tmp_path / "missing"), str(tmp_path / "rec"))
     assert out.returncode == 2 and "not a directory" in out.stderr
+
+
+def test_im2rec_bad_arguments_fail_before_the_work(tmp_path):
+    _write_folder(tmp_path / "faces", {"a": 1})
+    (tmp_path / "file").write_text("x")
+    for args, needle in (([str(tmp_path / "file")], "file is a file, expected a folder"),
+                         ([str(tmp_path / "rec"), "--workers", "-1"], "--workers: must be >= 1"),
+                         ([str(tmp_path / "rec"), "--quality", "101"], "--quality: must be 1..100"),
+                         ([str(tmp_path / "rec"), "--align", str(tmp_path / "nope.txt")], "--align: ")):
+        out = run("tools/im2rec.py", str(tmp_path / "faces"), *args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert lines[0].startswith("im2rec.py: error: ") and needle in lines[0], lines
+    assert not (tmp_path / "rec").exists()
 
 
 def test_im2rec_bad_landmark_file(tmp_path):

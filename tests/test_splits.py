@@ -339,6 +339,7 @@ def test_cli_subprocess_bad_input_exits_2(tmp_path):
     (["{rec}", "--protocol", "opclass", "--out", "{tmp}/busy"], "--force"),
     (["{tmp}/busy/x", "--protocol", "opclass", "--out", "{tmp}/o"], "bad magic"),
     (["{rec}", "--out", "{tmp}/o"], "--protocol"),
+    (["{rec}", "--protocol", "opclass", "--out", "{tmp}/busy/x"], "--out: {tmp}/busy/x is a file"),
 ])
 def test_cli_bad_input_exits_2(rec_dir, tmp_path, capsys, args, needle):
     (tmp_path / "busy").mkdir()
@@ -346,5 +347,5 @@ def test_cli_bad_input_exits_2(rec_dir, tmp_path, capsys, args, needle):
     args = [a.format(rec=rec_dir, tmp=tmp_path) for a in args]
     code, err = _cli_in_process(args, capsys)
     assert code == 2, err
-    assert needle in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "o").exists()
+    assert needle.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("split_dataset.py: error: ") and not (tmp_path / "o").exists()

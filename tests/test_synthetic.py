@@ -281,13 +281,25 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args", [["--num-ids", "0"], ["--imgs-per-id", "3:x"], ["--workers", "0"],
-                                  ["--lfw-pairs", "-4"], ["--imgs-per-id", "9:2"]])
-def test_cli_rejects_bad_arguments(tmp_path: Path, args: list[str]) -> None:
+@pytest.mark.parametrize("args, needle", [
+    (["--num-ids", "0"], "--num-ids: must be >= 1"), (["--imgs-per-id", "3:x"], "--imgs-per-id"),
+    (["--workers", "0"], "--workers: must be >= 1"), (["--lfw-pairs", "-4"], "--lfw-pairs"),
+    (["--imgs-per-id", "9:2"], "--imgs-per-id: must be N or MIN:MAX"),
+    (["--ijbc-subjects", "2"], "--ijbc-subjects: must be >= 3"), (["--seed", "-1"], "--seed")])
+def test_cli_rejects_bad_arguments(tmp_path: Path, args: list[str], needle: str) -> None:
     result = _cli(str(tmp_path / "out"), *args)
     assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()[-1]) > 10 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("make_synthetic.py: error: ") and needle in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_rejects_a_file_as_output(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    result = _cli(str(tmp_path / "file"), "--num-ids", "5")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"make_synthetic.py: error: argument out: {tmp_path / 'file'} is a file, expected a folder "
+        "(see --help)"]
 
 
 def test_cli_reports_an_up_to_date_folder(outputs: tuple[Path, Path]) -> None:

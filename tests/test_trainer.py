@@ -187,6 +187,26 @@ def test_bad_inputs_are_one_line_errors(tmp_path, synthetic_tiny, capsys):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "absent.yaml" in res.stderr
 
 
+def test_tool_flags_output_and_json(tmp_path, synthetic_tiny, capsys):
+    """--output DIR (the run's parent) and --json OUT (the summary, written atomically); a bad
+    --output is refused before any work, in one line naming the flag."""
+    cfg = str(write_config(tmp_path, synthetic_tiny, **{"data.val_targets": [], "train.epochs": 1}))
+    argv = [cfg, "--output", str(tmp_path / "elsewhere"), "--json", str(tmp_path / "s.json")]
+    status, err = train_main(argv, capsys)
+    assert status == 0, err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["model"] == str(tmp_path / "elsewhere" / "run" / "model.pt") and summary["step"] > 0
+    (tmp_path / "file").write_text("x")
+    for argv, needle in (([cfg, "--output", str(tmp_path / "file")], "--output: "),
+                         ([cfg, "--json", str(tmp_path)], "--json: ")):
+        with pytest.raises(SystemExit) as exc:
+            train_main(argv, capsys)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("train.py: error: "), err
+        assert needle in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_init_from_loads_the_backbone_only(tmp_path, synthetic_tiny):
     cfg = write_config(tmp_path, synthetic_tiny, **{"train.epochs": 1, "data.val_targets": []})
     run_dir = tmp_path / "runs" / "run"

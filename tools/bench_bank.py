@@ -14,23 +14,35 @@ imports, before the bank is opened.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from facecompat.cli import OneLineParser, positive_int
+from facecompat.cli import OneLineParser, add_json_arg, positive_int, run_main
+
+PROG = "bench_bank.py"
+
+
+def _folder(text: str) -> Path:
+    """argparse type: an existing folder this process can write in."""
+    path = Path(text)
+    if not path.is_dir() or not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: not a writable folder")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="bench_bank.py", description=__doc__,
+    p = OneLineParser(prog=PROG, description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=positive_int, default=200_000, help="records in the bank (default 200000)")
     p.add_argument("--dim", type=positive_int, default=512, help="embedding size (default 512)")
     p.add_argument("--batch", type=positive_int, default=128, help="ids per lookup (default 128)")
-    p.add_argument("--dir", type=Path, metavar="DIR", help="where to write the bank (default: a temp folder)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--dir", type=_folder, metavar="DIR",
+                   help="existing folder where the bank is written, in a temporary sub-folder (default: the "
+                   "temp directory)")
+    add_json_arg(p, "the results")
     return p
 
 
@@ -112,13 +124,14 @@ def _summary(runs: list[dict]) -> dict:
             "rows_per_s": [round(r["rows_per_s"]) for r in runs]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def bench(args: argparse.Namespace) -> None:
     import multiprocessing as mp
 
+    from facecompat.cli import write_json
+    from facecompat.errors import UserError
+
     if not Path("/proc/self/smaps_rollup").is_file():
-        print("error: /proc/self/smaps_rollup not available (Linux 4.14+ only)", file=sys.stderr)
-        return 2
+        raise UserError("/proc/self/smaps_rollup not available (Linux 4.14+ only)")
     with tempfile.TemporaryDirectory(prefix="bench_bank_", dir=args.dir) as tmp:
         directory = Path(tmp) / "bank"
         bank_mb = _write_bank(directory, args.rows, args.dim)
@@ -126,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         result = {"rows": args.rows, "dim": args.dim, "bank_mb": round(bank_mb, 1),
                   "memmap": _summary(_run_pair(ctx, "memmap", directory, args.batch)),
                   "copy": _summary(_run_pair(ctx, "copy", directory, args.batch))}
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return 0
+    write_json(result, args.json)
+    if str(args.json) == "-":
+        return
     print(f"bank: {args.rows} x 2 x {args.dim} float16 = {bank_mb:.1f} MB; 2 processes, every row looked up")
     print(f"{'approach':<22}{'proc':>5}{'RSS MB':>9}{'PSS MB':>9}{'PSS-baseline':>14}{'lookup rows/s':>15}")
     for mode, label in (("memmap", "memmap (page cache)"), ("copy", "full copy per process")):
@@ -137,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label if i == 0 else '':<22}{i:>5}{s['rss_mb'][i]:>9.1f}{s['pss_mb'][i]:>9.1f}"
                   f"{s['pss_mb'][i] - s['baseline_pss_mb'][i]:>14.1f}{s['rows_per_s'][i]:>15,}")
         print(f"{'':<22}{'sum':>5}{'':>9}{s['pss_total_mb']:>9.1f}{s['bank_pss_total_mb']:>14.1f}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(PROG, lambda: bench(args))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,30 @@ interleaved for --rounds rounds; each figure is the method's median round.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
+from pathlib import Path
 
-from facecompat.cli import OneLineParser, positive_int
+from facecompat.cli import OneLineParser, add_device_arg, add_json_arg, non_negative_int, positive_int
+
+
+def _rate(text: str) -> float:
+    """argparse type: a Partial FC sample rate, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _folder(text: str) -> Path:
+    """argparse type: an existing folder this process can write in."""
+    path = Path(text)
+    if not path.is_dir() or not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: not a writable folder")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,19 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="head classes (default 20000)")
     parser.add_argument("--num-records", type=positive_int,
                         help="records in the random bank (default 5 x --num-classes)")
-    parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC ρ (default 1.0)")
+    parser.add_argument("--sample-rate", type=_rate, default=1.0, help="Partial FC ρ (default 1.0)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--steps", type=positive_int, default=20,
                         help="timed steps per method per round (default 20)")
-    parser.add_argument("--warmup", type=int, default=5,
+    parser.add_argument("--warmup", type=non_negative_int, default=5,
                         help="untimed steps before a method's first round (default 5)")
     parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--device", help="cpu, cuda (this process's GPU: LOCAL_RANK modulo the visible "
-                        "GPUs) or cuda:N; default cuda when available")
+    add_device_arg(parser)
     parser.add_argument("--threads", type=positive_int,
                         help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
-    parser.add_argument("--workdir", help="where the temporary bank is written (default: the temp directory)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--workdir", type=_folder, metavar="DIR",
+                        help="existing folder where the temporary bank is written (default: the temp "
+                        "directory)")
+    add_json_arg(parser, "the result")
     return parser
 
 
@@ -60,22 +81,43 @@ def format_table(result: dict) -> str:
 
 def selected_methods(text: str) -> list[str]:
     """``--methods``: the names given, or for ``all`` every registered method (plug-ins included)."""
+    from facecompat.compat.registry import list_methods
+
     methods = [name.strip() for name in text.split(",") if name.strip()]
     if methods == ["all"]:
-        from facecompat.compat.registry import list_methods
-
         return ["none", *list_methods()]
+    unknown = [name for name in methods if name not in ("none", *list_methods())]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown method {unknown[0]!r}" if unknown else "no method named")
     return methods
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from facecompat.cli import resolve_device, run_collective
+    from facecompat.cli import resolve_device, run_collective, write_json
+    from facecompat.compat.registry import list_methods
+    from facecompat.errors import UserError
+    from facecompat.models import parse_model_name
 
+    try:
+        methods = selected_methods(args.methods)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--methods: {exc} (valid: all, or some of none, {', '.join(list_methods())})")
+    try:
+        parse_model_name(args.network)
+    except ValueError as exc:  # unknown backbone name (lists the valid ones)
+        parser.error(f"--network: {exc}")
+    num_records = 5 * args.num_classes if args.num_records is None else args.num_records
+    if num_records < args.num_classes:
+        parser.error(f"--num-records ({num_records}) must be >= --num-classes ({args.num_classes}): "
+                     "every class needs a record in the bank")
+    if args.batch_size > num_records:
+        parser.error(f"--batch-size ({args.batch_size}) is larger than the bank ({num_records} records, "
+                     "--num-records)")
     try:  # this process's device (LOCAL_RANK is set before the group is joined)
         device = resolve_device(args.device)
-    except ValueError as exc:
+    except UserError as exc:
         parser.error(str(exc))
     from facecompat.train.bench_compat import bench_compat_step
 
@@ -83,16 +125,17 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    methods = selected_methods(args.methods)
     status, rank, result = run_collective(lambda: bench_compat_step(
         methods, network=args.network, embedding_size=args.embedding_size, batch_size=args.batch_size,
         num_classes=args.num_classes, num_records=args.num_records, sample_rate=args.sample_rate,
         precision=args.precision, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-        device=device, workdir=args.workdir), (ValueError,))
+        device=device, workdir=args.workdir), (UserError,))
     if status:
         return status
     if rank == 0:
-        print(json.dumps(result) if args.json else format_table(result))
+        write_json(result, args.json)
+        if str(args.json) != "-":
+            print(format_table(result))
     return 0
 
 

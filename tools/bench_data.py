@@ -21,12 +21,13 @@ bad input.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
-from facecompat.data.bench import make_bench_rec, measure
-from facecompat.data.recordio import RecordIOError
+from facecompat.cli import OneLineParser, add_json_arg, non_negative_int, positive_int, run_main
+
+PROG = "bench_data.py"
 
 _RATE_ROWS = (("facecompat CPU path (TorchLoader, 1 thread)", "images_per_s"),
               ("reference (mxnet-style read + insightface transforms)", "reference_images_per_s"),
@@ -41,21 +42,38 @@ _STAGE_ROWS = (("read (read_raw_many + header/label check)", "read"),
                ("full (_BatchReader.__getitems__)", "full"))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("rec_dir", type=Path, help="folder with train.rec/train.idx (or to create with --make)")
-    p.add_argument("--n", type=int, default=5000, help="images per measurement (default 5000)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best is reported")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--make", type=int, nargs="?", const=20000, default=None, metavar="N",
+    p.add_argument("--n", type=positive_int, default=5000, help="images per measurement (default 5000)")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds; best is reported")
+    add_json_arg(p, "the results (one object, instead of a table)")
+    p.add_argument("--make", type=positive_int, nargs="?", const=20000, default=None, metavar="N",
                    help="generate N synthetic images into REC_DIR if it has no train.rec (default 20000)")
     p.add_argument("--make-only", action="store_true", help="generate (as --make) and exit")
     p.add_argument("--dali", action="store_true", help="also measure DALI (CPU; GPU when present)")
     p.add_argument("--stages", action="store_true", help="also time the CPU path stage by stage")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, with what can be checked before any work checked (one-line errors, exit 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.n < args.batch_size and not args.make_only:
+        parser.error(f"--n ({args.n}) is smaller than --batch-size ({args.batch_size}): "
+                     "need at least one batch")
+    making = (args.make is not None or args.make_only) and not (args.rec_dir / "train.rec").is_file()
+    if making:
+        near = next((q for q in (args.rec_dir, *args.rec_dir.parents) if q.exists()), Path("."))
+        if not near.is_dir() or not os.access(near, os.W_OK):
+            parser.error(f"rec_dir: cannot write {args.rec_dir} (--make) under {near}")
+    elif args.rec_dir.exists() and not args.rec_dir.is_dir():
+        parser.error(f"rec_dir: {args.rec_dir} is not a folder")
+    return args
 
 
 def format_table(result: dict) -> str:
@@ -71,23 +89,35 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def bench(args: argparse.Namespace) -> None:
+    from facecompat.cli import write_json
+    from facecompat.data.bench import make_bench_rec, measure
+    from facecompat.data.dali import dali_available
+    from facecompat.data.faces import FaceRecords
+    from facecompat.errors import UserError
+
+    if args.dali and not dali_available():
+        raise UserError("--dali: DALI is not installed (nvidia.dali cannot be imported)")
+    if (args.make is not None or args.make_only) and not (args.rec_dir / "train.rec").is_file():
+        make_bench_rec(args.rec_dir, 20000 if args.make is None else args.make, seed=args.seed)
+    if args.make_only:
+        return
+    if not (args.rec_dir / "train.rec").is_file():
+        raise UserError(f"{args.rec_dir}: no train.rec (create one with --make N)")
+    num_images = FaceRecords(args.rec_dir, flip=False).num_images
+    if min(args.n, num_images) < args.batch_size:
+        raise UserError(f"{args.rec_dir}: {min(args.n, num_images)} images to measure on, need at least one "
+                        f"batch of --batch-size {args.batch_size} (lower it)")
+    result = measure(args.rec_dir, args.n, batch_size=args.batch_size, rounds=args.rounds,
+                     seed=args.seed, dali=args.dali, stages=args.stages)
+    write_json(result, args.json)
+    if str(args.json) != "-":
+        print(format_table(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    has_rec = (args.rec_dir / "train.rec").is_file()
-    try:
-        if (args.make is not None or args.make_only) and not has_rec:
-            make_bench_rec(args.rec_dir, 20000 if args.make is None else args.make, seed=args.seed)
-        if args.make_only:
-            return 0
-        if not (args.rec_dir / "train.rec").is_file():
-            raise ValueError(f"{args.rec_dir}: no train.rec (create one with --make N)")
-        result = measure(args.rec_dir, args.n, batch_size=args.batch_size, rounds=args.rounds,
-                         seed=args.seed, dali=args.dali, stages=args.stages)
-    except (ValueError, RecordIOError, OSError, ImportError) as e:
-        print(f"bench_data: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result) if args.json else format_table(result))
-    return 0
+    return run_main(PROG, lambda: bench(args))
 
 
 if __name__ == "__main__":

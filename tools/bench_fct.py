@@ -9,11 +9,19 @@ new backbone, in seconds per 1M gallery items, measured in the same run on the s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from facecompat.cli import OneLineParser, positive_int
+from facecompat.cli import (
+    OneLineParser,
+    add_device_arg,
+    add_json_arg,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
+
+PROG = "bench_fct.py"
 
 EPILOG = """\
 transformation: h = Transformation(old_dim, side_dim, new_dim, hidden) in eval mode on --rows
@@ -40,11 +48,11 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="bench_fct.py", description=__doc__, epilog=EPILOG,
+    p = OneLineParser(prog=PROG, description=__doc__, epilog=EPILOG,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--network", default="r50", help="the new backbone (default r50)")
     p.add_argument("--old-dim", type=positive_int, default=512, help="old feature size (default 512)")
-    p.add_argument("--side-dim", type=int, default=128,
+    p.add_argument("--side-dim", type=non_negative_int, default=128,
                    help="side-information size, 0 for none (default 128)")
     p.add_argument("--new-dim", type=positive_int, default=512, help="new feature size (default 512)")
     p.add_argument("--hidden", type=_widths, default=(2048, 2048), metavar="W,W",
@@ -53,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=positive_int, default=65_536, help="rows per transformation chunk")
     p.add_argument("--images", type=positive_int, default=64, help="images re-extracted (default 64)")
     p.add_argument("--batch", type=positive_int, default=32, help="images per backbone forward (default 32)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_device_arg(p)
+    add_json_arg(p, "the result")
     return p
 
 
@@ -64,9 +72,14 @@ def run(args: argparse.Namespace) -> dict:
 
     from facecompat.cli import resolve_device
     from facecompat.compat.fct import FCTransform, Transformation
+    from facecompat.errors import UserError
     from facecompat.features import fuse_flip
-    from facecompat.models import get_model
+    from facecompat.models import get_model, parse_model_name
 
+    try:
+        parse_model_name(args.network)
+    except ValueError as exc:  # unknown backbone name (lists the valid ones)
+        raise UserError(f"--network: {exc}") from None
     device = resolve_device(args.device)
     amp = torch.bfloat16 if device.type == "cuda" else None
 
@@ -114,25 +127,24 @@ def run(args: argparse.Namespace) -> dict:
             "ratio": round(per_m_extract / per_m_transform, 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.side_dim < 0:
-        build_parser().error(f"--side-dim must be >= 0, got {args.side_dim}")
-    try:
-        out = run(args)
-    except (ValueError, RuntimeError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(out, indent=1))
-        return 0
+def report(args: argparse.Namespace) -> None:
+    from facecompat.cli import write_json
+
+    out = run(args)
+    write_json(out, args.json)
+    if str(args.json) == "-":
+        return
     t, r = out["transform"], out["reextract"]
     print(f"device {out['device']} ({out['threads']} threads)")
     print(f"{'':24}{'per second':>14}{'s per 1M items':>16}")
     print(f"{'FCT h ' + str(t['hidden']):24}{t['rows_per_s']:>10.0f} rows{t['s_per_1m']:>16.1f}")
     print(f"{'re-extract ' + out['network']:24}{r['images_per_s']:>8.1f} images{r['s_per_1m']:>16.1f}")
     print(f"re-extraction / transformation: {out['ratio']:.1f}x")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(PROG, lambda: report(args))
 
 
 if __name__ == "__main__":

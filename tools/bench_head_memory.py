@@ -9,10 +9,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from facecompat.cli import OneLineParser, positive_int
+from facecompat.cli import OneLineParser, add_json_arg, positive_int
+
+
+def _rate(text: str) -> float:
+    """argparse type: a Partial FC sample rate, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,26 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-classes", type=positive_int, default=2_000_000, help="all ranks' classes")
     parser.add_argument("--world-size", type=positive_int, default=8, help="ranks sharing them (default 8)")
-    parser.add_argument("--sample-rate", type=float, default=0.1, help="Partial FC ρ (default 0.1)")
+    parser.add_argument("--sample-rate", type=_rate, default=0.1, help="Partial FC ρ (default 0.1)")
     parser.add_argument("--global-batch", type=positive_int, default=1024,
                         help="all ranks' batch (default 1024)")
     parser.add_argument("--embedding-size", type=positive_int, default=512)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json_arg(parser, "the result")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not 0.0 < args.sample_rate <= 1.0:
-        parser.error(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
+    args = build_parser().parse_args(argv)
+    from facecompat.cli import write_json
     from facecompat.train.bench import bench_head_memory
 
     result = bench_head_memory(args.num_classes, args.world_size, args.sample_rate, args.global_batch,
                                args.embedding_size)
-    if args.json:
-        print(json.dumps(result))
-    else:
+    write_json(result, args.json)
+    if str(args.json) != "-":
         print(f"Partial FC rank: {result['num_local']:,} classes x {result['embedding_size']}, "
               f"ρ={result['sample_rate']}, global batch {result['global_batch']}: "
               f"measured peak {result['measured_gib']:.2f} GiB, formula {result['formula_gib']:.2f} GiB")

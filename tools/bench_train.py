@@ -8,52 +8,66 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from facecompat.cli import OneLineParser
+from facecompat.cli import OneLineParser, add_device_arg, add_json_arg, non_negative_int, positive_int
+
+
+def _rate(text: str) -> float:
+    """argparse type: a Partial FC sample rate, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="bench_train.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--network", default="r50", help="backbone name (default r50)")
-    parser.add_argument("--embedding-size", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=128, help="per rank (default 128)")
-    parser.add_argument("--num-classes", type=int, default=93431,
+    parser.add_argument("--embedding-size", type=positive_int, default=512)
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="per rank (default 128)")
+    parser.add_argument("--num-classes", type=positive_int, default=93431,
                         help="head classes (default MS1Mv3's 93431)")
-    parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC ρ (default 1.0)")
+    parser.add_argument("--sample-rate", type=_rate, default=1.0, help="Partial FC ρ (default 1.0)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--channels-last", action="store_true", help="channels_last layout (CUDA only)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    parser.add_argument("--device", help="cpu, cuda (this process's GPU: LOCAL_RANK modulo the visible "
-                        "GPUs) or cuda:N; default cuda when available")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps (default 20)")
+    parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first (default 5)")
+    add_device_arg(parser)
+    add_json_arg(parser, "the result")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from facecompat.cli import resolve_device, run_collective
+    from facecompat.cli import resolve_device, run_collective, write_json
+    from facecompat.errors import UserError
+    from facecompat.models import parse_model_name
 
+    try:
+        parse_model_name(args.network)
+    except ValueError as exc:  # unknown backbone name (lists the valid ones)
+        parser.error(f"--network: {exc}")
     try:  # this process's device (LOCAL_RANK is set before the group is joined)
         device = resolve_device(args.device)
-    except ValueError as exc:
+    except UserError as exc:
         parser.error(str(exc))
     from facecompat.train.bench import StepBenchSpec, bench_train_step
 
     spec = StepBenchSpec(network=args.network, embedding_size=args.embedding_size, batch_size=args.batch_size,
                          num_classes=args.num_classes, sample_rate=args.sample_rate, precision=args.precision,
                          channels_last=args.channels_last, steps=args.steps, warmup=args.warmup)
-    status, rank, result = run_collective(lambda: bench_train_step(spec, device), (ValueError,))
+    status, rank, result = run_collective(lambda: bench_train_step(spec, device), (UserError,))
     if status:
         return status
     if rank == 0:
-        if args.json:
-            print(json.dumps(result))
-        else:
+        write_json(result, args.json)
+        if str(args.json) != "-":
             print(f"{result['network']} {result['precision']} "
                   f"batch {result['batch_size']}x{result['world_size']} "
                   f"ρ={result['sample_rate']} C={result['num_classes']} on {result['device_name']}: "

@@ -8,11 +8,19 @@ One machine:   torchrun --nproc_per_node=8 tools/extract_features.py configs/mix
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
+from pathlib import Path
 
-from facecompat.cli import OneLineParser, positive_int
+from facecompat.cli import (
+    OneLineParser,
+    add_device_arg,
+    add_json_arg,
+    non_negative_int,
+    output_file,
+    positive_int,
+)
 
 EPILOG = """\
 The view is the one the trainer reads (data.rec, data.subset, data.protocol/part); the old model is
@@ -44,23 +52,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="extract_features.py", description=__doc__, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
-    parser.add_argument("--out", metavar="DIR", help="bank directory (default: compat.bank_dir or under "
-                        "train.output/banks)")
+    parser.add_argument("--out", metavar="DIR", type=output_dir,
+                        help="bank directory (default: compat.bank_dir or under train.output/banks)")
     parser.add_argument("--batch-size", type=positive_int, metavar="N", help="images per forward "
                         "(default: eval.batch_size)")
-    parser.add_argument("--workers", type=int, metavar="N",
+    parser.add_argument("--workers", type=non_negative_int, metavar="N",
                         help="DataLoader workers (default: data.num_workers)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_device_arg(parser)
     parser.add_argument("--credible", type=_ratio, action="append", default=[], metavar="RATIO",
                         help="also compute the MixBCT credible mask for this keep ratio (repeatable)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_json_arg(parser, "the summary")
     return parser
+
+
+def output_dir(text: str) -> Path:
+    """argparse type: a folder the tool will write into (checked now, before the work): not a file,
+    writable, or one that can be made."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text}: folder not writable")
+        return path
+    return output_file(text)
 
 
 def run(cfg, args: argparse.Namespace) -> dict:
     """Build or reuse the bank; the summary (every rank)."""
-    from pathlib import Path
-
     import torch
 
     from facecompat.cli import resolve_device
@@ -68,10 +87,10 @@ def run(cfg, args: argparse.Namespace) -> dict:
     from facecompat.data.loader import build_dataset
     from facecompat.features import default_bank_dir, ensure_bank
 
+    device = resolve_device(args.device)
     view = build_dataset(cfg.data)
     spec, _, _ = resolve_old_model(cfg)
     directory = Path(args.out or cfg.compat.bank_dir or default_bank_dir(cfg.train.output, spec, view))
-    device = resolve_device(args.device)
     start = time.perf_counter()
     bank = ensure_bank(view, spec, directory, credible_ratios=tuple(args.credible),
                        batch_size=args.batch_size or cfg.eval.batch_size,
@@ -86,21 +105,16 @@ def run(cfg, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.workers is not None and args.workers < 0:
-        build_parser().error(f"--workers must be >= 0, got {args.workers}")
-    from facecompat.cli import run_collective
-    from facecompat.config import ConfigError, config_from_args
-    from facecompat.features import BankError
-    from facecompat.train.errors import USER_ERRORS
+    from facecompat.cli import run_collective, write_json
+    from facecompat.config import config_from_args
+    from facecompat.errors import UserError
 
-    status, rank, summary = run_collective(lambda: run(config_from_args(args), args),
-                                           (ConfigError, BankError, ValueError, OSError, *USER_ERRORS))
+    status, rank, summary = run_collective(lambda: run(config_from_args(args), args), (UserError,))
     if status:
         return status
     if rank == 0:
-        if args.json:
-            print(json.dumps(summary, indent=1))
-        else:
+        write_json(summary, args.json)
+        if str(args.json) != "-":
             speed = f" in {summary['seconds']:.1f} s ({summary['images_per_s']:.0f} images/s)" \
                 if summary["extracted"] else " (reused)"
             print(f"bank {summary['path']}: {summary['records']} records x 2 x {summary['dims']} float16, "

@@ -11,34 +11,65 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
-from facecompat.data.image_folder import ImageFolderError, pack_image_folder
-from facecompat.data.recordio import RecordIOError
+from facecompat.cli import OneLineParser, output_file, positive_int, run_main
+
+PROG = "im2rec.py"
+
+
+def _quality(text: str) -> int:
+    value = positive_int(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"must be 1..100, got {value}")
+    return value
+
+
+def output_dir(text: str) -> Path:
+    """argparse type: a folder the tool will write into (checked now, before the work): not a file,
+    writable, or one that can be made."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text}: folder not writable")
+        return path
+    return output_file(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python tools/im2rec.py faces/ data/myset --align faces_5pts.txt --workers 8")
+    parser.add_argument("root", help="folder with one sub-folder of images per identity")
+    parser.add_argument("out", type=output_dir, help="output folder for train.rec/.idx/property")
+    parser.add_argument("--align", metavar="LANDMARKS", type=Path,
+                        help="5-point landmark file; align loose crops")
+    parser.add_argument("--size", type=positive_int, default=112, help="aligned image size (default 112)")
+    parser.add_argument("--quality", type=_quality, default=95, help="JPEG quality when encoding, 1..100 "
+                        "(default 95)")
+    parser.add_argument("--reencode", action="store_true", help="re-encode aligned JPEGs too")
+    parser.add_argument("--workers", type=positive_int, default=4, help="decode/encode threads (default 4)")
+    return parser
+
+
+def pack(args: argparse.Namespace) -> None:
+    from facecompat.data.image_folder import pack_image_folder
+    from facecompat.errors import UserError
+
+    if args.align is not None and not args.align.is_file():
+        raise UserError(f"--align: {args.align}: no such landmark file")
+    result = pack_image_folder(args.root, args.out, landmarks=args.align, size=args.size,
+                               quality=args.quality, workers=args.workers, reencode=args.reencode)
+    print(json.dumps(result))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  python tools/im2rec.py faces/ data/myset --align faces_5pts.txt --workers 8")
-    parser.add_argument("root", help="folder with one sub-folder of images per identity")
-    parser.add_argument("out", help="output folder for train.rec/.idx/property")
-    parser.add_argument("--align", metavar="LANDMARKS", help="5-point landmark file; align loose crops")
-    parser.add_argument("--size", type=int, default=112, help="aligned image size (default 112)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality when encoding (default 95)")
-    parser.add_argument("--reencode", action="store_true", help="re-encode aligned JPEGs too")
-    parser.add_argument("--workers", type=int, default=4, help="decode/encode threads (default 4)")
-    args = parser.parse_args(argv)
-    if not 1 <= args.quality <= 100 or args.size <= 0 or args.workers <= 0:
-        parser.error("--quality must be 1..100, --size and --workers positive")
-    try:
-        result = pack_image_folder(args.root, args.out, landmarks=args.align, size=args.size,
-                                   quality=args.quality, workers=args.workers, reencode=args.reencode)
-    except (ImageFolderError, RecordIOError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    args = build_parser().parse_args(argv)
+    return run_main(PROG, lambda: pack(args))
 
 
 if __name__ == "__main__":

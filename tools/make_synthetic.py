@@ -4,7 +4,14 @@ folder and an LFW-style lfw.bin, so training and evaluation run without the real
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from facecompat.cli import OneLineParser, non_negative_int, output_file, positive_int, run_main
+
+PROG = "make_synthetic.py"
 
 EPILOG = """example:
   python tools/make_synthetic.py out/synth                      # 1000 ids x 20 imgs, 200 IJB-C subjects
@@ -23,42 +30,63 @@ def _imgs_per_id(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or MIN:MAX, got {text!r}") from None
     if len(values) not in (1, 2):
         raise argparse.ArgumentTypeError(f"expected N or MIN:MAX, got {text!r}")
+    if not 1 <= values[0] <= values[-1]:
+        raise argparse.ArgumentTypeError(f"must be N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
     return values[0], values[-1]
 
 
+def _at_least(low: int, why: str = "") -> Callable[[str], int]:
+    """argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        value = positive_int(text) if low >= 1 else non_negative_int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{why}, got {value}")
+        return value
+    return parse
+
+
+def output_dir(text: str) -> Path:
+    """argparse type: a folder the tool will write into (checked now, before the work): not a file,
+    writable, or one that can be made."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text}: folder not writable")
+        return path
+    return output_file(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="output folder")
-    p.add_argument("--num-ids", type=int, default=1000, help="training identities (default 1000)")
+    p = OneLineParser(prog=PROG, description=__doc__, epilog=EPILOG,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=output_dir, help="output folder")
+    p.add_argument("--num-ids", type=positive_int, default=1000, help="training identities (default 1000)")
     p.add_argument("--imgs-per-id", type=_imgs_per_id, default=(20, 20), metavar="N|MIN:MAX",
                    help="images per training identity, fixed or uniform in [MIN, MAX] (default 20)")
-    p.add_argument("--ijbc-subjects", type=int, default=200, help="IJB-C-style subjects (default 200)")
-    p.add_argument("--lfw-pairs", type=int, default=300, help="pairs in lfw.bin (default 300)")
-    p.add_argument("--impostors-per-genuine", type=int, default=30,
+    p.add_argument("--ijbc-subjects", type=_at_least(3, " (G1, G2 and non-mated subjects)"), default=200,
+                   help="IJB-C-style subjects (default 200)")
+    p.add_argument("--lfw-pairs", type=_at_least(2, " (a genuine and an impostor pair)"), default=300,
+                   help="pairs in lfw.bin (default 300)")
+    p.add_argument("--impostors-per-genuine", type=positive_int, default=30,
                    help="IJB-C 1:1 impostor template pairs per genuine pair (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="root seed (default 0)")
-    p.add_argument("--workers", type=int, default=None, help="render processes (default: one per CPU)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="root seed (default 0)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="render processes (default: one per CPU)")
     p.add_argument("--force", action="store_true", help="regenerate even if OUT already holds data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from facecompat.data.synthetic_sets import SyntheticError, SyntheticSpec, generate_synthetic
+def generate(args: argparse.Namespace) -> None:
+    from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic
 
-    try:
-        if args.workers is not None and args.workers < 1:
-            raise SyntheticError(f"workers={args.workers} must be >= 1")
-        spec = SyntheticSpec(num_ids=args.num_ids, imgs_per_id=args.imgs_per_id,
-                             ijbc_subjects=args.ijbc_subjects, lfw_pairs=args.lfw_pairs,
-                             impostors_per_genuine=args.impostors_per_genuine, seed=args.seed)
-        manifest, generated = generate_synthetic(args.out, spec, args.workers, force=args.force,
-                                                 progress=not args.quiet)
-    except (SyntheticError, OSError) as e:
-        print(f"make_synthetic: error: {e}", file=sys.stderr)
-        return 2
+    spec = SyntheticSpec(num_ids=args.num_ids, imgs_per_id=args.imgs_per_id,
+                         ijbc_subjects=args.ijbc_subjects, lfw_pairs=args.lfw_pairs,
+                         impostors_per_genuine=args.impostors_per_genuine, seed=args.seed)
+    manifest, generated = generate_synthetic(args.out, spec, args.workers, force=args.force,
+                                             progress=not args.quiet)
     counts = manifest["counts"]
     print(f"{'generated' if generated else 'up to date (same spec; --force regenerates)'}: {args.out}")
     rows = [("train", f"{counts['train']['classes']} identities, {counts['train']['images']} images"),
@@ -68,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             ("lfw.bin", f"{counts['lfw']['pairs']} pairs ({counts['lfw']['genuine']} genuine)")]
     for name, text in rows:
         print(f"  {name:<8} {text}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(PROG, lambda: generate(args))
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from facecompat.cli import OneLineParser
+from facecompat.cli import OneLineParser, non_negative_int, output_file, run_main
+
+PROG = "split_dataset.py"
 
 EPILOG = """\
 protocols (DESIGN §6):
@@ -38,19 +41,30 @@ def _ratio(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from facecompat.data.splits import list_protocols
+def output_dir(text: str) -> Path:
+    """argparse type: a folder the tool will write into (checked now, before the work): not a file,
+    writable, or one that can be made."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text}: folder not writable")
+        return path
+    return output_file(text)
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="split_dataset.py", description=__doc__, epilog=EPILOG,
+        prog=PROG, description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rec", help="source .rec, or a folder holding train.rec/train.idx/property")
-    parser.add_argument("--protocol", required=True, type=str.lower, choices=list_protocols(),
-                        help="split protocol")
+    parser.add_argument("--protocol", required=True, type=str.lower,
+                        help="split protocol (see protocols below)")
     parser.add_argument("--ratio", type=_ratio, default=0.3, help="old share, in (0, 1) (default 0.3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the per-identity image choice "
-                        "(opdata/exdata; default 0)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the per-identity image choice (opdata/exdata; default 0)")
+    parser.add_argument("--out", required=True, type=output_dir, help="output folder")
     parser.add_argument("--format", choices=("lists", "rec"), default="lists",
                         help="record-id lists over REC (default) or new rec sets")
     parser.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
@@ -69,25 +83,30 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def split(args: argparse.Namespace) -> None:
     from facecompat.data.faces import FaceRecords
     from facecompat.data.splits import make_split, write_split_lists, write_split_recs
 
-    try:
-        if args.out.exists() and (not args.out.is_dir() or (any(args.out.iterdir()) and not args.force)):
-            raise ValueError(f"{args.out}: exists and is not an empty folder (use --force to write into it)")
-        dataset = FaceRecords(args.rec, flip=False)
-        split = make_split(dataset, args.protocol, args.ratio, args.seed)
-        write = write_split_lists if args.format == "lists" else write_split_recs
-        summary = write(dataset, split, args.out)
-    except (ValueError, OSError) as exc:  # RecordIOError is a ValueError
-        print(f"split_dataset: error: {exc}", file=sys.stderr)
-        return 2
+    dataset = FaceRecords(args.rec, flip=False)
+    split = make_split(dataset, args.protocol, args.ratio, args.seed)
+    write = write_split_lists if args.format == "lists" else write_split_recs
+    summary = write(dataset, split, args.out)
     print(f"{split.protocol} ratio={split.ratio} seed={split.seed} -> {args.out} ({args.format})")
     print(format_table(summary))
     print(f"summary: {args.out / 'split.json'}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from facecompat.data.splits import list_protocols  # after parsing: --help stays light
+
+    if args.protocol not in list_protocols():
+        parser.error(f"argument --protocol: invalid choice: {args.protocol!r} "
+                     f"(choose from {', '.join(list_protocols())})")
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
+        parser.error(f"--out: {args.out} is not empty (use --force to write into it)")
+    return run_main(PROG, lambda: split(args))
 
 
 if __name__ == "__main__":

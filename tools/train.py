@@ -10,10 +10,11 @@ Several machines:  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
+from pathlib import Path
 
-from facecompat.cli import OneLineParser
+from facecompat.cli import OneLineParser, add_json_arg, output_file
 
 EPILOG = """\
 outputs in <train.output>/<train.exp_name or the config's stem>/:
@@ -37,17 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="train.py", description=__doc__, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
-    parser.add_argument("--output", metavar="DIR", help="parent of the run directory (train.output)")
-    parser.add_argument("--json", action="store_true", help="print the run summary as JSON at the end")
+    parser.add_argument("--output", metavar="DIR", type=output_dir,
+                        help="parent of the run directory (train.output)")
+    add_json_arg(parser, "the run summary")
     return parser
+
+
+def output_dir(text: str) -> Path:
+    """argparse type: a folder the tool will write into (checked now, before the work): not a file,
+    writable, or one that can be made."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text}: folder not writable")
+        return path
+    return output_file(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from facecompat.cli import run_collective
-    from facecompat.config import ConfigError, config_from_args
-    from facecompat.train import TrainingError, run_dir_for, train
-    from facecompat.train.errors import USER_ERRORS
+    from facecompat.cli import run_collective, write_json
+    from facecompat.config import config_from_args
+    from facecompat.errors import UserError
+    from facecompat.train import run_dir_for, train
 
     if args.output:
         args.overrides = [f"train.output={args.output}", *args.overrides]
@@ -56,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         return train(cfg, run_dir_for(cfg, args.config))
 
-    status, rank, summary = run_collective(work, (ConfigError, TrainingError, *USER_ERRORS))
+    status, rank, summary = run_collective(work, (UserError,))
     if status:
         return status
     if rank == 0:
         if args.json:
-            print(json.dumps(summary, indent=1))
-        else:
+            write_json(summary, args.json)
+        if str(args.json) != "-":
             acc = ", ".join(f"{k} {v * 100:.2f}%" for k, v in summary["verification"].items())
             print(f"done: {summary['step']} steps, loss {summary['loss']:.4f}"
                   f"{'; ' + acc if acc else ''}; model {summary['model']}")

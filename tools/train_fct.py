@@ -8,10 +8,9 @@ One machine:   torchrun --nproc_per_node=8 tools/train_fct.py configs/ms1mv3_fct
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from facecompat.cli import OneLineParser
+from facecompat.cli import OneLineParser, add_device_arg, add_json_arg
 
 EPILOG = """\
 config keys (facecompat.compat.fct.FCTConfig):
@@ -43,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", help="FCT config YAML (see below)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set train.epochs=5")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_device_arg(parser)
+    add_json_arg(parser, "the summary")
     return parser
 
 
@@ -52,22 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import logging
 
-    from facecompat.cli import run_collective
-    from facecompat.compat.fct import FCTError, load_fct_config, train_transformation
-    from facecompat.config import ConfigError
-    from facecompat.features import BankError
+    from facecompat.cli import resolve_device, run_collective, write_json
+    from facecompat.compat.fct import load_fct_config, train_transformation
+    from facecompat.errors import UserError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     def work() -> dict:
         cfg = load_fct_config(args.config, args.overrides)
-        return train_transformation(cfg, device=args.device, log=logging.getLogger("facecompat.fct"))
+        device = resolve_device(args.device)
+        return train_transformation(cfg, device=device, log=logging.getLogger("facecompat.fct"))
 
-    status, rank, summary = run_collective(work, (ConfigError, BankError, FCTError, ValueError, OSError))
+    status, rank, summary = run_collective(work, (UserError,))
     if status or rank != 0:
         return status
-    if args.json:
-        print(json.dumps(summary, indent=1))
+    write_json(summary, args.json)
+    if str(args.json) == "-":
         return 0
     fit = summary["fit"].get("held_out", summary["fit"]["train"])
     cost = summary["cost"]
