@@ -66,5 +66,5 @@ def test_every_project_error_is_a_user_error():
     not_user = [cls.__qualname__ for cls in errors if not issubclass(cls, UserError)
                 and cls.__name__ not in ("StepSkipped", "CheckFailed")]  # the GPU check's own control flow
     assert not_user == []
-    assert all(issubclass(cls, (ValueError, RuntimeError)) for cls in errors
+    assert all(issubclass(cls, (ValueError, RuntimeError, OSError)) for cls in errors
                if issubclass(cls, UserError) and cls is not UserError)

@@ -32,7 +32,7 @@ from typing import Literal
 
 from facecompat.config import ConfigError, _check, _FieldError, load_yaml
 from facecompat.eval.ijb import find_target_dir
-from facecompat.models.spec import ModelSpec, path_name, resolve_model_spec
+from facecompat.models.spec import ModelPathError, ModelSpec, path_name, resolve_model_spec
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
@@ -129,7 +129,7 @@ def resolve_model(name_or_path: str, catalog: EvalCatalog, catalog_source: str =
     path = Path(name_or_path)
     if not path.exists():
         known = ", ".join(sorted(catalog.models)) or "none"
-        raise ValueError(f"model {name_or_path!r}: not a name in {catalog_source} (known: {known}) "
+        raise ConfigError(f"model {name_or_path!r}: not a name in {catalog_source} (known: {known}) "
                          "and not an existing run directory or weights file")
     if (path / "fct.json").is_file():
         return resolve_transform(path_name(path), path, catalog)
@@ -150,12 +150,12 @@ def resolve_transform(name: str, directory: Path, catalog: EvalCatalog) -> Trans
 
     meta_path = directory / "fct.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{directory}: not an FCT transformation directory (no fct.json)")
+        raise ModelPathError(f"{directory}: not an FCT transformation directory (no fct.json)")
     try:
         meta = json.loads(meta_path.read_text())
         models, new_dim = meta["models"], int(meta["architecture"]["new_dim"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{meta_path}: unreadable ({exc})") from None
+        raise ConfigError(f"{meta_path}: unreadable ({exc})") from None
     by_weights = {}
     for known, entry in catalog.models.items():
         if entry.path:
@@ -171,7 +171,7 @@ def resolve_transform(name: str, directory: Path, catalog: EvalCatalog) -> Trans
             return None
         weights = Path(record["weights"])
         if not weights.is_file():
-            raise FileNotFoundError(f"{meta_path}: its {role} model's weights {weights} are gone")
+            raise ModelPathError(f"{meta_path}: its {role} model's weights {weights} are gone")
         known = by_weights.get(weights.resolve())
         return ModelSpec(known or f"{path_name(Path(record['source']))}", record["network"],
                          int(record["embedding_size"]), weights, record["source"])

@@ -9,6 +9,7 @@ Names: ``list_models()`` (r18 r34 r50 r100 r200 mbf) and width variants ``<name>
 
 from facecompat.models import iresnet, mobilefacenet  # noqa: F401  (registers the backbones)
 from facecompat.models._registry import (
+    ModelNameError,
     WeightsError,
     count_parameters,
     embedding_size_of,
@@ -20,6 +21,7 @@ from facecompat.models._registry import (
 )
 
 __all__ = [
+    "ModelNameError",
     "WeightsError",
     "count_parameters",
     "embedding_size_of",

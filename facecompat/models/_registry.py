@@ -31,6 +31,10 @@ _WIDTH_NAME = re.compile(r"^(?P<base>[A-Za-z0-9_]+)-w(?P<width>\d+(?:\.\d*)?|\.\
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 
 
+class ModelNameError(UserError, ValueError):
+    """A backbone name (or its options) that no registered model has; one line with the valid names."""
+
+
 class WeightsError(UserError, ValueError):
     """Backbone weights that cannot be read or do not fit the model (message names the file)."""
 
@@ -62,10 +66,10 @@ def parse_model_name(name: str) -> tuple[str, float]:
     match = _WIDTH_NAME.match(name)
     base, width = (match["base"], float(match["width"])) if match else (name, 1.0)
     if base not in _MODELS:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(list_models())} "
+        raise ModelNameError(f"unknown backbone {name!r}; valid names: {', '.join(list_models())} "
                          "(or <name>-w<float> for a width variant, e.g. r18-w0.25)")
     if not width > 0:
-        raise ValueError(f"backbone {name!r}: width multiplier must be > 0, got {width}")
+        raise ModelNameError(f"backbone {name!r}: width multiplier must be > 0, got {width}")
     return base, width
 
 
@@ -98,7 +102,7 @@ def get_model(name: str, embedding_size: int = 512, *, dropout: float = 0.0, cha
     options = [k for k in inspect.signature(builder).parameters if k not in common]
     unknown = [k for k in kw if k not in options]
     if unknown:
-        raise ValueError(f"backbone {base!r} has no option {unknown[0]!r} "
+        raise ModelNameError(f"backbone {base!r} has no option {unknown[0]!r} "
                          f"(its own options: {', '.join(options) or 'none'}; a width goes in the name, "
                          "e.g. r18-w0.5)")
     if embedding_size <= 0:

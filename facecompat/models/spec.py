@@ -19,10 +19,21 @@ import torch
 from torch import nn
 
 from facecompat.config import load_config
+from facecompat.errors import UserError
 from facecompat.fileio import file_sha1
-from facecompat.models._registry import WeightsError, embedding_size_of, get_model, load_backbone_weights
+from facecompat.models._registry import (
+    ModelNameError,
+    WeightsError,
+    embedding_size_of,
+    get_model,
+    load_backbone_weights,
+)
 
 RUN_DIR_FILES = ("model.pt", "config.yaml")
+
+
+class ModelPathError(UserError, FileNotFoundError):
+    """A model path that is neither a run directory nor a weights file (names what is missing)."""
 
 
 @dataclass(frozen=True)
@@ -71,13 +82,13 @@ def resolve_model_spec(path: str | Path, network: str | None = None,
     if path.is_dir():
         missing = [name for name in RUN_DIR_FILES if not (path / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"{path}: not a run directory, it lacks {' and '.join(missing)}")
+            raise ModelPathError(f"{path}: not a run directory, it lacks {' and '.join(missing)}")
         cfg = load_config(path / "config.yaml")
         return (network or cfg.model.network, embedding_size or cfg.model.embedding_size, path / "model.pt")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: model not found (expected a run directory or a .pt file)")
+        raise ModelPathError(f"{path}: model not found (expected a run directory or a .pt file)")
     if not network:
-        raise ValueError(f"{path}: a weights file needs its backbone name (--network, e.g. r50)")
+        raise ModelNameError(f"{path}: a weights file needs its backbone name (--network, e.g. r50)")
     found = embedding_size_of(path)
     if embedding_size and found and embedding_size != found:
         raise WeightsError(f"{path}: its embedding layer is {found}-d, not the {embedding_size}-d asked for")
@@ -101,6 +112,6 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Module
     try:
         model = get_model(spec.network, spec.embedding_size)
     except ValueError as exc:  # unknown backbone name: say which model it was given for
-        raise ValueError(f"{spec.source}: {exc}") from None
+        raise ModelNameError(f"{spec.source}: {exc}") from None
     load_backbone_weights(model, spec.weights)
     return model.to(device).eval()
