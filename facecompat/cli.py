@@ -67,6 +67,37 @@ def output_file(text: str) -> Path:
     return path
 
 
+def output_dir(text: str) -> Path:
+    """argparse type: a folder the tool will write into (checked now, before the work): not a file,
+    and writable or under a folder where it can be made."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
+    parent = next((q for q in (path, *path.parents) if q.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write under {parent}")
+    return path
+
+
+def writable_dir(text: str) -> Path:
+    """argparse type: an existing folder this process can write in (scratch space)."""
+    path = Path(text)
+    if not path.is_dir() or not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: not a writable folder")
+    return path
+
+
+def sample_rate(text: str) -> float:
+    """argparse type: a Partial FC sample rate, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     """``--device``: cpu, cuda (this process's GPU) or cuda:N; default cuda when available."""
     parser.add_argument("--device", help="cpu, cuda (this process's GPU: LOCAL_RANK modulo the visible "

@@ -14,23 +14,14 @@ imports, before the bank is opened.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from facecompat.cli import OneLineParser, add_json_arg, positive_int, run_main
+from facecompat.cli import OneLineParser, add_json_arg, positive_int, run_main, writable_dir
 
 PROG = "bench_bank.py"
-
-
-def _folder(text: str) -> Path:
-    """argparse type: an existing folder this process can write in."""
-    path = Path(text)
-    if not path.is_dir() or not os.access(path, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text}: not a writable folder")
-    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=positive_int, default=200_000, help="records in the bank (default 200000)")
     p.add_argument("--dim", type=positive_int, default=512, help="embedding size (default 512)")
     p.add_argument("--batch", type=positive_int, default=128, help="ids per lookup (default 128)")
-    p.add_argument("--dir", type=_folder, metavar="DIR",
+    p.add_argument("--dir", type=writable_dir, metavar="DIR",
                    help="existing folder where the bank is written, in a temporary sub-folder (default: the "
                    "temp directory)")
     add_json_arg(p, "the results")

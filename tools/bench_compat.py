@@ -11,30 +11,17 @@ interleaved for --rounds rounds; each figure is the method's median round.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-from facecompat.cli import OneLineParser, add_device_arg, add_json_arg, non_negative_int, positive_int
-
-
-def _rate(text: str) -> float:
-    """argparse type: a Partial FC sample rate, in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def _folder(text: str) -> Path:
-    """argparse type: an existing folder this process can write in."""
-    path = Path(text)
-    if not path.is_dir() or not os.access(path, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text}: not a writable folder")
-    return path
+from facecompat.cli import (
+    OneLineParser,
+    add_device_arg,
+    add_json_arg,
+    non_negative_int,
+    positive_int,
+    sample_rate,
+    writable_dir,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="head classes (default 20000)")
     parser.add_argument("--num-records", type=positive_int,
                         help="records in the random bank (default 5 x --num-classes)")
-    parser.add_argument("--sample-rate", type=_rate, default=1.0, help="Partial FC ρ (default 1.0)")
+    parser.add_argument("--sample-rate", type=sample_rate, default=1.0, help="Partial FC ρ (default 1.0)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--steps", type=positive_int, default=20,
                         help="timed steps per method per round (default 20)")
@@ -60,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arg(parser)
     parser.add_argument("--threads", type=positive_int,
                         help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
-    parser.add_argument("--workdir", type=_folder, metavar="DIR",
+    parser.add_argument("--workdir", type=writable_dir, metavar="DIR",
                         help="existing folder where the temporary bank is written (default: the temp "
                         "directory)")
     add_json_arg(parser, "the result")

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import resource
 import sys
 import tempfile
@@ -56,7 +55,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from facecompat.cli import OneLineParser, add_json_arg, run_main
+from facecompat.cli import OneLineParser, add_json_arg, output_dir, run_main
 from facecompat.errors import UserError
 
 if TYPE_CHECKING:  # torch and facecompat.eval are imported after parsing: --help stays fast
@@ -451,21 +450,10 @@ def _pairs(text: str) -> int:
     return value
 
 
-def _data_dir(text: str) -> Path:
-    """argparse type: the folder the meta files are written to (checked before the work)."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
-    parent = next((q for q in (path, *path.parents) if q.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text}: cannot write under {parent}")
-    return path
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="bench_ijbc.py", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--data-dir", type=_data_dir, metavar="DIR",
+    parser.add_argument("--data-dir", type=output_dir, metavar="DIR",
                         help="where the meta folder is written/reused (default: temp)")
     parser.add_argument("--pairs", type=_pairs, default=FULL["pairs"], metavar="N",
                         help=f"number of 1:1 pairs (at least {MIN_PAIRS}; default {FULL['pairs']:,})")

@@ -10,18 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from facecompat.cli import OneLineParser, add_device_arg, add_json_arg, non_negative_int, positive_int
-
-
-def _rate(text: str) -> float:
-    """argparse type: a Partial FC sample rate, in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+from facecompat.cli import (
+    OneLineParser,
+    add_device_arg,
+    add_json_arg,
+    non_negative_int,
+    positive_int,
+    sample_rate,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=128, help="per rank (default 128)")
     parser.add_argument("--num-classes", type=positive_int, default=93431,
                         help="head classes (default MS1Mv3's 93431)")
-    parser.add_argument("--sample-rate", type=_rate, default=1.0, help="Partial FC ρ (default 1.0)")
+    parser.add_argument("--sample-rate", type=sample_rate, default=1.0, help="Partial FC ρ (default 1.0)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--channels-last", action="store_true", help="channels_last layout (CUDA only)")
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps (default 20)")

@@ -8,7 +8,6 @@ One machine:   torchrun --nproc_per_node=8 tools/extract_features.py configs/mix
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from facecompat.cli import (
     add_device_arg,
     add_json_arg,
     non_negative_int,
-    output_file,
+    output_dir,
     positive_int,
 )
 
@@ -63,19 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also compute the MixBCT credible mask for this keep ratio (repeatable)")
     add_json_arg(parser, "the summary")
     return parser
-
-
-def output_dir(text: str) -> Path:
-    """argparse type: a folder the tool will write into (checked now, before the work): not a file,
-    writable, or one that can be made."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
-    if path.is_dir():
-        if not os.access(path, os.W_OK):
-            raise argparse.ArgumentTypeError(f"{text}: folder not writable")
-        return path
-    return output_file(text)
 
 
 def run(cfg, args: argparse.Namespace) -> dict:

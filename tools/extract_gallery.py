@@ -19,6 +19,7 @@ from facecompat.cli import (
     add_device_arg,
     add_json_arg,
     non_negative_int,
+    output_dir,
     positive_int,
     run_collective,
 )
@@ -60,24 +61,12 @@ class GalleryToolError(UserError, ValueError):
     """Bad input the tool reports in one line (exit status 2)."""
 
 
-def store_dir(text: str) -> Path:
-    """argparse type: a feature store directory to write (checked now, before the work): not a file,
-    under a folder that exists or can be made."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, expected a store directory")
-    parent = next((q for q in (path.parent, *path.parent.parents) if q.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text}: cannot write under {parent}")
-    return path
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="extract_gallery.py", description=__doc__, epilog=EPILOG,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="MODEL",
                    help="catalog name or run directory / weights file")
-    p.add_argument("--out", required=True, type=store_dir, metavar="DIR", help="the feature store to write")
+    p.add_argument("--out", required=True, type=output_dir, metavar="DIR", help="the feature store to write")
     p.add_argument("--gallery-only", action="store_true",
                    help="keep only the faces of the 1:N gallery templates (needs the 1:N CSVs)")
     p.add_argument("--config", type=Path, metavar="YAML",

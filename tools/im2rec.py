@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from facecompat.cli import OneLineParser, output_file, positive_int, run_main
+from facecompat.cli import OneLineParser, output_dir, positive_int, run_main
 
 PROG = "im2rec.py"
 
@@ -25,19 +24,6 @@ def _quality(text: str) -> int:
     if value > 100:
         raise argparse.ArgumentTypeError(f"must be 1..100, got {value}")
     return value
-
-
-def output_dir(text: str) -> Path:
-    """argparse type: a folder the tool will write into (checked now, before the work): not a file,
-    writable, or one that can be made."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
-    if path.is_dir():
-        if not os.access(path, os.W_OK):
-            raise argparse.ArgumentTypeError(f"{text}: folder not writable")
-        return path
-    return output_file(text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,12 +4,10 @@ folder and an LFW-style lfw.bin, so training and evaluation run without the real
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-from facecompat.cli import OneLineParser, non_negative_int, output_file, positive_int, run_main
+from facecompat.cli import OneLineParser, non_negative_int, output_dir, positive_int, run_main
 
 PROG = "make_synthetic.py"
 
@@ -43,19 +41,6 @@ def _at_least(low: int, why: str = "") -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be >= {low}{why}, got {value}")
         return value
     return parse
-
-
-def output_dir(text: str) -> Path:
-    """argparse type: a folder the tool will write into (checked now, before the work): not a file,
-    writable, or one that can be made."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
-    if path.is_dir():
-        if not os.access(path, os.W_OK):
-            raise argparse.ArgumentTypeError(f"{text}: folder not writable")
-        return path
-    return output_file(text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-from facecompat.cli import OneLineParser, non_negative_int, output_file, run_main
+from facecompat.cli import OneLineParser, non_negative_int, output_dir, run_main
 
 PROG = "split_dataset.py"
 
@@ -39,19 +37,6 @@ def _ratio(text: str) -> float:
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
     return value
-
-
-def output_dir(text: str) -> Path:
-    """argparse type: a folder the tool will write into (checked now, before the work): not a file,
-    writable, or one that can be made."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
-    if path.is_dir():
-        if not os.access(path, os.W_OK):
-            raise argparse.ArgumentTypeError(f"{text}: folder not writable")
-        return path
-    return output_file(text)
 
 
 def build_parser() -> argparse.ArgumentParser:

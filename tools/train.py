@@ -10,11 +10,9 @@ Several machines:  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-from facecompat.cli import OneLineParser, add_json_arg, output_file
+from facecompat.cli import OneLineParser, add_json_arg, output_dir
 
 EPILOG = """\
 outputs in <train.output>/<train.exp_name or the config's stem>/:
@@ -42,19 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parent of the run directory (train.output)")
     add_json_arg(parser, "the run summary")
     return parser
-
-
-def output_dir(text: str) -> Path:
-    """argparse type: a folder the tool will write into (checked now, before the work): not a file,
-    writable, or one that can be made."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
-    if path.is_dir():
-        if not os.access(path, os.W_OK):
-            raise argparse.ArgumentTypeError(f"{text}: folder not writable")
-        return path
-    return output_file(text)
 
 
 def main(argv: list[str] | None = None) -> int:

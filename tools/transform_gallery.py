@@ -8,12 +8,11 @@ python tools/transform_gallery.py --transform work_dirs/synthetic_fct --old work
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-from facecompat.cli import OneLineParser, add_device_arg, add_json_arg, positive_int, run_main
+from facecompat.cli import OneLineParser, add_device_arg, add_json_arg, output_dir, positive_int, run_main
 from facecompat.errors import UserError
 
 EPILOG = """\
@@ -52,18 +51,6 @@ class GalleryToolError(UserError, ValueError):
     """Bad input the tool reports in one line (exit status 2)."""
 
 
-def store_dir(text: str) -> Path:
-    """argparse type: a feature store directory to write (checked now, before the work): not a file,
-    under a folder that exists or can be made."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, expected a store directory")
-    parent = next((q for q in (path.parent, *path.parent.parents) if q.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text}: cannot write under {parent}")
-    return path
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="transform_gallery.py", description=__doc__, epilog=EPILOG,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FCT transformation directory (tools/train_fct.py's output: transform.pt, fct.json)")
     p.add_argument("--old", required=True, type=Path, metavar="STORE", help="the stored old-model gallery")
     p.add_argument("--side", type=Path, metavar="STORE", help="the side-information store of the same items")
-    p.add_argument("--out", required=True, type=store_dir, metavar="DIR", help="the upgraded store to write")
+    p.add_argument("--out", required=True, type=output_dir, metavar="DIR", help="the upgraded store to write")
     p.add_argument("--chunk-rows", type=positive_int, default=65536, metavar="N",
                    help="rows read, transformed and written per step (default 65536)")
     add_device_arg(p)
