@@ -282,6 +282,57 @@ def test_model_and_argument_errors(tool, setup, capsys, tmp_path):
     assert "exactly one of" in capsys.readouterr().err
 
 
+def _exit_status(tool, argv) -> int:
+    """The tool's exit status, whether it ends at parse time (SystemExit) or returns one."""
+    try:
+        return tool.main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_bad_outputs_and_counts_fail_before_the_evaluation(tool, setup, capsys, tmp_path):
+    """--json DIR, an existing file as --save-scores, a folder as --roc, --workers -1 and an unusable
+    --device: one line naming the flag, exit 2, before anything is read or written (no cache)."""
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    base = ["--config", setup["catalog"], "--query", "old", "--cache-dir", tmp_path / "cache"]
+    cases = [(["--json", tmp_path / "a_dir"], ("--json", "a_dir", "is a directory")),
+             (["--save-scores", tmp_path / "a_file"], ("--save-scores", "a_file", "is a file")),
+             (["--roc", tmp_path / "a_dir"], ("--roc", "a_dir")),
+             (["--workers", "-1"], ("--workers", "-1")),
+             (["--batch-size", "0"], ("--batch-size",)),
+             (["--device", "gpu0"], ("--device", "gpu0"))]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], ("--device", "CUDA is not available")))
+    for extra, names in cases:
+        assert _exit_status(tool, base + extra) == 2, extra
+        _one_error_line(capsys.readouterr().err, *names)
+    assert not (tmp_path / "cache").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file"]
+    assert not any((tmp_path / "a_dir").iterdir()) and (tmp_path / "a_file").read_text() == "x"
+
+
+def test_json_alone_prints_the_results_on_stdout(tool, setup, capsys, tmp_path):
+    meta = ijb.load_ijb_meta(setup["data"])
+    np.save(tmp_path / "f.npy", _subject_features(meta))
+    code, stdout, err = _run(tool, [*_data(setup["data"], tmp_path), "--query-features", tmp_path / "f.npy",
+                                    "--no-1n", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(stdout)  # the JSON alone: no tables around it
+    assert res["query"] == res["gallery"] == "f" and res["1:1"]["auc"] == 1.0
+
+
+def test_missing_image_names_the_flag_that_skips_it(tool, setup, capsys, tmp_path):
+    data = _copy_data(setup["data"], tmp_path / "data")
+    meta = ijb.load_ijb_meta(data)
+    (data / "IJBC" / "loose_crop" / meta.image_names[0]).unlink()
+    catalog = _catalog(tmp_path / "c.yaml", data, tmp_path / "cache", setup["runs"])
+    code, _, err = _run(tool, ["--config", catalog, "--query", "old", "--json", tmp_path / "r.json"], capsys)
+    assert code == 2
+    line = _one_error_line(err, meta.image_names[0], "--allow-missing")
+    assert "allow_missing=True" not in line and not (tmp_path / "r.json").exists()
+
+
 def test_meta_errors_and_allow_missing(tool, setup, capsys, tmp_path):
     data = _copy_data(setup["data"], tmp_path / "data")
     meta_dir = data / "IJBC" / "meta"

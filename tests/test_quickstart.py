@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from facecompat.eval import metrics
-from facecompat.quickstart import CANDIDATES, MODELS, STAGES, headline_far, run_quickstart
+from facecompat.pipelines.evaluate import headline_far
+from facecompat.pipelines.quickstart import CANDIDATES, MODELS, STAGES, run_quickstart
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)  # the first test also runs the whole tiny quickstart (minutes)
@@ -213,7 +214,13 @@ def test_cli_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
 
 def test_on_a_gpu_the_recipes_use_dali_and_bf16_and_the_sizes_grow(tmp_path):
     from facecompat.config import load_config
-    from facecompat.quickstart import RECIPES, SIZES, QuickstartContext, _training_overrides, pick_size
+    from facecompat.pipelines.quickstart import (
+        RECIPES,
+        SIZES,
+        QuickstartContext,
+        _training_overrides,
+        pick_size,
+    )
 
     gpu = QuickstartContext(tmp_path, SIZES["large"], None, False, device="cuda")
     cpu = QuickstartContext(tmp_path, SIZES["small"], None, False, device="cpu")

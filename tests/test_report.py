@@ -8,7 +8,7 @@ import pytest
 
 from facecompat.eval.matrix import search_compatibility
 from facecompat.eval.report import ecc_margin, format_summary, verdict_lines
-from facecompat.quickstart import SIZES, describe_models, variants
+from facecompat.pipelines.quickstart import SIZES, describe_models, variants
 
 FAR = "1e-02"
 

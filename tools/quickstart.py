@@ -26,8 +26,8 @@ stages: data, old, new, bct, l2, mixbct, side, fct, evaluate, backfill, report. 
 is skipped on the next run (its time is shown); an interrupted training resumes from its last
 checkpoint; --from STAGE redoes STAGE and everything after it; --force redoes everything.
 
-sizes (--size; auto = small on CPU, large on CUDA):
-  tiny   40 identities, r18-w0.0625, 64-d: about 2 minutes on 2 cores; the CI test's size
+sizes (--size; auto = small on CPU, large on CUDA; each a file, <configs>/quickstart_<size>.yaml):
+  tiny   60 identities, r18-w0.0625, 64-d: about 2 minutes on 2 cores; the CI test's size
   small  300 identities, r18-w0.125, 128-d: about 12 minutes on 2 CPU cores
   large  2000 identities, r18-w0.5, 256-d: one GPU (DALI decode, bf16 autocast)
 
@@ -39,19 +39,20 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from facecompat.quickstart import SIZES, STAGES
+    from facecompat.pipelines.quickstart import SIZE_NAMES, STAGES
 
     parser = OneLineParser(prog="quickstart.py", description=__doc__, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="work_dirs/quickstart", help="where everything goes")
-    parser.add_argument("--size", default="auto", choices=["auto", *SIZES],
+    parser.add_argument("--size", default="auto", choices=["auto", *SIZE_NAMES],
                         help="how big everything is (default auto: small on CPU, large on GPU)")
     parser.add_argument("--from", dest="redo_from", choices=list(STAGES), metavar="STAGE",
                         help="redo this stage and every later one")
     parser.add_argument("--force", action="store_true", help="redo every stage")
     parser.add_argument("--device", help="cpu, cuda (this process's GPU) or cuda:N (default: cuda if any)")
     parser.add_argument("--workers", type=int, default=None, help="processes for rendering and decoding")
-    parser.add_argument("--configs", default="configs", help="folder of the synthetic_*.yaml recipes")
+    parser.add_argument("--configs", default="configs",
+                        help="folder of the synthetic_*.yaml recipes and quickstart_<size>.yaml sizes")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or training logs")
     return parser
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from facecompat.eval.report import format_summary
     from facecompat.features import BankError
     from facecompat.models import WeightsError
-    from facecompat.quickstart import run_quickstart
+    from facecompat.pipelines.quickstart import run_quickstart
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -3,6 +3,9 @@
     results = run_quickstart("work_dirs/quickstart")          # size "auto": small on CPU, large on GPU
     report = json.load(open("work_dirs/quickstart/report.json"))
 
+Sizes (tiny, small, large) are YAML files, ``<config_dir>/quickstart_<size>.yaml``, read strictly
+into :class:`Size` (an unknown key is a one-line ConfigError naming the file and the key).
+
 Stages (``STAGES``, in order):
 
 1. ``data``: render the synthetic training rec, the IJB-C-style folder and lfw.bin.
@@ -13,7 +16,8 @@ Stages (``STAGES``, in order):
 5. ``side``: FCT's side-information model (self-supervised, on the old part).
 6. ``fct``: FCT's transformation h(old, side) -> new on cached features of the new part.
 7. ``evaluate``: IJB-C-style 1:1 and 1:N, every self and cross cell of old/new/bct/l2/mixbct and the
-   new model against the FCT-upgraded gallery; ECC verdicts and update gains.
+   new model against the FCT-upgraded gallery; ECC verdicts and update gains
+   (:func:`facecompat.pipelines.evaluate.evaluate_ijb`, the pipeline of ``tools/eval_ijbc.py``).
 8. ``backfill``: the FCT-upgraded gallery re-embedded with the new model in three orders (and the old
    gallery in random order, for reference).
 9. ``report``: ``report.json`` (DESIGN §8), ``report.md``, ``roc.png``, ``backfill.png``.
@@ -30,9 +34,10 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,9 +45,9 @@ from facecompat.cli import resolve_device
 from facecompat.compat.build import resolve_params
 from facecompat.compat.fct import load_fct_config, train_transformation
 from facecompat.compat.registry import get_method
-from facecompat.config import ConfigError, load_config
+from facecompat.config import ConfigError, from_dict, load_config, load_yaml
 from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic, read_manifest
-from facecompat.eval import ijb, matrix, metrics
+from facecompat.eval import ijb, matrix
 from facecompat.eval.catalog import EvalCatalog, EvalModelConfig
 from facecompat.eval.extract import read_face_list
 from facecompat.eval.features import model_features, resolve_models
@@ -50,6 +55,7 @@ from facecompat.eval.ijb import find_target_dir
 from facecompat.eval.report import build_report, format_report
 from facecompat.fileio import atomic_write
 from facecompat.index import backfill
+from facecompat.pipelines.evaluate import evaluate_ijb
 from facecompat.train import train
 
 Stage = Callable[["QuickstartContext"], dict]
@@ -68,9 +74,9 @@ DESCRIPTIONS = {
 
 @dataclass(frozen=True)
 class Size:
-    """How big every part of the quickstart is."""
+    """How big every part of the quickstart is (``configs/quickstart_<size>.yaml``)."""
 
-    data: dict  # facecompat.data.synthetic_sets.SyntheticSpec fields
+    data: dict[str, Any]  # facecompat.data.synthetic_sets.SyntheticSpec fields
     network: str  # the new models' backbone
     embedding_size: int
     batch_size: int  # per training step
@@ -87,31 +93,45 @@ class Size:
         return self.epochs.get(stage, self.epochs["new"])
 
 
-# Every size mirrors DESIGN's upgrade (old r18 on 30% of the identities -> new r50 on 70%): a
-# narrower old backbone, a wider new one. Captures are easier than make_synthetic's defaults
-# (``nuisance``), so that models this small learn identities in a few hundred steps.
-# MixBCT: class centres start at the old class means, half of each batch mixed (the paper: random, 0.3)
-_QUICK = ("compat.params.head_init=old_means", "compat.params.alpha=0.5")
-SIZES: dict[str, Size] = {
-    # CI: about two minutes on 2 cores. Shows the verdict machinery and that MixBCT moves far towards
-    # the old space where the independent model does not; too short for MixBCT to beat old|old.
-    "tiny": Size(data={"num_ids": 60, "imgs_per_id": (12, 12), "ijbc_subjects": 30, "lfw_pairs": 40,
-                       "nuisance": 0.4},
-                 network="r18-w0.125", old_network="r18-w0.0625", embedding_size=64, batch_size=16,
-                 epochs={"old": 3, "new": 4, "bct": 1, "l2": 1, "side": 1, "fct": 8}, random_runs=2,
-                 fractions=(0.0, 0.25, 0.5, 0.75, 1.0), extra=("train.log_every=1000",),
-                 stage_extra={"mixbct": _QUICK}),
-    # A 2-core CPU in about 12 minutes (the README's first command).
-    "small": Size(data={"num_ids": 300, "imgs_per_id": (10, 10), "ijbc_subjects": 80, "lfw_pairs": 100,
-                        "nuisance": 0.5},
-                  network="r18-w0.125", old_network="r18-w0.0625", embedding_size=128, batch_size=32,
-                  epochs={"old": 3, "new": 3, "side": 1, "fct": 20}, stage_extra={"mixbct": _QUICK}),
-    # One GPU: the same stages at a size where the methods separate clearly.
-    "large": Size(data={"num_ids": 2000, "imgs_per_id": (20, 40), "ijbc_subjects": 400, "lfw_pairs": 600},
-                  network="r18-w0.5", old_network="r18-w0.25", embedding_size=256, batch_size=256,
-                  epochs={"old": 10, "new": 10, "side": 4, "fct": 30}, random_runs=5, eval_batch=512,
-                  stage_extra={"mixbct": _QUICK}),
-}
+SIZE_NAMES = ("tiny", "small", "large")  # configs/quickstart_<name>.yaml
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # this checkout's configs/
+
+
+def size_file(name: str, config_dir: str | os.PathLike = DEFAULT_CONFIG_DIR) -> Path:
+    return Path(config_dir) / f"quickstart_{name}.yaml"
+
+
+def load_size(path: str | os.PathLike) -> Size:
+    """A size file, strictly: an unknown key or a wrong type (also among the ``data`` fields, those of
+    SyntheticSpec) is a one-line ConfigError naming the file and the key."""
+    size = load_yaml(Size, path)
+    from_dict(SyntheticSpec, size.data, os.fspath(path), prefix="data")  # checks the keys, kept as written
+    if "new" not in size.epochs:
+        raise ConfigError(f"{os.fspath(path)}: epochs.new: required (the stages not named train as many)")
+    return size
+
+
+class _SizeFiles(Mapping[str, Size]):
+    """``SIZES[name]``: the size file of this checkout's configs/, read when first asked for."""
+
+    def __init__(self, config_dir: Path) -> None:
+        self._dir, self._read = config_dir, {}
+
+    def __getitem__(self, name: str) -> Size:
+        if name not in SIZE_NAMES:
+            raise KeyError(name)
+        if name not in self._read:
+            self._read[name] = load_size(size_file(name, self._dir))
+        return self._read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SIZE_NAMES)
+
+    def __len__(self) -> int:
+        return len(SIZE_NAMES)
+
+
+SIZES: Mapping[str, Size] = _SizeFiles(DEFAULT_CONFIG_DIR)
 
 
 @dataclass(frozen=True)
@@ -273,54 +293,34 @@ def _meta(ctx: QuickstartContext):
     return ijb.load_ijb_meta(ctx.data_dir, "IJBC", cache_dir=ctx.eval_dir)
 
 
-def headline_far(num_impostors: int, min_false_accepts: int = 20) -> float:
-    """The smallest FAR of 1e-4 .. 1e-1 at which at least ``min_false_accepts`` impostor pairs pass:
-    below it, a TAR rests on a handful of impostor scores (IJB-C's 15.6M impostor pairs allow 1e-5)."""
-    for far in (1e-4, 1e-3, 1e-2):
-        if num_impostors * far >= min_false_accepts:
-            return far
-    return 1e-1
-
-
 def _cells() -> list[tuple[str, str]]:
 
     return [*matrix.matrix_cells(list(MODELS)), ("new", "fct")]
 
 
 def stage_evaluate(ctx: QuickstartContext) -> dict:
-    """Every self and cross cell, 1:1 and 1:N; writes ``eval/results.json`` and ``roc.png``."""
+    """Every self and cross cell, 1:1 and 1:N; writes ``eval/results.json`` and ``roc.png``.
 
-    meta = _meta(ctx)
-    feats = _features(ctx, [*MODELS, "fct"])
-    pooled = {name: ijb.pool(meta, np.asarray(f)) for name, f in feats.items()}
-    results, curves = matrix.evaluate_cells(meta, pooled, _cells(), progress=ctx.log)
-    impostors = int((~meta.pair_labels.astype(bool)).sum())
-    far = headline_far(impostors)
-    verdicts = compatibility(results, [far])  # one FAR, as tools/eval_ijbc.py's --ecc-fars default
-    verdicts["fars"] = [metrics.far_key(f) for f in (far / 10, far, far * 10) if 1e-6 <= f <= 0.1 + 1e-12]
+    ECC verdicts and update gains (DESIGN §5) of new/bct/l2/mixbct against the old gallery, and of the
+    FCT-upgraded gallery: for ``fct`` the cross test is new|fct, the new model's queries against the
+    old gallery after h, judged by the same rule against old|old; ``ecc`` is the 1:1 verdict at
+    :func:`~facecompat.pipelines.evaluate.headline_far` of the impostor count (``ecc_fars=None``;
+    tools/eval_ijbc.py judges at its ``--ecc-fars``), ``ecc_search`` the 1:N one (rank-1, G1 and G2
+    pooled): the deployment a gallery serves."""
+
+    ev = evaluate_ijb(_catalog(ctx), [*MODELS, "fct"], cells=_cells(), old="old", independent="new",
+                      candidates=list(CANDIDATES), cross_cells={"fct": "new|fct"}, ecc_fars=None,
+                      search_verdicts=True, device=resolve_device(ctx.device), log=ctx.log)
     shown = ["old|old", "new|new", "new|old", "bct|old", "l2|old", "mixbct|old", "new|fct"]
-    roc = matrix.plot_roc({k: curves[k] for k in shown}, ctx.work_dir / "roc.png",
-                          f"IJB-C-style 1:1: query|gallery ({impostors} impostor pairs)")
-    out = {"matrix": results, **verdicts, "pairs": int(meta.pair_labels.size), "impostor_pairs": impostors}
+    roc = matrix.plot_roc({k: ev.curves[k] for k in shown}, ctx.work_dir / "roc.png",
+                          f"IJB-C-style 1:1: query|gallery ({ev.impostor_pairs} impostor pairs)")
+    out = {"matrix": ev.results, **ev.verdicts, "pairs": ev.pairs, "impostor_pairs": ev.impostor_pairs}
     path = ctx.eval_dir / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w") as f:
         json.dump(out, f, indent=1)
-    return {"cells": len(results), "ecc_fars": verdicts["ecc_fars"], "ecc": verdicts["ecc"],
+    return {"cells": len(ev.results), "ecc_fars": ev.verdicts["ecc_fars"], "ecc": ev.verdicts["ecc"],
             "outputs": [str(path), str(roc)]}
-
-
-def compatibility(results: dict, fars: list[float]) -> dict:
-    """ECC verdicts and update gains (DESIGN §5) of new/bct/l2/mixbct against the old gallery, and of
-    the FCT-upgraded gallery: for ``fct`` the cross test is new|fct, the new model's queries against
-    the old gallery after h, judged by the same rule against old|old. ``ecc`` is the 1:1 verdict at
-    ``fars``; ``ecc_search`` the 1:N one (rank-1)."""
-
-    cross = {"fct": "new|fct"}
-    out = matrix.compatibility(results, list(CANDIDATES), "old", "new", fars, cross_cells=cross)
-    # the same rule in 1:N search (rank-1, G1 and G2 pooled): the deployment a gallery serves
-    out["ecc_search"] = matrix.search_compatibility(results, list(CANDIDATES), "old", cross_cells=cross)
-    return out
 
 
 def stage_backfill(ctx: QuickstartContext) -> dict:
@@ -383,8 +383,8 @@ def pick_size(size: str) -> str:
         import torch
 
         return "large" if torch.cuda.is_available() else "small"
-    if size not in SIZES:
-        raise ValueError(f"--size {size!r}: choose among auto, {', '.join(SIZES)}")
+    if size not in SIZE_NAMES:
+        raise ValueError(f"--size {size!r}: choose among auto, {', '.join(SIZE_NAMES)}")
     return size
 
 
@@ -404,6 +404,7 @@ def run_quickstart(work_dir: str | os.PathLike, *, size: str = "auto", force: bo
     size = pick_size(size)
     if redo_from is not None and redo_from not in STAGES:
         raise ValueError(f"--from {redo_from!r}: choose among {', '.join(STAGES)}")
+    spec = load_size(size_file(size, config_dir))
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     state_path = work_dir / "stages.json"
@@ -412,8 +413,7 @@ def run_quickstart(work_dir: str | os.PathLike, *, size: str = "auto", force: bo
         state = {}
     state["size"] = size
     done = state.setdefault("stages", {})
-    ctx = QuickstartContext(work_dir, SIZES[size], workers, progress, force, Path(config_dir), device, log,
-                            done)
+    ctx = QuickstartContext(work_dir, spec, workers, progress, force, Path(config_dir), device, log, done)
     check_recipes(ctx)
     redo = fresh = False
     for name, stage in STAGES.items():

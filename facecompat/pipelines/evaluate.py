@@ -1,0 +1,275 @@
+"""The IJB-C / IJB-B evaluation pipeline shared by ``tools/eval_ijbc.py`` and the quickstart.
+
+    ev = evaluate_ijb(catalog, ["old", "new", "bct"], old="old", independent="new")
+    ev.results["bct|old"]["1:1"]["tar_at_far"], ev.verdicts["ecc"], print(ev.tables(["old", "new", "bct"]))
+
+One function, :func:`evaluate_ijb`: the meta files (parsed on rank 0 before the long extraction),
+features of every model (cached, split over the torchrun ranks) or precomputed feature files,
+pooling, every query x gallery cell (1:1 and 1:N), then the verdict policy: ECC verdicts and update
+gains of the candidates against the old gallery (DESIGN §5).
+
+Which FAR decides is still the caller's explicit choice: ``tools/eval_ijbc.py`` judges at
+``--ecc-fars`` (default 1e-4), the quickstart at :func:`headline_far` of the set's impostor count
+(``ecc_fars=None``); a later change unifies the two.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facecompat import dist
+from facecompat.errors import UserError
+from facecompat.eval import ijb, matrix, metrics
+from facecompat.eval.catalog import EvalCatalog
+from facecompat.eval.extract import read_face_list
+from facecompat.eval.features import model_features, resolve_models
+
+Log = Callable[[str], None]
+
+
+class EvalError(UserError, ValueError):
+    """Bad evaluation input (features, models, meta files), reported in one line."""
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_ijb` found (rank 0).
+
+    Attributes:
+        target: IJBC or IJBB. data_root: the folder holding it.
+        names: the models (or feature files' stems), in the order given.
+        cells: the (query, gallery) cells evaluated, the requested one first.
+        results: ``{"A|B": {"1:1": ..., "1:N": ...}}`` (:func:`facecompat.eval.matrix.evaluate_cells`).
+        curves: the 1:1 ROC curves of each cell.
+        verdicts: ``ecc``, ``ecc_detail``, ``update_gain``, ... (empty when nothing was judged);
+            ``ecc_search`` with ``search_verdicts``.
+        models: per name its source, network, embedding size and weights, or its feature file.
+        skipped: what ``allow_missing`` skipped, counted.
+        pairs, impostor_pairs: 1:1 pairs evaluated, impostors among them.
+    """
+
+    target: str
+    data_root: str
+    names: list[str]
+    cells: list[tuple[str, str]]
+    results: dict
+    curves: dict
+    verdicts: dict
+    models: dict
+    skipped: dict
+    pairs: int
+    impostor_pairs: int
+
+    def to_dict(self) -> dict:
+        """The tool's JSON: the first cell at the top, every cell under ``matrix``, the verdicts."""
+        first = matrix.cell_key(*self.cells[0])
+        return {"target": self.target, "data_root": self.data_root, "models": self.models,
+                "skipped": self.skipped, "query": self.cells[0][0], "gallery": self.cells[0][1],
+                **self.results[first], "matrix": self.results, **self.verdicts}
+
+    def tables(self, matrix_names: Sequence[str] | None = None) -> str:
+        """Every cell's row, the query x gallery table of ``matrix_names``, the verdicts."""
+        parts = [matrix.format_cells(self.results, self.target)]
+        if matrix_names:
+            parts.append(matrix.format_matrix(self.results, list(matrix_names), self.target))
+        if self.verdicts.get("ecc_detail"):
+            parts.append(matrix.format_verdicts(self.verdicts))
+        return "\n\n".join(parts)
+
+
+def headline_far(num_impostors: int, min_false_accepts: int = 20) -> float:
+    """The smallest FAR of 1e-4 .. 1e-1 at which at least ``min_false_accepts`` impostor pairs pass:
+    below it, a TAR rests on a handful of impostor scores (IJB-C's 15.6M impostor pairs allow 1e-5)."""
+    for far in (1e-4, 1e-3, 1e-2):
+        if num_impostors * far >= min_false_accepts:
+            return far
+    return 1e-1
+
+
+def load_features(path: Path, num_faces: int, what: str) -> np.ndarray:
+    """A precomputed ``[faces, dim]`` float .npy in face-list order; EvalError naming the file."""
+    if not path.is_file():
+        raise EvalError(f"{path}: {what} features not found")
+    try:
+        feats = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as exc:
+        raise EvalError(f"{path}: cannot read {what} features as .npy ({exc})") from None
+    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
+        raise EvalError(f"{path}: {what} features must be a 2-D float array [faces, dim], got "
+                        f"{feats.dtype} {tuple(feats.shape)}")
+    if feats.shape[0] != num_faces:
+        raise EvalError(f"{path}: {feats.shape[0]} {what} feature rows, the face list has {num_faces} faces "
+                        "(rows follow meta/*_name_5pts_score.txt)")
+    return feats
+
+
+def _specs(names: Sequence[str], catalog: EvalCatalog, catalog_source: str, network: str | None) -> dict:
+    try:
+        return resolve_models(names, catalog, catalog_source, network)
+    except UserError:
+        raise
+    except (ValueError, OSError) as exc:  # an unknown name, a missing transformation, mixed sizes
+        raise EvalError(str(exc)) from None
+
+
+def _load_meta(ijb_dir: Path, target: str, allow_missing: bool, cache_dir: Path) -> ijb.IJBMeta | None:
+    """The meta files, parsed on rank 0 before the long extraction; every rank learns if it failed."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    meta, problem = None, None
+    if rank == 0:
+        try:
+            meta = ijb.load_ijb_meta(ijb_dir, target, allow_missing=allow_missing, cache_dir=cache_dir)
+        except ijb.IJBMetaError as exc:
+            problem = str(exc)
+    if world > 1:
+        problem = dist.broadcast_object(problem)
+    if problem is not None:
+        raise EvalError(problem if rank == 0 else "meta files failed on rank 0")
+    return meta
+
+
+def judge(results: dict, names: Sequence[str], *, old: str | None, independent: str | None,
+          candidates: Sequence[str] | None, ecc_fars: Sequence[float], transforms: Sequence[str] = (),
+          cross_cells: Mapping[str, str] | None = None, search: bool = False, log: Log = print) -> dict:
+    """The verdict policy: ECC verdicts and update gains of ``candidates`` (default: every model but
+    ``old`` and the transformations, which upgrade a gallery and never embed queries) against the
+    ``old`` gallery at ``ecc_fars``; ``independent`` (when evaluated) is the reference new model of
+    the update gains; ``search`` adds the 1:N verdict (rank-1, G1 and G2 pooled) as ``ecc_search``.
+    No verdicts (``{}``) when ``old`` is None or was not evaluated."""
+    if old is None:
+        return {}
+    if old not in names:
+        log(f"no ECC verdicts: --old {old} is not in --matrix")
+        return {}
+    if candidates is None:
+        candidates = [n for n in names if n not in transforms]
+    independent = independent if independent in names else None
+    out = matrix.compatibility(results, list(candidates), old, independent, list(ecc_fars),
+                               cross_cells=cross_cells)
+    if search:
+        out["ecc_search"] = matrix.search_compatibility(results, list(candidates), old,
+                                                        cross_cells=cross_cells)
+    return out
+
+
+def evaluate_ijb(catalog: EvalCatalog, models: Sequence[str] = (), *,
+                 features: Mapping[str, Path] | None = None,
+                 cells: Sequence[tuple[str, str]] | None = None,
+                 old: str | None = "old", independent: str | None = "new",
+                 candidates: Sequence[str] | None = None, cross_cells: Mapping[str, str] | None = None,
+                 ecc_fars: Sequence[float] | None = (1e-4,), search_verdicts: bool = False,
+                 data_root: str | Path | None = None, target: str | None = None,
+                 cache_dir: Path | None = None, catalog_source: str = "the catalog",
+                 network: str | None = None, one_to_one: bool = True, one_to_n: bool = True,
+                 use_faiss: bool = True, allow_missing: bool = False, batch_size: int | None = None,
+                 workers: int | None = None, device: Any = None, scores_dir: Path | None = None,
+                 log: Log = print) -> Evaluation | None:
+    """Evaluate ``models`` (catalog names or paths) or precomputed ``features`` on IJB-C / IJB-B.
+
+    Args:
+        catalog: model catalog and defaults (data_root, target, cache_dir, batch size, workers).
+        models: what to extract and evaluate, in order; ignored when ``features`` is given.
+        features: ``{name: .npy}`` precomputed face features (flip fused, not score-weighted),
+            evaluated on rank 0 alone, instead of ``models``.
+        cells: (query, gallery) cells, the headline one first (default: every combination).
+        old, independent, candidates, cross_cells: the verdicts (:func:`judge`); ``old=None``: none.
+        ecc_fars: the FARs at which ECC must hold (tools/eval_ijbc.py: ``--ecc-fars``, default 1e-4);
+            None: the quickstart's rule, :func:`headline_far` of the impostor count, with the FARs
+            around it listed as ``verdicts["fars"]``.
+        search_verdicts: also judge 1:N search (``ecc_search``; the quickstart does).
+        data_root, target, cache_dir: override the catalog's.
+        network: backbone of a weights-file model given by path.
+        one_to_one, one_to_n: which protocols (1:N only when the meta files have it).
+        allow_missing: skip and count missing faces, images, pairs and templates.
+        batch_size, workers, device: extraction (None: the catalog's / cuda when available).
+        scores_dir: write per-pair 1:1 scores there.
+
+    Returns:
+        The :class:`Evaluation` on rank 0, None on the other ranks.
+
+    Raises:
+        UserError (EvalError, IJBMetaError, ExtractError, ConfigError, WeightsError, ...): one line.
+    """
+    target = target or catalog.target
+    data_root = Path(data_root or catalog.data_root)
+    ijb_dir = ijb.find_target_dir(data_root, target)  # IJBMetaError naming the folder looked at
+    names = list(features) if features is not None else list(models)
+    cells = list(cells) if cells is not None else matrix.matrix_cells(names)
+    meta = _load_meta(ijb_dir, target, allow_missing, cache_dir or Path(catalog.cache_dir))
+    specs: dict = {}
+    missing_rows = np.zeros(0, np.int64)
+    if features is not None:
+        if dist.get_rank() != 0:  # nothing to extract: rank 0 evaluates alone
+            return None
+        feats = {n: load_features(Path(p), meta.num_faces, what)
+                 for (n, p), what in zip(features.items(), ("query", "gallery"))}
+        dims = {n: f.shape[1] for n, f in feats.items()}
+        if len(set(dims.values())) > 1:
+            paths = list(features.values())
+            raise EvalError(f"query features are {dims[names[0]]}-d ({paths[0]}), gallery features "
+                            f"{dims[names[-1]]}-d ({paths[-1]}): they cannot be compared")
+    else:
+        specs = _specs(names, catalog, catalog_source, network)
+        faces = read_face_list(ijb_dir, target, allow_missing=allow_missing)
+        feats = model_features(specs, catalog, ijb_dir, target, faces, cache_dir=cache_dir,
+                               batch_size=batch_size, num_workers=workers, device=device, log=log)
+        missing_rows = faces.missing_rows
+        if dist.get_rank() != 0:
+            return None
+        bad = {n: f.shape[0] for n, f in feats.items() if f.shape[0] != meta.num_faces}
+        if bad:
+            raise EvalError(f"features of {', '.join(bad)} have {sorted(set(bad.values()))} rows, the face "
+                            f"list has {meta.num_faces} faces")
+
+    meta, skipped = _drop_missing(meta, missing_rows, log)
+    if one_to_n and not meta.has_1n:
+        log(f"no 1:N files in {ijb_dir / 'meta'}: 1:1 only")
+    one_to_n = one_to_n and meta.has_1n
+    if not one_to_one and not one_to_n:
+        raise EvalError("nothing to evaluate: --no-1to1 and no 1:N (files missing or --no-1n)")
+    pooled = {}
+    for name in names:
+        start = time.perf_counter()
+        pooled[name] = ijb.pool(meta, np.asarray(feats.pop(name)))
+        if not np.isfinite(pooled[name].feats).all():
+            raise EvalError(f"{specs[name].source if name in specs else name}: features hold NaN or inf")
+        log(f"pooled {name}: {pooled[name].templates.size} templates ({time.perf_counter() - start:.1f} s)")
+    results, curves = matrix.evaluate_cells(meta, pooled, cells, one_to_one=one_to_one, one_to_n=one_to_n,
+                                            use_faiss=use_faiss, scores_dir=scores_dir, progress=log)
+    impostors = int((~meta.pair_labels.astype(bool)).sum())
+    verdicts: dict = {}
+    if one_to_one:
+        far = headline_far(impostors) if ecc_fars is None else None
+        transforms = [n for n in names if getattr(specs.get(n), "network", None) == "fct"]
+        verdicts = judge(results, names, old=old, independent=independent, candidates=candidates,
+                         ecc_fars=[far] if far else ecc_fars, transforms=transforms, cross_cells=cross_cells,
+                         search=search_verdicts, log=log)
+        if far and verdicts:
+            around = (far / 10, far, far * 10)
+            verdicts["fars"] = [metrics.far_key(f) for f in around if 1e-6 <= f <= 0.1 + 1e-12]
+    described = {n: ({"source": s.source, "network": s.network, "embedding_size": s.embedding_size,
+                      "weights": str(s.weights)} if (s := specs.get(n)) else {"features": str(features[n])})
+                 for n in names}
+    return Evaluation(target, str(data_root), names, list(cells), results, curves, verdicts, described,
+                      skipped, int(meta.pair_labels.size), impostors)
+
+
+def _drop_missing(meta: ijb.IJBMeta, missing_rows: np.ndarray, log: Log) -> tuple[ijb.IJBMeta, dict]:
+    """Faces whose image is missing dropped from ``meta``; every skip (``allow_missing``) counted."""
+    skipped = {"faces_not_in_both_face_files": meta.num_missing_faces,
+               "pairs_without_faces": meta.num_missing_pairs}
+    if missing_rows.size:
+        meta, dropped = matrix.drop_faces(meta, missing_rows)
+        skipped.update({"images_missing": dropped["faces"], "templates_without_images": dropped["templates"],
+                        "pairs_without_images": dropped["pairs"], "probes_without_images": dropped["probes"],
+                        "gallery_templates_without_images": dropped["gallery_templates"]})
+    if any(skipped.values()):
+        counts = [f"{v} {k.replace('_', ' ')}" for k, v in skipped.items() if v]
+        log("skipped (--allow-missing): " + ", ".join(counts))
+    return meta, skipped
