@@ -21,6 +21,7 @@ from facecompat.cli import (
     comma_floats,
     comma_names,
     non_negative_int,
+    output_dir,
     output_file,
     positive_int,
 )
@@ -78,17 +79,6 @@ def _fars(text: str) -> list[float]:
     return fars
 
 
-def _scores_dir(text: str) -> Path:
-    """argparse type: a folder to write into (checked now): not an existing file, under a writable folder."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder to write the scores in")
-    parent = next((q for q in (path, *path.parents) if q.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text}: cannot write under {parent}")
-    return path
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="eval_ijbc.py", description=__doc__, epilog=EPILOG,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip (and count) faces, images, pairs and templates that are missing")
     add_json_arg(p)
     p.add_argument("--roc", type=output_file, metavar="PNG", help="write the 1:1 ROC curves of every cell")
-    p.add_argument("--save-scores", type=_scores_dir, metavar="DIR", help="write per-pair 1:1 scores (.npy)")
+    p.add_argument("--save-scores", type=output_dir, metavar="DIR", help="write per-pair 1:1 scores (.npy)")
     add_device_arg(p)
     p.add_argument("--batch-size", type=positive_int, metavar="N", help="faces per forward pass")
     p.add_argument("--workers", type=non_negative_int, metavar="N",

@@ -114,7 +114,7 @@ def _specs(names: Sequence[str], catalog: EvalCatalog, catalog_source: str, netw
         return resolve_models(names, catalog, catalog_source, network)
     except UserError:
         raise
-    except (ValueError, OSError) as exc:  # an unknown name, a missing transformation, mixed sizes
+    except (ValueError, OSError) as exc:  # what is not a UserError yet: models of mixed sizes
         raise EvalError(str(exc)) from None
 
 
