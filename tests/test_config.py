@@ -430,6 +430,12 @@ def test_every_repo_config_loads(path: Path) -> None:
         catalog = load_catalog(path)
         assert isinstance(catalog, EvalCatalog) and {"old", "new"} <= set(catalog.models)
         return
+    if path.name.startswith("quickstart_"):  # the quickstart's sizes, not experiments
+        from facecompat.pipelines.quickstart import Size, load_size
+
+        size = load_size(path)
+        assert isinstance(size, Size) and size.data["num_ids"] > 0
+        return
     if path.name.endswith("_fct.yaml"):  # FCT transformation configs (tools/train_fct.py)
         from facecompat.compat.fct import FCTConfig, load_fct_config
 
