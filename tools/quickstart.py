@@ -67,15 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    from facecompat.compat.fct import FCTError
-    from facecompat.config import ConfigError
-    from facecompat.data.recordio import RecordIOError
-    from facecompat.data.synthetic_sets import SyntheticError
-    from facecompat.eval.extract import ExtractError
-    from facecompat.eval.ijb import IJBMetaError
+    from facecompat.errors import UserError
     from facecompat.eval.report import format_summary
-    from facecompat.features import BankError
-    from facecompat.models import WeightsError
     from facecompat.pipelines.quickstart import run_quickstart
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -88,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         state = run_quickstart(args.work_dir, size=args.size, force=args.force, redo_from=args.redo_from,
                                workers=args.workers, progress=not args.quiet, device=device,
                                config_dir=args.configs, log=log)
-    except (ConfigError, RecordIOError, SyntheticError, BankError, FCTError, ExtractError, IJBMetaError,
-            WeightsError, ValueError, OSError) as exc:
+    except UserError as exc:  # bad input the user can fix; anything else is a bug with its traceback
         print(f"quickstart: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -384,7 +384,7 @@ def pick_size(size: str) -> str:
 
         return "large" if torch.cuda.is_available() else "small"
     if size not in SIZE_NAMES:
-        raise ValueError(f"--size {size!r}: choose among auto, {', '.join(SIZE_NAMES)}")
+        raise ConfigError(f"--size {size!r}: choose among auto, {', '.join(SIZE_NAMES)}")
     return size
 
 
@@ -403,7 +403,7 @@ def run_quickstart(work_dir: str | os.PathLike, *, size: str = "auto", force: bo
     """
     size = pick_size(size)
     if redo_from is not None and redo_from not in STAGES:
-        raise ValueError(f"--from {redo_from!r}: choose among {', '.join(STAGES)}")
+        raise ConfigError(f"--from {redo_from!r}: choose among {', '.join(STAGES)}")
     spec = load_size(size_file(size, config_dir))
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
