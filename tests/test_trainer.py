@@ -173,6 +173,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, synthetic_tiny, capsys):
         "train.resume": (str(tmp_path / "missing_ckpt"), "missing_ckpt"),
         "data.val_targets": (["cfp_fp"], "cfp_fp.bin"),
         "model.network": ("r19", "r19"),
+        "data.batch_size": (100_000, "data.batch_size: "),  # checked before the backbone or a bank is built
+        "optim.grad_accum": (1000, "optim.grad_accum: 1000 micro-batches per step"),
     }
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     cases["model.init_from"] = (str(tmp_path / "garbage.pt"), "garbage.pt")

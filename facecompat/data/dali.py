@@ -58,6 +58,7 @@ from facecompat.data._dali_mxnet import EpochIndex, ViewOffsets, parse_offsets, 
 from facecompat.data.faces import FaceRecords, flip_flags, label_mismatch
 from facecompat.data.loader import (
     Batch,
+    BatchInputs,
     BatchKey,
     EncodedBatch,
     ShardedLoader,
@@ -111,14 +112,15 @@ class DaliLoader(ShardedLoader):
                  device: torch.device | str | None = None, num_threads: int = 4,
                  prefetch_queue_depth: int = 2, reader: Literal["external", "mxnet"] = "external",
                  index_dir: str | os.PathLike | None = None,
-                 decode_device: Literal["auto", "gpu", "cpu"] = "auto", channels_last: bool = False):
+                 decode_device: Literal["auto", "gpu", "cpu"] = "auto", channels_last: bool = False,
+                 batch_inputs: BatchInputs | None = None):
         if not dali_available():
             raise ImportError("DALI is not installed: pip install nvidia-dali-cuda120 "
                               "(or use the torch loader)")
         if reader not in READERS:
             raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
         super().__init__(records, batch_size, rank=rank, world_size=world_size, seed=seed, device=device,
-                         channels_last=channels_last)
+                         channels_last=channels_last, batch_inputs=batch_inputs)
         self.decode_device = resolve_decode_device(decode_device, self.device)
         self.num_threads = int(num_threads)
         self.prefetch_queue_depth = int(prefetch_queue_depth)

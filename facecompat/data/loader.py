@@ -343,7 +343,8 @@ class ShardedLoader:
 
     def __init__(self, records: FaceRecords, batch_size: int, *, rank: int | None = None,
                  world_size: int | None = None, seed: int | None = None,
-                 device: torch.device | str | None = None, channels_last: bool = False):
+                 device: torch.device | str | None = None, channels_last: bool = False,
+                 batch_inputs: BatchInputs | None = None):
         self.records = records
         self.channels_last = bool(channels_last)
         self.batch_size = int(batch_size)
@@ -357,10 +358,10 @@ class ShardedLoader:
             raise ValueError(f"{records.path}: {records.num_images} images cannot fill one batch of "
                              f"{batch_size} on each of {self.world_size} ranks")
         self.views = 1  # image rows per sample in a batch (see Batch.images)
-        # Set by a trainer whose compatibility method reads per-sample data (the old-feature bank):
-        # called in this process on the host copies of each batch's ids, so that no device-to-host
+        # Per-sample data a training objective reads with each batch (the old-feature bank): called
+        # in this process on the host copies of each batch's ids, so that no device-to-host
         # synchronisation is needed, and the results travel to the device with the batch.
-        self.batch_inputs: BatchInputs | None = None
+        self.batch_inputs: BatchInputs | None = batch_inputs
 
     def _inputs(self, record_ids: np.ndarray, flipped: np.ndarray,
                 labels: np.ndarray) -> dict[str, torch.Tensor] | None:
@@ -409,9 +410,9 @@ class TorchLoader(ShardedLoader):
                  world_size: int | None = None, seed: int | None = None,
                  device: torch.device | str | None = None, num_workers: int = 4,
                  prefetch_factor: int = 2, augment: AugmentConfig | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, batch_inputs: BatchInputs | None = None):
         super().__init__(records, batch_size, rank=rank, world_size=world_size, seed=seed, device=device,
-                         channels_last=channels_last)
+                         channels_last=channels_last, batch_inputs=batch_inputs)
         views = None if augment is None else ViewMaker(augment, records.seed, flip=records.flip)
         self.views = 1 if views is None else views.num_views
         workers = int(num_workers)
@@ -440,7 +441,8 @@ def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto"
                  rank: int | None = None, world_size: int | None = None, seed: int | None = None,
                  device: torch.device | str | None = None, num_workers: int = 4,
                  dali_threads: int = 4, dali_reader: str = "external", dali_device: str = "auto",
-                 augment: AugmentConfig | None = None, channels_last: bool = False) -> ShardedLoader:
+                 augment: AugmentConfig | None = None, channels_last: bool = False,
+                 batch_inputs: BatchInputs | None = None) -> ShardedLoader:
     """The loader for a training view: DALI when asked, or with ``backend="auto"`` when a GPU
     and DALI are both present; otherwise a torch DataLoader. Both yield :class:`Batch`.
 
@@ -473,7 +475,8 @@ def build_loader(records: FaceRecords, batch_size: int, *, backend: str = "auto"
     if backend == "auto":
         use_dali = augment is None and device.type == "cuda" and dali_mod.dali_available()
         backend = "dali" if use_dali else "torch"
-    kw = dict(rank=rank, world_size=world_size, seed=seed, device=device, channels_last=channels_last)
+    kw = dict(rank=rank, world_size=world_size, seed=seed, device=device, channels_last=channels_last,
+              batch_inputs=batch_inputs)
     if backend == "dali":
         if augment is not None:
             raise ValueError("two-view augmentation runs on the torch loader only (backend torch or auto)")
@@ -497,7 +500,8 @@ def build_dataset(cfg: DataConfig) -> FaceRecords:
 
 def build_train_loader(cfg: DataConfig, *, rank: int | None = None, world_size: int | None = None,
                        device: torch.device | str | None = None, augment: AugmentConfig | None = None,
-                       channels_last: bool = False) -> tuple[FaceRecords, ShardedLoader]:
+                       channels_last: bool = False, records: FaceRecords | None = None,
+                       batch_inputs: BatchInputs | None = None) -> tuple[FaceRecords, ShardedLoader]:
     """(view, loader) for a data config: :func:`build_dataset` then :func:`build_loader`.
 
     Args:
@@ -508,7 +512,7 @@ def build_train_loader(cfg: DataConfig, *, rank: int | None = None, world_size: 
         channels_last: images in ``torch.channels_last`` memory format (ask for it when the
             model is channels_last on CUDA); default False.
     """
-    records = build_dataset(cfg)
+    records = build_dataset(cfg) if records is None else records
     device = dist.resolve_device(device)
     if cfg.loader == "dali" and cfg.dali_device == "gpu" and device.type != "cuda":
         raise ConfigError(f"data.dali_device: 'gpu' decodes on the training GPU, but training runs on "
@@ -516,5 +520,6 @@ def build_train_loader(cfg: DataConfig, *, rank: int | None = None, world_size: 
     loader = build_loader(records, cfg.batch_size, backend=cfg.loader, rank=rank, world_size=world_size,
                           seed=cfg.seed, device=device, num_workers=cfg.num_workers,
                           dali_threads=max(cfg.num_workers, 1), dali_reader=cfg.dali_reader,
-                          dali_device=cfg.dali_device, augment=augment, channels_last=channels_last)
+                          dali_device=cfg.dali_device, augment=augment, channels_last=channels_last,
+                          batch_inputs=batch_inputs)
     return records, loader

@@ -60,6 +60,11 @@ class Objective(nn.Module):
         """The module the step runs and DDP wraps: ``images -> what loss() reads``."""
         return backbone
 
+    @property
+    def batch_inputs(self) -> Callable[..., dict[str, Tensor]] | None:
+        """Per-sample data the loader reads with each batch for :meth:`loss` (``inputs``), or None."""
+        return None
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser groups after the backbone's."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "name": self.name}]
@@ -136,6 +141,11 @@ class ArcFaceObjective(Objective):
 
     def sharded_parameter(self) -> nn.Parameter:
         return self.head.weight
+
+    @property
+    def batch_inputs(self) -> Callable[..., dict[str, Tensor]] | None:
+        """The compatibility method's host-side lookups (the old-feature bank), if any."""
+        return None if self.compat is None else self.compat.batch_inputs
 
     def loss(self, emb: Tensor, labels: Tensor, inputs: Mapping[str, Tensor] | None,
              world_size: int) -> tuple[Tensor, dict[str, Tensor]]:

@@ -27,7 +27,8 @@ import torch
 from facecompat import checkpoint as ckpt
 from facecompat import dist
 from facecompat.config import Config, ConfigError, dump_config
-from facecompat.data.loader import Batch, build_train_loader
+from facecompat.data.loader import Batch, build_dataset, build_train_loader
+from facecompat.data.loader import steps_per_epoch as loader_steps_per_epoch
 from facecompat.eval.verification import VerificationCallback
 from facecompat.models import get_model, load_backbone_weights
 from facecompat.train.contrastive import ContrastiveObjective, build_contrastive
@@ -87,17 +88,19 @@ class Trainer:
             raise ConfigError(f"train.objective: unknown objective {cfg.train.objective!r} "
                               f"(valid: {', '.join(sorted(OBJECTIVES))})")
         objective_cls, build_objective = OBJECTIVES[cfg.train.objective]
-        # channels_last batches come from the loader in that layout (uint8, before normalising).
-        channels_last = cfg.model.channels_last and self.device.type == "cuda"
-        self.records, self.loader = build_train_loader(
-            cfg.data, rank=self.rank, world_size=self.world_size, device=self.device,
-            augment=objective_cls.loader_augment(cfg), channels_last=channels_last)
+        self.records = build_dataset(cfg.data)
         self.num_classes = self.records.num_classes
+        # Checked before anything is built (the old-feature bank may take hours): the loader's plan.
+        micro_steps = loader_steps_per_epoch(self.records.num_images, self.world_size, cfg.data.batch_size)
+        if micro_steps == 0:
+            raise ConfigError(f"data.batch_size: {self.records.path}: {self.records.num_images} images "
+                              f"cannot fill one batch of {cfg.data.batch_size} on each of "
+                              f"{self.world_size} rank(s)")
         self.accum = cfg.optim.grad_accum
-        self.steps_per_epoch = self.loader.steps_per_epoch // self.accum
+        self.steps_per_epoch = micro_steps // self.accum
         if self.steps_per_epoch == 0:
             raise ConfigError(f"optim.grad_accum: {self.accum} micro-batches per step, but an epoch has only "
-                              f"{self.loader.steps_per_epoch} per rank")
+                              f"{micro_steps} per rank")
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.precision = resolve_precision(cfg.model.precision, self.device)
         self.amp_dtype = autocast_dtype(self.precision)
@@ -106,9 +109,12 @@ class Trainer:
         # May extract the old-feature bank (collectively) for a compatibility method.
         self.objective = build_objective(cfg, self.records, rank=self.rank, world_size=self.world_size,
                                          device=self.device, log=self.log)
-        compat = getattr(self.objective, "compat", None)
-        if compat is not None:  # per-sample inputs read with each batch (the old-feature bank)
-            self.loader.batch_inputs = compat.batch_inputs
+        # channels_last batches come from the loader in that layout (uint8, before normalising).
+        channels_last = cfg.model.channels_last and self.device.type == "cuda"
+        _, self.loader = build_train_loader(
+            cfg.data, rank=self.rank, world_size=self.world_size, device=self.device, records=self.records,
+            augment=objective_cls.loader_augment(cfg), channels_last=channels_last,
+            batch_inputs=self.objective.batch_inputs)
         # Buffers (BN statistics) stay per rank, as in insightface; rank 0's are saved.
         trained = self.objective.wrap(self.backbone)
         self.model = dist.data_parallel(trained, self.device) if self.world_size > 1 else trained
