@@ -123,7 +123,7 @@ def run(args: argparse.Namespace, log) -> dict:
     source = str(catalog_path) if catalog_path else "the default catalog (no --config)"
     try:
         specs = resolve_models([args.query, args.stored], catalog, source)
-    except (UserError, ValueError, OSError) as exc:  # resolve_model(s)' documented bad-input errors
+    except UserError as exc:  # name the flags the models came from
         raise BackfillToolError(f"--query {args.query} / --stored {args.stored}: {exc}") from None
     if isinstance(specs[args.query], TransformSpec):
         raise BackfillToolError(f"--query {args.query}: a transformation cannot embed images; "

@@ -74,11 +74,11 @@ def run(args: argparse.Namespace) -> dict:
     from facecompat.compat.fct import FCTransform, Transformation
     from facecompat.errors import UserError
     from facecompat.features import fuse_flip
-    from facecompat.models import get_model, parse_model_name
+    from facecompat.models import ModelNameError, get_model, parse_model_name
 
     try:
         parse_model_name(args.network)
-    except ValueError as exc:  # unknown backbone name (lists the valid ones)
+    except ModelNameError as exc:  # unknown backbone name (lists the valid ones)
         raise UserError(f"--network: {exc}") from None
     device = resolve_device(args.device)
     amp = torch.bfloat16 if device.type == "cuda" else None

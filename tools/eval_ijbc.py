@@ -146,26 +146,19 @@ def run(args: argparse.Namespace, log):
     rank 0, None on the other ranks."""
     from facecompat.cli import resolve_device
     from facecompat.eval.catalog import load_catalog
-    from facecompat.pipelines.evaluate import EvalError, evaluate_ijb
+    from facecompat.pipelines.evaluate import evaluate_ijb
 
     device = resolve_device(args.device)  # before anything is read: a device that cannot be used fails first
     catalog_path = args.config or (DEFAULT_CATALOG if DEFAULT_CATALOG.is_file() else None)
     catalog = load_catalog(catalog_path)
     models, features, cells, verdicts = _mode(args)
-    try:
-        return evaluate_ijb(
-            catalog, models, features=features, cells=cells, **verdicts, ecc_fars=args.ecc_fars,
-            data_root=args.data_root, target=args.target, cache_dir=args.cache_dir,
-            catalog_source=str(catalog_path) if catalog_path else "the default catalog (no --config)",
-            network=args.network, one_to_one=args.one_to_one, one_to_n=args.one_to_n, use_faiss=args.faiss,
-            allow_missing=args.allow_missing, batch_size=args.batch_size, workers=args.workers, device=device,
-            scores_dir=args.save_scores, log=log)
-    except EvalError:
-        raise
-    except ValueError as exc:  # the library names its keyword; the user typed the flag
-        if "allow_missing=True" not in str(exc):
-            raise
-        raise EvalError(str(exc).replace("allow_missing=True", "--allow-missing")) from None
+    return evaluate_ijb(
+        catalog, models, features=features, cells=cells, **verdicts, ecc_fars=args.ecc_fars,
+        data_root=args.data_root, target=args.target, cache_dir=args.cache_dir,
+        catalog_source=str(catalog_path) if catalog_path else "the default catalog (no --config)",
+        network=args.network, one_to_one=args.one_to_one, one_to_n=args.one_to_n, use_faiss=args.faiss,
+        allow_missing=args.allow_missing, batch_size=args.batch_size, workers=args.workers, device=device,
+        scores_dir=args.save_scores, log=log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,18 +72,13 @@ def load_model(path: str | Path, network: str | None = None, embedding_size: int
     """Build the backbone of :func:`resolve_model_spec`, load its weights strictly, move it to ``device``.
 
     Raises:
-        VerificationToolError (a UserError): a missing model, a weights file without a network, an
-            unknown network, weights that do not fit it (names the file).
+        UserError: a missing model (ModelPathError), a weights file without a network or an unknown
+            network (ModelNameError), weights that do not fit it (WeightsError); each names the file.
     """
     from facecompat.models.spec import ModelSpec, load_model, resolve_model_spec
 
-    try:
-        network, embedding_size, weights = resolve_model_spec(path, network, embedding_size)
-        return load_model(ModelSpec(str(path), network, embedding_size, weights, str(path)), device)
-    except UserError:
-        raise
-    except (ValueError, OSError) as exc:  # resolve_model_spec/load_model's documented bad-input errors
-        raise VerificationToolError(str(exc)) from None
+    network, embedding_size, weights = resolve_model_spec(path, network, embedding_size)
+    return load_model(ModelSpec(str(path), network, embedding_size, weights, str(path)), device)
 
 
 def evaluate_bins(models: dict, bins: list[Path], batch_size: int = 256, device: str | torch.device = "cpu",

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def export(args: argparse.Namespace) -> int:
     from facecompat.cli import write_json
     from facecompat.errors import UserError
-    from facecompat.models import get_model, load_backbone_weights, parse_model_name
+    from facecompat.models import ModelNameError, get_model, load_backbone_weights, parse_model_name
     from facecompat.models.onnx_export import OnnxExportError, export_onnx
     from facecompat.models.spec import resolve_model_spec
 
@@ -73,15 +73,12 @@ def export(args: argparse.Namespace) -> int:
     if args.network:
         try:
             parse_model_name(args.network)
-        except ValueError as exc:  # unknown backbone name (lists the valid ones)
+        except ModelNameError as exc:  # unknown backbone name (lists the valid ones)
             raise UserError(f"--network: {exc}") from None
-    try:
-        network, dim, weights = resolve_model_spec(source, args.network, args.embedding_size)
-    except FileNotFoundError as exc:  # names the path: no such file, or a folder that is not a run
-        raise UserError(str(exc)) from None
+    network, dim, weights = resolve_model_spec(source, args.network, args.embedding_size)
     try:
         model = get_model(network, embedding_size=dim)
-    except ValueError as exc:  # a run's config naming an unknown backbone
+    except ModelNameError as exc:  # a run's config naming an unknown backbone
         raise UserError(f"{source}: {exc}") from None
     load_backbone_weights(model, weights)
     try:

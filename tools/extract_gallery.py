@@ -97,7 +97,7 @@ def extract(args: argparse.Namespace, log) -> dict | None:
     from facecompat import dist
     from facecompat.cli import resolve_device
     from facecompat.eval.catalog import TransformSpec, load_catalog, resolve_model
-    from facecompat.eval.extract import ExtractError, cache_paths, read_face_list
+    from facecompat.eval.extract import cache_paths, read_face_list
     from facecompat.eval.features import model_features
     from facecompat.eval.ijb import find_target_dir
     from facecompat.fileio import file_sha1
@@ -114,19 +114,14 @@ def extract(args: argparse.Namespace, log) -> dict | None:
     cache_dir = args.cache_dir or Path(catalog.cache_dir)
     try:
         spec = resolve_model(args.model, catalog, source, args.network)
-    except UserError:
-        raise
-    except (ValueError, OSError) as exc:  # resolve_model's documented bad-input errors
+    except UserError as exc:  # name the flag the model came from
         raise GalleryToolError(f"--model: {exc}") from None
     if isinstance(spec, TransformSpec):
         raise GalleryToolError(
             f"--model {args.model}: an FCT transformation ({spec.directory}), not a model; store its old "
             f"model's gallery (and its side-information model's) here, then run tools/transform_gallery.py "
             f"--transform {spec.directory} --old STORE [--side STORE] --out DIR")
-    try:
-        faces = read_face_list(ijb_dir, target, allow_missing=args.allow_missing)
-    except ExtractError as exc:  # the library names its argument; the user typed the flag
-        raise ExtractError(str(exc).replace("allow_missing=True", "--allow-missing")) from None
+    faces = read_face_list(ijb_dir, target, allow_missing=args.allow_missing)
     items = faces.rows
     if args.gallery_only:
         from facecompat.eval.ijb import load_ijb_meta

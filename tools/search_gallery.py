@@ -134,9 +134,7 @@ def search(args: argparse.Namespace) -> dict:
     queries = _load_queries(args.queries, store.dim)
     try:
         spec = resolve_model(args.query_model, catalog, source, args.network)
-    except UserError:
-        raise
-    except (ValueError, OSError) as exc:  # resolve_model's documented bad-input errors
+    except UserError as exc:  # name the flag the model came from
         raise GalleryToolError(f"--query-model: {exc}") from None
     if isinstance(spec, TransformSpec):
         raise GalleryToolError(f"--query-model {args.query_model}: an FCT transformation; queries are "

@@ -151,7 +151,7 @@ def read_face_list(root: str | os.PathLike, target: str = "IJBC", *, allow_missi
     missing = [i for i, n in enumerate(names) if n not in present and not (crop_dir / n).is_file()]
     if missing and not allow_missing:
         raise ExtractError(f"{path}:{_line_of(path, missing[0])}: image {names[missing[0]]!r} not found in "
-                           f"{crop_dir} ({len(missing)} missing; allow_missing=True skips them)")
+                           f"{crop_dir} ({len(missing)} missing; --allow-missing skips them)")
     kept = np.ones(len(names), dtype=bool)
     kept[missing] = False
     keep = np.flatnonzero(kept)
