@@ -19,7 +19,7 @@ from facecompat.cli import (
     add_json_arg,
     non_negative_int,
     positive_int,
-    sample_rate,
+    unit_fraction,
     writable_dir,
 )
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="head classes (default 20000)")
     parser.add_argument("--num-records", type=positive_int,
                         help="records in the random bank (default 5 x --num-classes)")
-    parser.add_argument("--sample-rate", type=sample_rate, default=1.0, help="Partial FC ρ (default 1.0)")
+    parser.add_argument("--sample-rate", type=unit_fraction, default=1.0, help="Partial FC ρ (default 1.0)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--steps", type=positive_int, default=20,
                         help="timed steps per method per round (default 20)")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from facecompat.cli import resolve_device, run_collective, write_json
     from facecompat.compat.registry import list_methods
     from facecompat.errors import UserError
-    from facecompat.models import parse_model_name
+    from facecompat.models import ModelNameError, parse_model_name
 
     try:
         methods = selected_methods(args.methods)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--methods: {exc} (valid: all, or some of none, {', '.join(list_methods())})")
     try:
         parse_model_name(args.network)
-    except ValueError as exc:  # unknown backbone name (lists the valid ones)
+    except ModelNameError as exc:  # unknown backbone name (lists the valid ones)
         parser.error(f"--network: {exc}")
     num_records = 5 * args.num_classes if args.num_records is None else args.num_records
     if num_records < args.num_classes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from facecompat.cli import OneLineParser, add_json_arg, positive_int, sample_rate
+from facecompat.cli import OneLineParser, add_json_arg, positive_int, unit_fraction
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-classes", type=positive_int, default=2_000_000, help="all ranks' classes")
     parser.add_argument("--world-size", type=positive_int, default=8, help="ranks sharing them (default 8)")
-    parser.add_argument("--sample-rate", type=sample_rate, default=0.1, help="Partial FC ρ (default 0.1)")
+    parser.add_argument("--sample-rate", type=unit_fraction, default=0.1, help="Partial FC ρ (default 0.1)")
     parser.add_argument("--global-batch", type=positive_int, default=1024,
                         help="all ranks' batch (default 1024)")
     parser.add_argument("--embedding-size", type=positive_int, default=512)

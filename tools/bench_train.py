@@ -16,7 +16,7 @@ from facecompat.cli import (
     add_json_arg,
     non_negative_int,
     positive_int,
-    sample_rate,
+    unit_fraction,
 )
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=128, help="per rank (default 128)")
     parser.add_argument("--num-classes", type=positive_int, default=93431,
                         help="head classes (default MS1Mv3's 93431)")
-    parser.add_argument("--sample-rate", type=sample_rate, default=1.0, help="Partial FC ρ (default 1.0)")
+    parser.add_argument("--sample-rate", type=unit_fraction, default=1.0, help="Partial FC ρ (default 1.0)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--channels-last", action="store_true", help="channels_last layout (CUDA only)")
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps (default 20)")
@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from facecompat.cli import resolve_device, run_collective, write_json
     from facecompat.errors import UserError
-    from facecompat.models import parse_model_name
+    from facecompat.models import ModelNameError, parse_model_name
 
     try:
         parse_model_name(args.network)
-    except ValueError as exc:  # unknown backbone name (lists the valid ones)
+    except ModelNameError as exc:  # unknown backbone name (lists the valid ones)
         parser.error(f"--network: {exc}")
     try:  # this process's device (LOCAL_RANK is set before the group is joined)
         device = resolve_device(args.device)

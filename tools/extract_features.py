@@ -19,6 +19,7 @@ from facecompat.cli import (
     non_negative_int,
     output_dir,
     positive_int,
+    unit_fraction,
 )
 
 EPILOG = """\
@@ -35,16 +36,6 @@ examples:
 """
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from facecompat.config import add_config_args
 
@@ -58,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=non_negative_int, metavar="N",
                         help="DataLoader workers (default: data.num_workers)")
     add_device_arg(parser)
-    parser.add_argument("--credible", type=_ratio, action="append", default=[], metavar="RATIO",
+    parser.add_argument("--credible", type=unit_fraction, action="append", default=[], metavar="RATIO",
                         help="also compute the MixBCT credible mask for this keep ratio (repeatable)")
     add_json_arg(parser, "the summary")
     return parser
