@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from facecompat.cli import resolve_device, run_collective, write_json
-    from facecompat.compat.fct import load_fct_config, train_transformation
+    from facecompat.compat.fct import load_fct_config
     from facecompat.errors import UserError
+    from facecompat.train.fct import train_transformation
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 

@@ -4,17 +4,18 @@
 
 The bank's records are cut into chunks of ``chunk_rows`` (in ascending record id); ``progress.npy``
 marks the chunks whose rows are flushed, so a killed build resumes where it stopped, under any world
-size. Each rank embeds its chunks with the old model, image and flip in one forward, the images
-normalised on the device as the training loader does
-(:func:`~facecompat.data.normalize.normalize_images`), into one float16 device buffer per chunk
-that comes back to the host once, after the chunk's last batch.
+size. Each rank embeds its chunks with the old model through the embedding engine
+(:func:`~facecompat.features.engine.embed_batches`, ``flip="pair"``: image and flip apart, from one
+forward of both, normalised on the device as the training loader does), one chunk per call: a
+chunk's features stay on the device until its last batch and come back to the host once, as float16.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from tqdm import tqdm
 from facecompat import dist
 from facecompat.data.faces import FaceRecords
 from facecompat.data.loader import BatchKey, _BatchReader
-from facecompat.data.normalize import normalize_images
 from facecompat.features.bank import (
     BANK_META,
     BUILD_META,
@@ -44,7 +44,7 @@ from facecompat.features.bank import (
     save_npy,
     write_json,
 )
-from facecompat.features.engine import default_num_workers, inference_loader
+from facecompat.features.engine import default_num_workers, embed_batches, inference_loader
 from facecompat.models.spec import ModelSpec, load_model
 
 
@@ -110,8 +110,10 @@ def _extract_chunks(model: torch.nn.Module, view: FaceRecords, directory: Path, 
     """Embed the records of ``chunks`` (image and flip) into features.npy; mark each chunk done once
     its rows are flushed.
 
-    A chunk's features collect in one float16 buffer on ``device`` and come back to the host once, after
-    its last batch, where they are checked and written: nothing waits for the device between batches.
+    Each chunk is one call of the embedding engine (:func:`embed_batches`, ``flip="pair"``: image and
+    flip from one forward): its features collect on ``device`` and come back to the host once, after its
+    last batch, as float16, where they are checked and written: nothing waits for the device between
+    batches.
     """
     feats = np.load(directory / FEATURES, mmap_mode="r+")
     done = np.load(directory / PROGRESS, mmap_mode="r+")
@@ -121,23 +123,20 @@ def _extract_chunks(model: torch.nn.Module, view: FaceRecords, directory: Path, 
     bar = tqdm(total=2 * sum(len(k.positions) for _, k in keys), unit="img",
                desc=f"features {directory.name}",
                disable=not progress or dist.get_rank() != 0, leave=False)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float16,
-                                                enabled=autocast_dtype is not None):
-        buf = torch.empty((min(chunk_rows, num), 2, dim), dtype=torch.float16, device=device)
-        for (chunk, key), host in zip(keys, loader):
-            x = normalize_images(host.images.to(device, non_blocking=True))
-            emb = model(torch.cat([x, x.flip(3)]))
-            b = x.shape[0]
-            if emb.ndim != 2 or emb.shape[1] != dim:
-                raise BankError(f"{directory}: the old model outputs {tuple(emb.shape[1:])}-d embeddings, "
-                                f"its spec says {dim}")
-            start = chunk * chunk_rows
-            rows = slice(int(key.positions[0]) - start, int(key.positions[-1]) + 1 - start)
-            buf[rows, 0] = emb[:b]  # float32 (or autocast's dtype) -> float16 on the device
-            buf[rows, 1] = emb[b:]
-            bar.update(2 * b)
-            if rows.stop == min(num, start + chunk_rows) - start:  # the chunk's last batch
-                _store_chunk(buf[:rows.stop], feats, done, chunk, start, view.record_ids, directory)
+
+    def images(batches: Iterable[tuple[tuple[int, BatchKey], Any]]) -> Iterator[torch.Tensor]:
+        for _, host in batches:
+            yield host.images
+            bar.update(2 * len(host.images))
+
+    for chunk, batches in itertools.groupby(zip(keys, loader), key=lambda item: item[0][0]):
+        start = chunk * chunk_rows
+        emb = embed_batches(model, images(batches), device=device, flip="pair", autocast_dtype=autocast_dtype,
+                            num_rows=min(num, start + chunk_rows) - start)
+        if emb.ndim != 3 or emb.shape[-1] != dim:
+            raise BankError(f"{directory}: the old model outputs {tuple(emb.shape[2:])}-d embeddings, "
+                            f"its spec says {dim}")
+        _store_chunk(emb.to(torch.float16), feats, done, chunk, start, view.record_ids, directory)
     bar.close()
 
 

@@ -43,7 +43,7 @@ import numpy as np
 
 from facecompat.cli import resolve_device
 from facecompat.compat.build import resolve_params
-from facecompat.compat.fct import load_fct_config, train_transformation
+from facecompat.compat.fct import load_fct_config
 from facecompat.compat.registry import get_method
 from facecompat.config import ConfigError, from_dict, load_config, load_yaml
 from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic, read_manifest
@@ -57,6 +57,7 @@ from facecompat.fileio import atomic_write
 from facecompat.index import backfill
 from facecompat.pipelines.evaluate import evaluate_ijb
 from facecompat.train import train
+from facecompat.train.fct import train_transformation
 
 Stage = Callable[["QuickstartContext"], dict]
 MODELS = ("old", "new", "bct", "l2", "mixbct")  # the models that embed images, in report order

@@ -1,8 +1,14 @@
-"""Learning-rate schedule: linear warmup, then polynomial decay to zero, stepped per optimiser step."""
+"""Learning-rate schedules: linear warmup, then a decay to zero (polynomial or cosine), stepped per
+optimiser step. The backbone trainer decays polynomially (the MS1Mv3 recipe), FCT's transformation
+by a cosine (:mod:`facecompat.train.fct`); both run through :class:`WarmupScheduler`."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+DECAYS = ("poly", "cosine")
 
 
 def poly_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
@@ -23,17 +29,31 @@ def poly_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 
     return base_lr * (1.0 - progress) ** power
 
 
-class PolyWarmupScheduler:
-    """Sets every param group's ``lr`` from :func:`poly_lr`; ``step()`` after each optimiser step.
+def cosine_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0) -> float:
+    """As :func:`poly_lr` (the same warmup), then ``base_lr * (1 + cos(pi * progress)) / 2``."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class WarmupScheduler:
+    """Sets every param group's ``lr`` from :func:`poly_lr` or :func:`cosine_lr` (``decay``);
+    ``step()`` after each optimiser step.
 
     The state is only the step count, so resuming restores the exact learning rate.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
-                 power: float = 1.0):
+                 decay: str = "poly", power: float = 1.0):
+        if decay not in DECAYS:
+            raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
         self.optimizer = optimizer
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
+        self.decay = decay
         self.power = float(power)
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
@@ -41,6 +61,9 @@ class PolyWarmupScheduler:
         self._apply()
 
     def lr_at(self, step: int, base_lr: float) -> float:
+        if self.decay == "cosine":
+            return cosine_lr(step, base_lr=base_lr, total_steps=self.total_steps,
+                             warmup_steps=self.warmup_steps)
         return poly_lr(step, base_lr=base_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                        power=self.power)
 
@@ -57,7 +80,7 @@ class PolyWarmupScheduler:
 
     def state_dict(self) -> dict:
         return {"last_step": self.last_step, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "power": self.power}
+                "warmup_steps": self.warmup_steps, "decay": self.decay, "power": self.power}
 
     def load_state_dict(self, state: dict) -> None:
         # The schedule's shape comes from the current config (a resumed run may extend epochs);

@@ -36,7 +36,7 @@ from facecompat.train.errors import TrainingError
 from facecompat.train.log import MetricsWriter, Throughput, format_eta, setup_logging
 from facecompat.train.objective import ArcFaceObjective, Builder, Objective, build_arcface
 from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision
-from facecompat.train.schedule import PolyWarmupScheduler
+from facecompat.train.schedule import WarmupScheduler
 from facecompat.train.step import TrainStep, build_optimizer
 
 # Under fp16 a run whose loss scale keeps collapsing is diverging, not unlucky: stop after
@@ -119,7 +119,7 @@ class Trainer:
         trained = self.objective.wrap(self.backbone)
         self.model = dist.data_parallel(trained, self.device) if self.world_size > 1 else trained
         self.optimizer = build_optimizer(self.backbone, self.objective, cfg.optim, self.device)
-        self.scheduler = PolyWarmupScheduler(
+        self.scheduler = WarmupScheduler(
             self.optimizer, total_steps=self.total_steps,
             warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch), power=cfg.optim.poly_power)
         self.scaler = LossScaler(enabled=self.precision == "fp16")
