@@ -13,17 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _dist_util import run_distributed
-from _model_util import load_tool, make_run_dir, single_thread
 
 from facecompat.data.faces import FaceRecords, to_tensor
 from facecompat.data.loader import BatchKey, _BatchReader
 from facecompat.data.normalize import normalize_images
 from facecompat.features import BankError, FeatureBank, build_bank, default_bank_dir, ensure_bank
 from facecompat.features.bank_build import _sorted_view
-from facecompat.models.spec import ModelSpec, load_model, resolve_model_spec
+from facecompat.models.spec import load_model
+from tests.helpers import REPO
+from tests.helpers.dist import run_distributed
+from tests.helpers.models import make_run_dir, model_spec, single_thread
+from tests.helpers.tools import load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = [2, 5, 7, 11, 13, 20, 28]  # the view the builds use (relabelled to 0..6)
 BUILD_KW = dict(batch_size=16, num_workers=0, chunk_rows=20, progress=False)
 
@@ -200,10 +201,6 @@ def _view(root: Path, classes: list[int] = CLASSES) -> FaceRecords:
     return view
 
 
-def _spec(run_dir: Path) -> ModelSpec:
-    return ModelSpec(run_dir.name, *resolve_model_spec(run_dir), str(run_dir))
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bank_runs")
@@ -213,7 +210,7 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, synthetic_tiny, runs):
     directory = tmp_path_factory.mktemp("bank_ref") / "bank"
-    bank = build_bank(_view(synthetic_tiny), _spec(runs[0]), directory, **BUILD_KW)
+    bank = build_bank(_view(synthetic_tiny), model_spec(runs[0]), directory, **BUILD_KW)
     return bank
 
 
@@ -226,7 +223,7 @@ def test_built_features_are_the_old_models_on_image_and_flip(reference, syntheti
     np.testing.assert_array_equal(bank.labels, [by_id[i] for i in bank.record_ids.tolist()])
     assert set(np.unique(bank.labels)) == set(CLASSES)
     assert bank.meta["num_records"] > bank.meta["chunk_rows"] * 2  # several chunks
-    model = load_model(_spec(runs[0]))
+    model = load_model(model_spec(runs[0]))
     images = torch.stack([to_tensor(view.read_image(i), False) for i in bank.record_ids.tolist()])
     with torch.inference_mode():
         direct = torch.stack([model(images), model(images.flip(3))], dim=1).numpy()
@@ -264,10 +261,10 @@ def _per_batch_features(model: torch.nn.Module, view: FaceRecords, batch_size: i
 def test_built_features_equal_the_per_batch_loop_bit_for_bit(reference, synthetic_tiny, runs, tmp_path,
                                                              autocast_dtype):
     view = _view(synthetic_tiny)
-    model = load_model(_spec(runs[0]))
+    model = load_model(model_spec(runs[0]))
     kw = {**BUILD_KW, "batch_size": 7}  # 20-record chunks: batches of 7, 7, 6 (the last one cut short)
     bank = reference if autocast_dtype is None else \
-        build_bank(view, _spec(runs[0]), tmp_path / "bank", autocast_dtype=autocast_dtype, **kw)
+        build_bank(view, model_spec(runs[0]), tmp_path / "bank", autocast_dtype=autocast_dtype, **kw)
     batch_size = BUILD_KW["batch_size"] if autocast_dtype is None else kw["batch_size"]
     expected = _per_batch_features(model, view, batch_size, BUILD_KW["chunk_rows"], autocast_dtype)
     stored = np.asarray(bank.features)
@@ -278,7 +275,7 @@ def test_built_features_equal_the_per_batch_loop_bit_for_bit(reference, syntheti
 def test_non_finite_feature_names_its_record_and_keeps_the_chunks_before(synthetic_tiny, runs, tmp_path):
     view = _view(synthetic_tiny)
     chunk_rows = BUILD_KW["chunk_rows"]
-    plain = _per_batch_features(load_model(_spec(runs[0])), view, BUILD_KW["batch_size"], chunk_rows)
+    plain = _per_batch_features(load_model(model_spec(runs[0])), view, BUILD_KW["batch_size"], chunk_rows)
     peak = np.abs(plain.astype(np.float32)).max(axis=(1, 2))  # per record, sorted by id
     assert peak[chunk_rows:].max() > 1.05 * peak[:chunk_rows].max()  # a later record outgrows chunk 0
     # Scale the output layer so that chunk 0 stays inside float16 and some later records overflow it.
@@ -288,7 +285,7 @@ def test_non_finite_feature_names_its_record_and_keeps_the_chunks_before(synthet
     state["features.weight"] *= scale
     state["features.bias"] *= scale
     torch.save(state, huge / "model.pt")
-    expected = _per_batch_features(load_model(_spec(huge)), view, BUILD_KW["batch_size"], chunk_rows)
+    expected = _per_batch_features(load_model(model_spec(huge)), view, BUILD_KW["batch_size"], chunk_rows)
     finite = np.isfinite(expected).all(axis=(1, 2))
     first_bad = int(np.flatnonzero(~finite)[0])
     assert finite[:chunk_rows].all() and first_bad >= chunk_rows
@@ -296,7 +293,7 @@ def test_non_finite_feature_names_its_record_and_keeps_the_chunks_before(synthet
     directory = tmp_path / "bank"
     with pytest.raises(BankError, match=rf"^{directory}: the old model's feature of record {record} is not "
                                         r"finite in float16$"):
-        build_bank(view, _spec(huge), directory, **BUILD_KW)
+        build_bank(view, model_spec(huge), directory, **BUILD_KW)
     progress = np.load(directory / "progress.npy")
     bad_chunk = first_bad // chunk_rows
     assert progress[:bad_chunk].all() and progress[bad_chunk:].sum() == 0
@@ -308,7 +305,7 @@ def test_non_finite_feature_names_its_record_and_keeps_the_chunks_before(synthet
 
 def test_workers_default_to_the_machines_and_a_negative_count_is_refused(reference, synthetic_tiny, runs,
                                                                          tmp_path):
-    view, spec = _view(synthetic_tiny), _spec(runs[0])
+    view, spec = _view(synthetic_tiny), model_spec(runs[0])
     with pytest.raises(ValueError, match=r"^num_workers must be >= 0 \(0 decodes in this process\), got -1$"):
         build_bank(view, spec, tmp_path / "refused", **{**BUILD_KW, "num_workers": -1})
     assert not (tmp_path / "refused").exists()  # refused before any file is made
@@ -327,14 +324,15 @@ def test_cuda_build_reads_each_chunk_back_once(synthetic_tiny, runs, tmp_path):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            bank = build_bank(view, _spec(runs[0]), tmp_path / "bank", device="cuda", **kw)
+            bank = build_bank(view, model_spec(runs[0]), tmp_path / "bank", device="cuda", **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)
              and Path(w.filename).name == "bank_build.py"]
     lines = {w.lineno for w in syncs}
     assert 1 <= len(lines) <= 2 and len(syncs) == chunks * len(lines), [(w.lineno, w.message) for w in syncs]
-    ref = _per_batch_features(load_model(_spec(runs[0])), view, 4, BUILD_KW["chunk_rows"]).astype(np.float32)
+    ref = _per_batch_features(load_model(model_spec(runs[0])), view, 4,
+                              BUILD_KW["chunk_rows"]).astype(np.float32)
     np.testing.assert_allclose(np.asarray(bank.features, np.float32), ref, rtol=2e-2,
                                atol=2e-2 * np.abs(ref).max())
 
@@ -349,31 +347,32 @@ def _same_files(a: Path, b: Path) -> None:
 def test_killed_build_resumes_to_the_same_bytes(reference, synthetic_tiny, runs, tmp_path):
     directory = tmp_path / "bank"
     with pytest.raises(BankError, match="unfinished build"):
-        build_bank(_view(synthetic_tiny), _spec(runs[0]), directory, max_chunks=1, **BUILD_KW)
+        build_bank(_view(synthetic_tiny), model_spec(runs[0]), directory, max_chunks=1, **BUILD_KW)
     assert not (directory / "bank.json").exists()
     assert np.load(directory / "progress.npy").tolist()[:2] == [1, 0]
     with pytest.raises(BankError, match="no readable bank.json"):
         FeatureBank.open(directory)
-    bank = ensure_bank(_view(synthetic_tiny), _spec(runs[0]), directory, **BUILD_KW)
+    bank = ensure_bank(_view(synthetic_tiny), model_spec(runs[0]), directory, **BUILD_KW)
     assert bank.num_extracted == len(bank) - BUILD_KW["chunk_rows"]
     _same_files(reference.directory, directory)
     # a partial build of another model in the directory is refused, not mixed in
     other = tmp_path / "other"
     with pytest.raises(BankError, match="unfinished"):
-        build_bank(_view(synthetic_tiny), _spec(runs[1]), other, max_chunks=1, **BUILD_KW)
+        build_bank(_view(synthetic_tiny), model_spec(runs[1]), other, max_chunks=1, **BUILD_KW)
     with pytest.raises(BankError, match="unfinished build of another model or dataset .*model"):
-        ensure_bank(_view(synthetic_tiny), _spec(runs[0]), other, **BUILD_KW)
+        ensure_bank(_view(synthetic_tiny), model_spec(runs[0]), other, **BUILD_KW)
 
 
 def _two_rank_build(rank: int, world: int, root: str, run_dir: str, directory: str) -> tuple:
-    bank = ensure_bank(_view(Path(root)), _spec(Path(run_dir)), directory, credible_ratios=(0.9,), **BUILD_KW)
+    bank = ensure_bank(_view(Path(root)), model_spec(Path(run_dir)), directory, credible_ratios=(0.9,),
+                       **BUILD_KW)
     return bank.num_extracted, int(np.asarray(bank.credible(0.9)).sum())
 
 
 def test_two_ranks_resume_a_one_process_build_to_the_same_bytes(reference, synthetic_tiny, runs, tmp_path):
     directory = tmp_path / "bank"
     with pytest.raises(BankError, match="unfinished"):
-        build_bank(_view(synthetic_tiny), _spec(runs[0]), directory, max_chunks=1, **BUILD_KW)
+        build_bank(_view(synthetic_tiny), model_spec(runs[0]), directory, max_chunks=1, **BUILD_KW)
     results = run_distributed(_two_rank_build, 2, str(synthetic_tiny), str(runs[0]), str(directory))
     expected = (len(reference) - BUILD_KW["chunk_rows"], int(reference.credible(0.9).sum()))
     assert results == [expected, expected]
@@ -385,20 +384,20 @@ def test_mismatching_banks_are_errors_not_rebuilds(reference, synthetic_tiny, ru
     directory = reference.directory
     before = (directory / "features.npy").stat().st_mtime_ns
     with pytest.raises(BankError, match="another model .*checkpoint_sha1"):
-        ensure_bank(_view(synthetic_tiny), _spec(runs[1]), directory, **BUILD_KW)
+        ensure_bank(_view(synthetic_tiny), model_spec(runs[1]), directory, **BUILD_KW)
     with pytest.raises(BankError, match=r"of the training view are not in the bank \(first: record id"):
-        ensure_bank(_view(synthetic_tiny, CLASSES + [29]), _spec(runs[0]), directory, **BUILD_KW)
+        ensure_bank(_view(synthetic_tiny, CLASSES + [29]), model_spec(runs[0]), directory, **BUILD_KW)
     relabelled = copy.copy(_view(synthetic_tiny))
     relabelled.label_map = relabelled.label_map[[1, 0, 2, 3, 4, 5, 6]]  # classes 2 and 5 swapped
     with pytest.raises(BankError, match="have another class in the bank .*class 5 in the view, 2 in the bank|"
                                         "class 2 in the view, 5 in the bank"):
-        ensure_bank(relabelled, _spec(runs[0]), directory, **BUILD_KW)
+        ensure_bank(relabelled, model_spec(runs[0]), directory, **BUILD_KW)
     smaller = _view(synthetic_tiny, CLASSES[:3])  # a sub-view of the bank's records is fine
-    assert len(ensure_bank(smaller, _spec(runs[0]), directory, **BUILD_KW)) == len(reference)
+    assert len(ensure_bank(smaller, model_spec(runs[0]), directory, **BUILD_KW)) == len(reference)
     assert (directory / "features.npy").stat().st_mtime_ns == before
-    name = default_bank_dir("out", _spec(runs[0]), _view(synthetic_tiny)).name
+    name = default_bank_dir("out", model_spec(runs[0]), _view(synthetic_tiny)).name
     assert name.startswith("old-") and len(name) == len("old-") + 12
-    assert default_bank_dir("out", _spec(runs[1]), _view(synthetic_tiny)).name[4:] != name[4:]
+    assert default_bank_dir("out", model_spec(runs[1]), _view(synthetic_tiny)).name[4:] != name[4:]
 
 
 # --- the tool ------------------------------------------------------------------------------------------
@@ -419,7 +418,7 @@ def _write_config(tmp: Path, root: Path, old: Path) -> Path:
 
 
 def test_extract_features_tool(tmp_path, synthetic_tiny, runs, capsys):
-    tool = load_tool(REPO / "tools" / "extract_features.py", "extract_features_tool")
+    tool = load_tool("extract_features")
     config = _write_config(tmp_path, synthetic_tiny, runs[0])
     assert tool.main([str(config), "--device", "cpu", "--credible", "0.9", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

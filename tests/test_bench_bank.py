@@ -4,19 +4,16 @@ and its one-line errors. No memory figure is asserted beyond being measured."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_bank.py"
+from tests.helpers.tools import run_tool
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_tool("bench_bank", *args, timeout=300, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").is_file(), reason="needs Linux smaps_rollup")

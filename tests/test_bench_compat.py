@@ -4,26 +4,19 @@ runs against ``none`` on a tiny network; its report's shape; one-line errors. No
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
-import torch
-from _model_util import load_tool
 
 from facecompat.compat.registry import list_methods
 from facecompat.train.bench_compat import bench_compat_step
+from tests.helpers.models import single_thread
+from tests.helpers.tools import load_tool
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_compat.py"
 TINY = {"network": "r18-w0.125", "embedding_size": 32, "batch_size": 8, "num_classes": 50}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread (a shared CI machine oversubscribes two), restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread (a shared CI machine oversubscribes two), restored afterwards.
+_one_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 def test_every_method_against_none(tmp_path):
@@ -42,7 +35,7 @@ def test_every_method_against_none(tmp_path):
 
 
 def test_cli_runs_and_writes_json(tmp_path, capsys):
-    tool = load_tool(TOOL, "bench_compat_tool")
+    tool = load_tool("bench_compat")
     argv = ["--methods", "bct", "--network", "r18-w0.125", "--embedding-size", "32", "--batch-size", "8",
             "--num-classes", "50", "--steps", "1", "--warmup", "0", "--rounds", "1", "--device", "cpu",
             "--workdir", str(tmp_path), "--json", str(tmp_path / "out" / "r.json")]
@@ -66,7 +59,7 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
     (["--device", "cuda"], "--device: cuda: CUDA is not available here"),  # tests hide CUDA
 ])
 def test_cli_errors_are_one_line(capsys, argv, needle):
-    tool = load_tool(TOOL, "bench_compat_tool")
+    tool = load_tool("bench_compat")
     with pytest.raises(SystemExit) as exc:
         tool.main(["--num-classes", "10", "--batch-size", "8", *argv])
     err = capsys.readouterr().err.strip().splitlines()
@@ -77,7 +70,7 @@ def test_cli_errors_are_one_line(capsys, argv, needle):
 def test_default_methods_are_every_registered_one():
     from facecompat.compat.registry import list_methods
 
-    tool = load_tool(TOOL, "bench_compat_tool")
+    tool = load_tool("bench_compat")
     assert tool.build_parser().parse_args([]).methods == "all"
     assert tool.selected_methods("all") == ["none", *list_methods()]
     assert set(list_methods()) >= {"bct", "l2", "mixbct", "lce", "advbct"}

@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_data.py"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("bench_data", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _status(tool, argv: list[str]) -> int:
-    """main's exit status, argparse's refusals (SystemExit) included."""
-    try:
-        return tool.main(argv)
-    except SystemExit as exc:
-        return exc.code
+from tests.helpers.tools import exit_status, load_tool, run_tool
 
 
 def test_bench_makes_a_rec_and_reports_json(tmp_path):
     rec = tmp_path / "bench"
-    args = [sys.executable, str(TOOL), str(rec), "--make", "300", "--n", "200", "--batch-size", "50",
-            "--rounds", "1", "--json"]
+    args = [rec, "--make", "300", "--n", "200", "--batch-size", "50", "--rounds", "1", "--json"]
     try:
         import nvidia.dali  # noqa: F401
 
         args.append("--dali")
     except ImportError:
         pass
-    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    out = run_tool("bench_data", *args, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     for key in ("images_per_s", "reference_images_per_s", "ratio", "decode_only_images_per_s"):
@@ -51,13 +31,13 @@ def test_bench_makes_a_rec_and_reports_json(tmp_path):
 
 
 def test_bench_table_and_bad_input(tmp_path, capsys):
-    tool = load_tool()
+    tool = load_tool("bench_data")
     assert tool.main([str(tmp_path / "missing")]) == 2
     assert "no train.rec" in capsys.readouterr().err
     rec = tmp_path / "small"
     assert tool.main([str(rec), "--make-only", "--make", "40"]) == 0
     assert not capsys.readouterr().out
-    assert _status(tool, [str(rec), "--n", "40", "--batch-size", "50"]) == 2
+    assert exit_status(tool.main, [str(rec), "--n", "40", "--batch-size", "50"]) == 2
     assert "need at least one batch" in capsys.readouterr().err
     assert tool.main([str(rec), "--n", "100", "--batch-size", "50"]) == 2  # the rec holds 40
     assert "40 images to measure on, need at least one batch of --batch-size 50" in capsys.readouterr().err
@@ -79,7 +59,7 @@ def _restore_threads():
 
 
 def test_bench_stages_json(tmp_path, capsys):
-    tool = load_tool()
+    tool = load_tool("bench_data")
     rec = tmp_path / "stages"
     assert tool.main([str(rec), "--make", "120", "--n", "100", "--batch-size", "25", "--rounds", "2",
                       "--stages", "--json", "--seed", "3"]) == 0
@@ -98,7 +78,7 @@ def test_bench_stages_table_and_library(tmp_path, capsys):
     assert rec.name == "train.rec" and (rec.parent / "property").read_text().startswith("9,")
     stages = measure_stages(rec.parent, 40, batch_size=20, rounds=1)
     assert tuple(stages) == STAGES and all(v > 0 for v in stages.values())
-    tool = load_tool()
+    tool = load_tool("bench_data")
     assert tool.main([str(rec.parent), "--n", "40", "--batch-size", "20", "--rounds", "1", "--stages"]) == 0
     table = capsys.readouterr().out
     assert "stage: full" in table and "stage: decode + split" in table and "us/img" in table
@@ -107,13 +87,13 @@ def test_bench_stages_table_and_library(tmp_path, capsys):
 def test_bench_bad_input_exits_2_with_one_line(tmp_path, capsys):
     from facecompat.data.bench import make_bench_rec
 
-    tool = load_tool()
+    tool = load_tool("bench_data")
     rec = tmp_path / "rec"
     cases = [(["--n", "10", "--batch-size", "5"], "no train.rec"),  # missing rec, no --make
              (["--make", "0"], "--make: must be >= 1"),
              (["--json", str(tmp_path)], "is a directory")]
     for argv, message in cases:
-        assert _status(tool, [str(rec), *argv]) == 2
+        assert exit_status(tool.main, [str(rec), *argv]) == 2
         out = capsys.readouterr()
         assert not out.out and out.err.count("\n") == 1, argv
         assert out.err.startswith("bench_data.py: error: ") and message in out.err, argv
@@ -123,7 +103,7 @@ def test_bench_bad_input_exits_2_with_one_line(tmp_path, capsys):
              (["--rounds", "0"], "--rounds: must be >= 1"),
              (["--seed", "-1"], "--seed: must be >= 0")]
     for argv, message in cases:
-        assert _status(tool, [str(rec), *argv]) == 2
+        assert exit_status(tool.main, [str(rec), *argv]) == 2
         out = capsys.readouterr()
         assert not out.out and out.err.count("\n") == 1, argv
         assert out.err.startswith("bench_data.py: error: ") and message in out.err, argv

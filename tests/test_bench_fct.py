@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from _model_util import load_tool, single_thread
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.models import single_thread
+from tests.helpers.tools import load_tool
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -17,7 +16,7 @@ def _one_thread():
 
 
 def test_bench_fct_json(capsys):
-    tool = load_tool(REPO / "tools" / "bench_fct.py", "bench_fct")
+    tool = load_tool("bench_fct")
     argv = ["--network", "r18-w0.125", "--old-dim", "16", "--side-dim", "8", "--new-dim", "16",
             "--hidden", "32", "--rows", "3000", "--chunk", "1000", "--images", "4", "--batch", "2",
             "--device", "cpu"]
@@ -36,7 +35,7 @@ def test_bench_fct_json(capsys):
 
 
 def test_bench_fct_bad_input_is_one_line(capsys, tmp_path):
-    tool = load_tool(REPO / "tools" / "bench_fct.py", "bench_fct")
+    tool = load_tool("bench_fct")
     base = ["--rows", "10", "--chunk", "10", "--images", "2", "--batch", "2", "--device", "cpu"]
     assert tool.main([*base, "--network", "r19"]) == 2  # after parsing: the registry says
     err = capsys.readouterr().err.strip().splitlines()

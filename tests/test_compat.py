@@ -27,11 +27,9 @@ from facecompat.data.loader import build_dataset
 from facecompat.features import FeatureBank
 from facecompat.heads import PartialFC
 from facecompat.train.trainer import train
-from tests._dist_util import run_distributed
-from tests.test_trainer import write_config
-
-DIM = 32
-
+from tests.helpers.compat import DIM, context, new_config, random_bank
+from tests.helpers.dist import run_distributed
+from tests.helpers.train import write_config
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -46,26 +44,6 @@ def old_run(tmp_path_factory, synthetic_tiny) -> Path:
     run_dir = tmp / "runs" / "old"
     train(cfg, run_dir)
     return run_dir
-
-
-def new_config(tmp: Path, root: Path, old_run: Path, method: str, protocol: str = "exclass", **sets):
-    values = {"data.protocol": protocol, "data.part": "new", "data.val_targets": [],
-              "model.embedding_size": DIM, "compat.method": method,
-              "compat.old": {"checkpoint": str(old_run)},
-              "compat.bank_dir": str(tmp.parent / f"bank-{protocol}"), "train.epochs": 1, **sets}
-    return load_config(write_config(tmp, root, method, **values))
-
-
-def random_bank(directory: Path, view, seed: int = 0) -> FeatureBank:
-    rng = np.random.default_rng(seed)
-    classes = view_classes(view)[view.labels]
-    feats = rng.standard_normal((view.num_images, 2, DIM)).astype(np.float16)
-    return FeatureBank.from_arrays(directory, view.record_ids, classes, feats, model={"name": "random"})
-
-
-def context(view, head, bank=None, **kw) -> base.CompatContext:
-    return base.CompatContext(params=kw.pop("params", {}), weight=kw.pop("weight", 1.0), view=view, head=head,
-                              embedding_size=DIM, bank=bank, **kw)
 
 
 # ----------------------------------------------------------------------------- registry and params

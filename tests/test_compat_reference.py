@@ -27,8 +27,8 @@ from facecompat.data.loader import build_dataset
 from facecompat.features import FeatureBank, fenced_max, keep_counts
 from facecompat.heads import PartialFC
 from facecompat.train.trainer import Trainer, train
-from tests.test_compat import DIM, context, new_config, random_bank
-from tests.test_trainer import write_config
+from tests.helpers.compat import DIM, context, new_config, random_bank
+from tests.helpers.train import write_config
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

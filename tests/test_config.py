@@ -22,8 +22,9 @@ from facecompat.config import (
     from_dict,
     load_config,
 )
+from tests.helpers import REPO
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO_CONFIGS = REPO / "configs"
 
 
 def write(path: Path, text: str) -> Path:

@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from _dist_util import run_distributed
-from test_trainer import write_config
 
 from facecompat import checkpoint as ckpt
 from facecompat import dist
@@ -28,8 +25,9 @@ from facecompat.train.contrastive import ContrastiveObjective, ProjectionHead, n
 from facecompat.train.precision import LossScaler
 from facecompat.train.step import TrainStep
 from facecompat.train.trainer import Trainer, TrainingError, train
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+from tests.helpers.dist import run_distributed
+from tests.helpers.train import write_config
 
 
 def direct_nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:

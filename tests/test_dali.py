@@ -18,30 +18,22 @@ pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install nv
 from facecompat.data import dali as dali_mod  # noqa: E402
 from facecompat.data._dali_mxnet import ViewOffsets, parse_offsets, plan_epoch_index  # noqa: E402
 from facecompat.data.dali import DaliLoader, dali_available  # noqa: E402
-from facecompat.data.faces import FaceRecords, FaceRecWriter, flip_flags  # noqa: E402
+from facecompat.data.faces import FaceRecords, flip_flags  # noqa: E402
 from facecompat.data.loader import TorchLoader, build_loader, epoch_order  # noqa: E402
 from facecompat.data.recordio import RecordIOError, RecordWriter, pack  # noqa: E402
+from tests.helpers import SHARED_FIXTURES
+from tests.helpers.data import is_channels_last, noise_rec
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recordio"
+FIXTURES = SHARED_FIXTURES / "recordio"
 # JPEG decoders may round differently (DALI's libjpeg-turbo and OpenCV's agree exactly on
 # these files): allow 2 grey levels, in normalised units.
 PIXEL_TOL = 2 / 127.5 + 1e-6
 READERS = pytest.mark.parametrize("reader", ["external", "mxnet"])
 
 
-def make_rec(out_dir: Path, class_sizes: list[int], seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    with FaceRecWriter(out_dir) as w:
-        for label, count in enumerate(class_sizes):
-            for _ in range(count):
-                img = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
-                w.add(label, cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
-    return out_dir
-
-
 @pytest.fixture(scope="module")
 def rec_dir(tmp_path_factory) -> Path:
-    return make_rec(tmp_path_factory.mktemp("rec"), [7, 5, 9, 3, 6, 8])  # 38 images, 6 classes
+    return noise_rec(tmp_path_factory.mktemp("rec"), [7, 5, 9, 3, 6, 8])  # 38 images, 6 classes
 
 
 def dali(view: FaceRecords, batch_size: int, rank: int = 0, world: int = 1, **kw) -> DaliLoader:
@@ -339,11 +331,6 @@ def test_fn_readers_mxnet_shuffle_after_epoch_keeps_one_rec_in_order(rec_dir, tm
     assert epochs[0] == epochs[1] == epochs[2] == keys[19:]
 
 
-def is_channels_last(images: torch.Tensor) -> bool:
-    """Dense in channels_last order, and not also NCHW-contiguous (with 3 channels it cannot be both)."""
-    return images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
-
-
 def on_device(batch, device: torch.device) -> bool:
     """Every tensor field of a Batch (``inputs`` is None or a dict of tensors) is on ``device``."""
     tensors = [batch.images, batch.labels, batch.record_ids, batch.flipped, *(batch.inputs or {}).values()]
@@ -397,7 +384,7 @@ def test_dali_device_cpu_delivers_to_the_training_gpu(tmp_path, reader):
     from facecompat.config import load_config
     from facecompat.data.loader import build_train_loader
 
-    rec = make_rec(tmp_path / "rec", [4, 4, 4, 4])
+    rec = noise_rec(tmp_path / "rec", [4, 4, 4, 4])
     cfg = load_config(None, [f"data.rec={rec}", "data.batch_size=4", "data.loader=dali", "data.num_workers=2",
                              "data.dali_device=cpu", f"data.dali_reader={reader}"])
     device = torch.device("cuda", 0)

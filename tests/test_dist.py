@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as tdist
-from _dist_util import run_distributed
 
 from facecompat import dist
+from tests.helpers.dist import DistributedTestError, run_distributed
 
 WORLD = 3
 
@@ -95,8 +95,6 @@ def test_sum_hook_signature_is_accepted_by_ddp() -> None:
 
 
 def test_run_distributed_reports_failing_rank() -> None:
-    from _dist_util import DistributedTestError
-
     with pytest.raises(DistributedTestError, match="(?s)rank1.*boom on rank 1"):
         run_distributed(_fail_on_rank_1, 2)
 

@@ -16,18 +16,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _model_util import load_tool, make_run_dir
 
 from facecompat.eval import ijb, matrix, metrics
+from tests.helpers import REPO
+from tests.helpers.data import subject_features
+from tests.helpers.errors import error_line
+from tests.helpers.models import make_run_dir
+from tests.helpers.tools import exit_status, load_tool, tool_path
 
-REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "eval_ijbc.py"
 NETWORK, EMBEDDING_SIZE = "r18-w0.125", 32
 
 
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool(TOOL, "eval_ijbc_tool")
+    return load_tool("eval_ijbc")
 
 
 def _make_run_dir(path: Path, seed: int) -> Path:
@@ -58,25 +60,6 @@ def _run(tool, argv, capsys) -> tuple[int, str, str]:
 def _data(root: Path, tmp_path: Path) -> list:
     """--data-root ROOT with a feature/meta cache of the test's own (not the repo's work_dirs/eval)."""
     return ["--data-root", root, "--cache-dir", tmp_path / "cache"]
-
-
-def _one_error_line(err: str, *names: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ") or ": error: " in ln]
-    assert len(lines) == 1, err
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
-    return lines[0]
-
-
-def _subject_features(meta: ijb.IJBMeta, seed: int = 0, dim: int = 16, noise: float = 0.05) -> np.ndarray:
-    """Face features = subject centre + noise: a near-perfect model."""
-    rng = np.random.default_rng(seed)
-    subject_of = {}
-    for group in (meta.probes, *meta.galleries.values()):
-        subject_of.update(zip(group.template_ids.tolist(), group.subject_ids.tolist()))
-    subjects = np.array([subject_of[t] for t in meta.template_ids.tolist()])
-    centres = rng.standard_normal((subjects.max() + 1, dim))
-    return (centres[subjects] + noise * rng.standard_normal((meta.num_faces, dim))).astype(np.float32)
 
 
 def _reference_scores(meta: ijb.IJBMeta, query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
@@ -166,7 +149,7 @@ def test_matrix_by_name_and_path(tool, setup, cross, capsys):
 # --------------------------------------------------------------------------- precomputed features
 def test_precomputed_features(tool, setup, capsys, tmp_path):
     meta = ijb.load_ijb_meta(setup["data"])
-    good = _subject_features(meta)
+    good = subject_features(meta)
     np.save(tmp_path / "good.npy", good)
     np.save(tmp_path / "scaled.npy", good * 3.0)  # cosines do not change with scale
     np.save(tmp_path / "noise.npy", np.random.default_rng(5).standard_normal(good.shape).astype(np.float32))
@@ -195,9 +178,9 @@ def test_precomputed_cross_features_reproduce_verification_11(tool, setup, capsy
     evaluator's verification_11(old templates, ..., new templates, ..., p1, p2) with its ROC and
     TAR rule (tools/bench_ijbc.py's reference code, loop for loop; the IJB-C-sized run of the same
     check is `tools/bench_ijbc.py --cross`)."""
-    bench = load_tool(REPO / "tools" / "bench_ijbc.py", "bench_ijbc_tool")
+    bench = load_tool("bench_ijbc")
     meta = ijb.load_ijb_meta(setup["data"])
-    old = _subject_features(meta, seed=0, noise=0.6)
+    old = subject_features(meta, 0, noise=0.6)
     new = bench.make_new_features(old, seed=3, noise=0.8)
     np.save(tmp_path / "new.npy", new)
     np.save(tmp_path / "old.npy", old)
@@ -221,7 +204,7 @@ def test_ijbb_target(tool, setup, capsys, tmp_path):
     for f in src.iterdir():
         shutil.copy(f, dst / f.name.replace("ijbc_", "ijbb_").replace("_G1", "_S1").replace("_G2", "_S2"))
     meta = ijb.load_ijb_meta(tmp_path, "IJBB")
-    np.save(tmp_path / "f.npy", _subject_features(meta))
+    np.save(tmp_path / "f.npy", subject_features(meta))
     code, stdout, err = _run(tool, [*_data(tmp_path, tmp_path), "--target", "IJBB", "--query-features",
                                     tmp_path / "f.npy", "--json", tmp_path / "r.json"], capsys)
     assert code == 0, err
@@ -237,7 +220,7 @@ def _copy_data(src: Path, dst: Path) -> Path:
 
 def test_feature_file_errors(tool, setup, capsys, tmp_path):
     meta = ijb.load_ijb_meta(setup["data"])
-    good = _subject_features(meta)
+    good = subject_features(meta)
     np.save(tmp_path / "short.npy", good[:-1])
     np.save(tmp_path / "wide.npy", np.concatenate([good, good], axis=1))
     bad = good.copy()
@@ -255,39 +238,31 @@ def test_feature_file_errors(tool, setup, capsys, tmp_path):
     for extra, names in cases:
         code, _, err = _run(tool, base + extra, capsys)
         assert code == 2, (extra, err)
-        _one_error_line(err, *names)
+        error_line(err, *names)
 
 
 def test_model_and_argument_errors(tool, setup, capsys, tmp_path):
     catalog = setup["catalog"]
     code, _, err = _run(tool, ["--config", catalog, "--query", "bct"], capsys)
     assert code == 2
-    _one_error_line(err, "'bct'", "known: new, old")
+    error_line(err, "'bct'", "known: new, old")
     wrong = tmp_path / "wrong.pt"
     torch.save({"conv1.weight": torch.zeros(1)}, wrong)
     code, _, err = _run(tool, ["--config", catalog, "--query", wrong], capsys)
     assert code == 2
-    _one_error_line(err, "wrong.pt", "--network")
+    error_line(err, "wrong.pt", "--network")
     code, _, err = _run(tool, ["--config", catalog, "--query", wrong, "--network", "r18-w0.125"], capsys)
     assert code == 2
-    _one_error_line(err, "wrong.pt")
+    error_line(err, "wrong.pt")
     bad_catalog = tmp_path / "bad.yaml"
     bad_catalog.write_text("models:\n  old: {paht: x}\n")
     code, _, err = _run(tool, ["--config", bad_catalog, "--query", "old"], capsys)
     assert code == 2
-    _one_error_line(err, "bad.yaml", "models.old.paht")
+    error_line(err, "bad.yaml", "models.old.paht")
     with pytest.raises(SystemExit) as exc:
         tool.main(["--config", str(catalog), "--query", "old", "--matrix", "old,new"])
     assert exc.value.code == 2
     assert "exactly one of" in capsys.readouterr().err
-
-
-def _exit_status(tool, argv) -> int:
-    """The tool's exit status, whether it ends at parse time (SystemExit) or returns one."""
-    try:
-        return tool.main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code
 
 
 def test_bad_outputs_and_counts_fail_before_the_evaluation(tool, setup, capsys, tmp_path):
@@ -305,8 +280,8 @@ def test_bad_outputs_and_counts_fail_before_the_evaluation(tool, setup, capsys, 
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], ("--device", "CUDA is not available")))
     for extra, names in cases:
-        assert _exit_status(tool, base + extra) == 2, extra
-        _one_error_line(capsys.readouterr().err, *names)
+        assert exit_status(tool.main, base + extra) == 2, extra
+        error_line(capsys.readouterr().err, *names)
     assert not (tmp_path / "cache").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file"]
     assert not any((tmp_path / "a_dir").iterdir()) and (tmp_path / "a_file").read_text() == "x"
@@ -314,7 +289,7 @@ def test_bad_outputs_and_counts_fail_before_the_evaluation(tool, setup, capsys, 
 
 def test_json_alone_prints_the_results_on_stdout(tool, setup, capsys, tmp_path):
     meta = ijb.load_ijb_meta(setup["data"])
-    np.save(tmp_path / "f.npy", _subject_features(meta))
+    np.save(tmp_path / "f.npy", subject_features(meta))
     code, stdout, err = _run(tool, [*_data(setup["data"], tmp_path), "--query-features", tmp_path / "f.npy",
                                     "--no-1n", "--json"], capsys)
     assert code == 0, err
@@ -329,7 +304,7 @@ def test_missing_image_names_the_flag_that_skips_it(tool, setup, capsys, tmp_pat
     catalog = _catalog(tmp_path / "c.yaml", data, tmp_path / "cache", setup["runs"])
     code, _, err = _run(tool, ["--config", catalog, "--query", "old", "--json", tmp_path / "r.json"], capsys)
     assert code == 2
-    line = _one_error_line(err, meta.image_names[0], "--allow-missing")
+    line = error_line(err, meta.image_names[0], "--allow-missing")
     assert "allow_missing=True" not in line and not (tmp_path / "r.json").exists()
 
 
@@ -337,7 +312,7 @@ def test_meta_errors_and_allow_missing(tool, setup, capsys, tmp_path):
     data = _copy_data(setup["data"], tmp_path / "data")
     meta_dir = data / "IJBC" / "meta"
     meta = ijb.load_ijb_meta(data)
-    np.save(tmp_path / "f.npy", _subject_features(meta))
+    np.save(tmp_path / "f.npy", subject_features(meta))
     argv = [*_data(data, tmp_path), "--query-features", tmp_path / "f.npy", "--json", tmp_path / "r.json"]
 
     # a pair naming a template absent from the media file
@@ -346,7 +321,7 @@ def test_meta_errors_and_allow_missing(tool, setup, capsys, tmp_path):
     pair_file.write_text(original + "999999 11 0\n")
     code, _, err = _run(tool, argv, capsys)
     assert code == 2
-    _one_error_line(err, "ijbc_template_pair_label.txt", "999999")
+    error_line(err, "ijbc_template_pair_label.txt", "999999")
     code, _, err = _run(tool, [*argv, "--allow-missing"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "r.json").read_text())["skipped"]["pairs_without_faces"] == 1
@@ -359,18 +334,18 @@ def test_meta_errors_and_allow_missing(tool, setup, capsys, tmp_path):
     pts.write_text("\n".join([lines[0].split()[0]] + lines[1:]) + "\n")
     code, _, err = _run(tool, argv, capsys)
     assert code == 2
-    _one_error_line(err, "ijbc_name_5pts_score.txt:1")
+    error_line(err, "ijbc_name_5pts_score.txt:1")
     pts.unlink()
     code, _, err = _run(tool, argv, capsys)
     assert code == 2
-    _one_error_line(err, "ijbc_name_5pts_score.txt", "missing")
+    error_line(err, "ijbc_name_5pts_score.txt", "missing")
 
 
 def test_data_folder_by_content_and_partial_1n(tool, setup, capsys, tmp_path):
     """--data-root: the IJB-C folder under any name; an empty IJBC/ and a half-copied 1:N set are
     one-line errors naming the path looked at / the missing file, never a 1:1-only exit 0."""
     meta = ijb.load_ijb_meta(setup["data"])
-    np.save(tmp_path / "f.npy", _subject_features(meta))
+    np.save(tmp_path / "f.npy", subject_features(meta))
     mine = tmp_path / "mydata"
     shutil.copytree(setup["data"] / "IJBC" / "meta", mine / "meta")
     argv = ["--cache-dir", tmp_path / "cache", "--query-features", tmp_path / "f.npy",
@@ -382,13 +357,13 @@ def test_data_folder_by_content_and_partial_1n(tool, setup, capsys, tmp_path):
     (tmp_path / "empty" / "IJBC").mkdir(parents=True)
     code, _, err = _run(tool, ["--data-root", tmp_path / "empty", *argv], capsys)
     assert code == 2
-    line = _one_error_line(err, tmp_path / "empty" / "IJBC" / "meta")
+    line = error_line(err, tmp_path / "empty" / "IJBC" / "meta")
     assert "IJBC/IJBC" not in line
 
     (mine / "meta" / "ijbc_1N_gallery_G2.csv").unlink()
     code, _, err = _run(tool, ["--data-root", mine, *argv], capsys)
     assert code == 2
-    _one_error_line(err, "ijbc_1N_gallery_G2.csv", "missing")
+    error_line(err, "ijbc_1N_gallery_G2.csv", "missing")
     for name in ("ijbc_1N_gallery_G1.csv", "ijbc_1N_probe_mixed.csv"):
         (mine / "meta" / name).unlink()
     code, _, err = _run(tool, ["--data-root", mine, *argv], capsys)  # none at all: 1:1 only
@@ -420,7 +395,7 @@ def test_weights_file_is_read_at_its_embedding_size(tool, setup, capsys, tmp_pat
     code, _, err = _run(tool, ["--config", catalog, *_data(setup["data"], tmp_path), "--query", "zoo"],
                         capsys)
     assert code == 2
-    _one_error_line(err, "models.zoo", "model.pt", "128-d", "512-d")
+    error_line(err, "models.zoo", "model.pt", "128-d", "512-d")
 
 
 def test_missing_image_with_models(tool, setup, capsys, tmp_path):
@@ -435,7 +410,7 @@ def test_missing_image_with_models(tool, setup, capsys, tmp_path):
     argv = ["--config", catalog, "--query", "old", "--json", tmp_path / "r.json"]
     code, _, err = _run(tool, argv, capsys)
     assert code == 2
-    _one_error_line(err, meta.image_names[faces[0]], "loose_crop")
+    error_line(err, meta.image_names[faces[0]], "loose_crop")
     code, _, err = _run(tool, [*argv, "--allow-missing"], capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "r.json").read_text())
@@ -489,7 +464,7 @@ def test_torchrun_two_ranks_equals_one_process(setup, cross, tmp_path):
     catalog = _catalog(tmp_path / "c.yaml", setup["data"], tmp_path / "cache", setup["runs"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(TOOL), "--config", str(catalog), "--query", "old", "--no-1n",
+           str(tool_path("eval_ijbc")), "--config", str(catalog), "--query", "old", "--no-1n",
            "--json", str(tmp_path / "r.json")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

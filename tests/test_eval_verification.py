@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from _model_util import load_tool, make_run_dir
 
-REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "eval_verification.py"
+from tests.helpers.errors import error_line
+from tests.helpers.models import make_run_dir
+from tests.helpers.tools import load_tool, run_tool
+
 NETWORK, EMBEDDING_SIZE = "r18-w0.125", 32
 
 
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool(TOOL, "eval_verification_tool")
+    return load_tool("eval_verification")
 
 
 def _make_run_dir(path: Path, seed: int) -> Path:
@@ -44,15 +43,6 @@ def lfw(synthetic_tiny, tmp_path_factory) -> Path:
     pair_images = [images[j] for i in keep for j in (2 * i, 2 * i + 1)]
     write_pairs_bin(path, pair_images, [bool(issame[i]) for i in keep])
     return path
-
-
-def _one_error_line(stderr: str, *names: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ") or ": error: " in lines[0], lines[0]
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def test_resolve_model_spec(runs, tmp_path):
@@ -142,23 +132,19 @@ def test_bad_inputs_exit_2_with_one_line(tool, runs, lfw, tmp_path, capsys, case
     assert tool.main([*argv, "--device", "cpu"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    _one_error_line(captured.err, culprit)
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    error_line(captured.err, culprit, alone=True)
 
 
 def test_cli_subprocess(runs, lfw, tmp_path):
     old, _ = runs
     out = tmp_path / "cli.json"
-    ok = _cli("--model", str(old), "--bins", str(lfw), "--device", "cpu", "--no-flip", "--json", str(out))
+    ok = run_tool("eval_verification", "--model", str(old), "--bins", str(lfw), "--device", "cpu",
+                  "--no-flip", "--json", str(out))
     assert ok.returncode == 0, ok.stderr
     assert "lfw" in ok.stdout and 0.0 <= json.loads(out.read_text())["lfw"]["A|A"]["accuracy"] <= 1.0
-    bad = _cli("--model", str(old), "--bins", str(lfw), "--batch-size", "0")
+    bad = run_tool("eval_verification", "--model", str(old), "--bins", str(lfw), "--batch-size", "0")
     assert bad.returncode == 2
-    _one_error_line(bad.stderr, "--batch-size")
+    error_line(bad.stderr, "--batch-size", alone=True)
 
 
 def test_json_bare_prints_the_results_instead_of_the_table(tool, runs, lfw, capsys):
@@ -184,4 +170,4 @@ def test_bad_flags_fail_before_the_work(tool, runs, tmp_path, capsys, extra, cul
     assert code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    _one_error_line(captured.err, culprit)
+    error_line(captured.err, culprit, alone=True)

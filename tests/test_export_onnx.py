@@ -5,20 +5,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _model_util import calibrated_model, make_run_dir, single_thread
 
 from facecompat.models.onnx_export import OnnxExportError, export_onnx
+from tests.helpers.models import calibrated_model, make_run_dir, single_thread
+from tests.helpers.tools import load_tool, run_tool
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
@@ -81,9 +79,7 @@ def test_dynamo_exporter(tmp_path):
 
 
 def _tool(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "tools/export_onnx.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env=env)
+    return run_tool("export_onnx", *args, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_tool_end_to_end(tmp_path):
@@ -108,21 +104,13 @@ def test_tool_end_to_end(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def _tool_module():
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import export_onnx as tool
-    finally:
-        sys.path.remove(str(REPO / "tools"))
-    return tool
-
-
 def test_tool_exports_a_run_directory(tmp_path, capsys):
     """A run directory names its network and embedding size in config.yaml: no --network needed."""
     run = make_run_dir(tmp_path / "run", seed=0, network="r18-w0.125", embedding_size=32)
     torch.save(_calibrated("r18-w0.125", embedding_size=32).state_dict(), run / "model.pt")
     out = tmp_path / "sub" / "run.onnx"
-    assert _tool_module().main([str(run), "--output", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    assert load_tool("export_onnx").main([str(run), "--output", str(out), "--json",
+                                          str(tmp_path / "r.json")]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out} (r18-w0.125, D=32" in printed
     result = json.loads((tmp_path / "r.json").read_text())
@@ -133,7 +121,7 @@ def test_tool_exports_a_run_directory(tmp_path, capsys):
 
 
 def test_tool_bad_input_in_process(tmp_path, capsys):
-    tool = _tool_module()
+    tool = load_tool("export_onnx")
     (tmp_path / "not_a_run").mkdir()
     (tmp_path / "w.pt").write_bytes(b"x")
     out = str(tmp_path / "o.onnx")

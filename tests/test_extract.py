@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from _dist_util import run_distributed
 from torch import nn
 
 from facecompat.data.align import ARCFACE_TEMPLATE, align_face, estimate_similarity
@@ -31,6 +30,7 @@ from facecompat.eval.extract import (
 from facecompat.features import default_num_workers, embed_batches
 from facecompat.fileio import file_sha1
 from facecompat.models import WeightsError, get_model
+from tests.helpers.dist import run_distributed
 
 LIST = "meta/ijbc_name_5pts_score.txt"
 

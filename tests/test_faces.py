@@ -13,8 +13,9 @@ import torch
 
 from facecompat.data.faces import FaceRecords, FaceRecWriter, flip_flags, summarize_rec
 from facecompat.data.recordio import RecordIOError, RecordReader, RecordWriter, pack
+from tests.helpers import SHARED_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "recordio"
+FIXTURES = SHARED_FIXTURES / "recordio"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 
 

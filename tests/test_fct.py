@@ -14,8 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _dist_util import run_distributed
-from _model_util import load_tool, make_run_dir, single_thread
 
 from facecompat.compat.fct import (
     FCTError,
@@ -31,9 +29,10 @@ from facecompat.config import ConfigError
 from facecompat.data.loader import build_dataset
 from facecompat.features import FeatureBank, default_bank_dir
 from facecompat.features.bank import dataset_classes
-from facecompat.models.spec import ModelSpec, resolve_model_spec
+from tests.helpers.dist import run_distributed
+from tests.helpers.models import make_run_dir, model_spec, single_thread
+from tests.helpers.tools import load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 OLD_DIM, SIDE_DIM, NEW_DIM = 16, 8, 16
 
 
@@ -116,7 +115,7 @@ def planted(tmp_path_factory, synthetic_tiny):
     view = build_dataset(cfg.data)
     feats = _planted(view)
     for role, path in runs.items():
-        spec = ModelSpec(path.name, *resolve_model_spec(path), str(path))
+        spec = model_spec(path)
         FeatureBank.from_arrays(default_bank_dir(tmp, spec, view), view.record_ids, dataset_classes(view),
                                 feats[role], model={**spec.fingerprint(), "name": spec.name})
     return cfg, cfg_path, runs, tmp
@@ -126,7 +125,7 @@ def _banks(cfg, runs) -> dict[str, FeatureBank]:
     view = build_dataset(cfg.data)
     out = {}
     for role, path in runs.items():
-        spec = ModelSpec(path.name, *resolve_model_spec(path), str(path))
+        spec = model_spec(path)
         out[role] = FeatureBank.open(default_bank_dir(cfg.bank_root, spec, view))
     return out
 
@@ -338,7 +337,7 @@ def test_config_errors(planted, tmp_path):
 
 def test_tool_trains_without_side_information_and_reports(planted, tmp_path, capsys):
     _, cfg_path, _, _ = planted
-    tool = load_tool(REPO / "tools" / "train_fct.py", "train_fct")
+    tool = load_tool("train_fct")
     out = tmp_path / "noside"
     assert tool.main([str(cfg_path), "--set", "side=null", "--set", "train.epochs=2",
                       "--set", f"output={out}", "--device", "cpu", "--json", str(tmp_path / "s.json")]) == 0
@@ -404,7 +403,7 @@ def test_catalog_transformation_in_evaluation(trained, planted, fct_catalog, syn
     np.testing.assert_allclose(feats["fct"], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var["fct"], want_var, rtol=1e-5)
 
-    tool = load_tool(REPO / "tools" / "eval_ijbc.py", "eval_ijbc_fct")
+    tool = load_tool("eval_ijbc")
     out = tmp_path / "r.json"
     assert tool.main(["--config", str(catalog_path), "--query", "new", "--gallery", "fct", "--no-1n",
                       "--json", str(out)]) == 0, capsys.readouterr().err
@@ -440,7 +439,7 @@ def test_backfill_tool_from_fct_gallery(fct_catalog, synthetic_tiny, tmp_path, c
     from facecompat.eval import ijb
 
     catalog_path = fct_catalog
-    tool = load_tool(REPO / "tools" / "backfill.py", "backfill_tool")
+    tool = load_tool("backfill")
     out, png = tmp_path / "bf.json", tmp_path / "bf.png"
     assert tool.main(["--config", str(catalog_path), "--query", "new", "--stored", "fct", "--fractions",
                       "0,0.5,1", "--random-runs", "2", "--json", str(out), "--png", str(png)]) == 0
@@ -484,7 +483,7 @@ def test_backfill_tool_from_fct_gallery(fct_catalog, synthetic_tiny, tmp_path, c
 def test_backfill_tool_bad_input_one_line_before_the_work(tmp_path, capsys, argv, culprit):
     """Bad flags and outputs stop in one line, exit status 2, before any catalog, meta or model is read
     (the catalog named here does not even exist, except for the model-name case)."""
-    tool = load_tool(REPO / "tools" / "backfill.py", "backfill_tool")
+    tool = load_tool("backfill")
     catalog = tmp_path / "catalog.yaml"
     if culprit == "nothing":
         catalog.write_text("models: {}\n")

@@ -5,15 +5,12 @@ partial backfill, atomic output), and each tool's help, bad input and a run on t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from _model_util import load_tool, make_run_dir, single_thread
 
-from facecompat.compat.fct import FCTransform, Transformation, save_transformation
+from facecompat.compat.fct import FCTransform
 from facecompat.index import upgrade
 from facecompat.index.store import FeatureStore, IncompatibleError, StoreError, model_version
 from facecompat.index.upgrade import (
@@ -22,12 +19,13 @@ from facecompat.index.upgrade import (
     store_model_features,
     transform_store,
 )
-from facecompat.models.spec import ModelSpec, resolve_model_spec
+from tests.helpers.errors import error_line, raises_one_line
+from tests.helpers.fct import NEW_DIM, OLD_DIM, SIDE_DIM, fct_stores, make_fct_models
+from tests.helpers.models import single_thread
+from tests.helpers.tools import exit_status, load_tool
 
 pytest.importorskip("faiss")
 
-REPO = Path(__file__).resolve().parents[1]
-OLD_DIM, SIDE_DIM, NEW_DIM = 8, 4, 8
 TOOLS = ("extract_gallery", "transform_gallery", "search_gallery")
 
 
@@ -36,50 +34,11 @@ def _one_thread():
     yield from single_thread()
 
 
-def _one_line(exc: type[Exception], match: str, fn, *args, **kwargs) -> str:
-    with pytest.raises(exc, match=match) as err:
-        fn(*args, **kwargs)
-    assert "\n" not in str(err.value)
-    return str(err.value)
-
-
-def _spec(path: Path) -> ModelSpec:
-    return ModelSpec(path.name, *resolve_model_spec(path), str(path))
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict:
     """Three random-weight run directories, two transformations (with and without side-information)
     that name them, their fingerprints."""
-    tmp = tmp_path_factory.mktemp("gallery_models")
-    runs = {"old": make_run_dir(tmp / "old", seed=0, embedding_size=OLD_DIM),
-            "side": make_run_dir(tmp / "side", seed=1, embedding_size=SIDE_DIM),
-            "new": make_run_dir(tmp / "new", seed=2, embedding_size=NEW_DIM)}
-    specs = {role: _spec(path) for role, path in runs.items()}
-    records = {role: {"role": role, "name": s.name, "source": s.source, "network": s.network,
-                      "embedding_size": s.embedding_size, "weights": str(s.weights), **s.fingerprint()}
-               for role, s in specs.items()}
-    dirs = {}
-    for name, side_dim in (("fct", SIDE_DIM), ("noside", 0)):
-        torch.manual_seed(3)
-        module = Transformation(OLD_DIM, side_dim, NEW_DIM, hidden=(16,), uncertainty=name == "fct")
-        arch = {"old_dim": OLD_DIM, "side_dim": side_dim, "new_dim": NEW_DIM, "hidden": [16],
-                "uncertainty": name == "fct"}
-        chosen = {r: rec for r, rec in records.items() if side_dim or r != "side"}
-        dirs[name] = save_transformation(tmp / name, module, {"architecture": arch, "models": chosen})
-    return {"runs": runs, "fp": {r: s.fingerprint() for r, s in specs.items()}, "dirs": dirs}
-
-
-def _stores(tmp_path: Path, models: dict, num: int = 200) -> tuple[FeatureStore, FeatureStore]:
-    """An old-model store (ids not sorted) and a side store of the same items in another order."""
-    rng = np.random.default_rng(0)
-    ids = rng.permutation(10 * num)[:num].astype(np.int64) * 3 + 7
-    old = store_model_features(tmp_path / "old", rng.standard_normal((num, OLD_DIM)), ids,
-                               models["fp"]["old"], meta={"items": "test"})
-    perm = rng.permutation(num)
-    side = store_model_features(tmp_path / "side", rng.standard_normal((num, SIDE_DIM))[perm], ids[perm],
-                                models["fp"]["side"])
-    return old, side
+    return make_fct_models(tmp_path_factory.mktemp("gallery_models"))
 
 
 # ------------------------------------------------------------------------------------------- library
@@ -89,12 +48,12 @@ def test_store_model_features_tags_every_row(tmp_path, models):
     version = model_version(fp)
     assert store.versions == [version] and version["id"] == f"r18-w0.125-{fp['checkpoint_sha1'][:12]}"
     assert store.version_counts() == {version["id"]: 5} and store.meta == {"a": 1}
-    _one_line(StoreError, "embedding_size 8, the features are 4-d", store_model_features, tmp_path / "t",
-              np.ones((5, 4)), np.arange(5), fp)
+    raises_one_line(StoreError, "embedding_size 8, the features are 4-d", store_model_features,
+                    tmp_path / "t", np.ones((5, 4)), np.arange(5), fp)
 
 
 def test_transform_store_equals_apply_with_side_information_matched_by_id(tmp_path, models):
-    old, side = _stores(tmp_path, models)
+    old, side = fct_stores(tmp_path, models)
     fct = FCTransform.load(models["dirs"]["fct"])
     done: list[int] = []
     out = transform_store(fct, old, side, tmp_path / "fct", chunk_rows=37, progress=done.append)
@@ -122,32 +81,33 @@ def test_transform_store_equals_apply_with_side_information_matched_by_id(tmp_pa
 
 
 def test_transform_store_refuses_other_versions_and_missing_side_items(tmp_path, models):
-    old, side = _stores(tmp_path, models)
+    old, side = fct_stores(tmp_path, models)
     fct = FCTransform.load(models["dirs"]["fct"])
     from_id = model_version(models["fp"]["old"])["id"]
     other = {"checkpoint_sha1": "f" * 40, "network": "r18", "embedding_size": OLD_DIM}
     stranger = store_model_features(tmp_path / "stranger", np.asarray(old.features), old.ids, other)
-    msg = _one_line(IncompatibleError, "200 rows of version 'r18-ffffffffffff'", transform_store, fct,
-                    stranger, side, tmp_path / "out")
+    msg = raises_one_line(IncompatibleError, "200 rows of version 'r18-ffffffffffff'", transform_store, fct,
+                          stranger, side, tmp_path / "out")
     assert f"expected rows of {from_id!r}" in msg
     wrong_side = store_model_features(tmp_path / "wrong_side", np.asarray(side.features), side.ids,
                                       {**other, "embedding_size": SIDE_DIM})
-    _one_line(IncompatibleError, "side-information .* must be version", transform_store, fct, old, wrong_side,
-              tmp_path / "out")
+    raises_one_line(IncompatibleError, "side-information .* must be version", transform_store, fct, old,
+                    wrong_side, tmp_path / "out")
     short = store_model_features(tmp_path / "short", np.asarray(side.features)[1:], side.ids[1:],
                                  models["fp"]["side"])
-    _one_line(StoreError, f"does not cover the items of .*no item id {int(side.ids[0])} ", transform_store,
-              fct, old, short, tmp_path / "out")
-    _one_line(StoreError, "needs 4-d side-information", transform_store, fct, old, None, tmp_path / "out")
-    _one_line(StoreError, "trained without side-information", transform_store,
-              FCTransform.load(models["dirs"]["noside"]), old, side, tmp_path / "out")
-    _one_line(StoreError, "another directory than its input", transform_store, fct, old, side, old.path)
+    raises_one_line(StoreError, f"does not cover the items of .*no item id {int(side.ids[0])} ",
+                    transform_store, fct, old, short, tmp_path / "out")
+    raises_one_line(StoreError, "needs 4-d side-information", transform_store, fct, old, None,
+                    tmp_path / "out")
+    raises_one_line(StoreError, "trained without side-information", transform_store,
+                    FCTransform.load(models["dirs"]["noside"]), old, side, tmp_path / "out")
+    raises_one_line(StoreError, "another directory than its input", transform_store, fct, old, side, old.path)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_partially_backfilled_rows_are_copied_and_uncertainty_follows(tmp_path, models):
-    old, side = _stores(tmp_path, models)
+    old, side = fct_stores(tmp_path, models)
     fct = FCTransform.load(models["dirs"]["fct"])
     new_fp, new_id = models["fp"]["new"], model_version(models["fp"]["new"])["id"]
     chosen = old.ids[[5, 0, 150]]
@@ -181,12 +141,12 @@ def test_partially_backfilled_rows_are_copied_and_uncertainty_follows(tmp_path, 
     assert more.version_counts() == {fct.version: 196, new_id: 4}
     in_place = backfill_store(more, [int(more.ids[rest[1]])], np.ones((1, NEW_DIM)), new_fp)
     assert in_place.path == more.path and np.isnan(read_uncertainty(in_place)[rest[1]])
-    _one_line(StoreError, "no item id 1", backfill_store, out, [1], np.ones((1, NEW_DIM)), new_fp,
-              tmp_path / "x")
+    raises_one_line(StoreError, "no item id 1", backfill_store, out, [1], np.ones((1, NEW_DIM)), new_fp,
+                    tmp_path / "x")
 
 
 def test_transform_store_output_is_atomic(tmp_path, models, monkeypatch):
-    old, side = _stores(tmp_path, models)
+    old, side = fct_stores(tmp_path, models)
     fct = FCTransform.load(models["dirs"]["fct"])
     real_apply, calls = fct.apply, []
 
@@ -202,7 +162,8 @@ def test_transform_store_output_is_atomic(tmp_path, models, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "side"]  # nothing half-written
     monkeypatch.setattr(fct, "apply", real_apply)
     first = transform_store(fct, old, side, tmp_path / "out")
-    _one_line(StoreError, "a feature store exists there", transform_store, fct, old, side, tmp_path / "out")
+    raises_one_line(StoreError, "a feature store exists there", transform_store, fct, old, side,
+                    tmp_path / "out")
     # a failed overwrite keeps the store that was there
     calls.clear()
     monkeypatch.setattr(fct, "apply", failing)
@@ -214,20 +175,21 @@ def test_transform_store_output_is_atomic(tmp_path, models, monkeypatch):
     assert again.num_items == 200 and sorted(p.name for p in tmp_path.iterdir()) == ["old", "out", "side"]
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
-    _one_line(StoreError, "non-empty directory that is not a feature store", transform_store, fct, old, side,
-              tmp_path / "junk")
+    raises_one_line(StoreError, "non-empty directory that is not a feature store", transform_store, fct, old,
+                    side, tmp_path / "junk")
 
 
 def test_fct_meta_without_a_model_fingerprint(tmp_path, models):
     fct = FCTransform.load(models["dirs"]["fct"])
     fct.meta = {**fct.meta, "models": {**fct.meta["models"], "new": {"network": "r18"}}}
-    _one_line(StoreError, "models.new lacks checkpoint_sha1, embedding_size", upgrade.fct_model_versions, fct)
+    raises_one_line(StoreError, "models.new lacks checkpoint_sha1, embedding_size",
+                    upgrade.fct_model_versions, fct)
 
 
 # --------------------------------------------------------------------------------------------- tools
 @pytest.fixture(scope="module")
 def tools() -> dict:
-    return {name: load_tool(REPO / "tools" / f"{name}.py", f"{name}_under_test") for name in TOOLS}
+    return {name: load_tool(name) for name in TOOLS}
 
 
 @pytest.mark.parametrize("name", TOOLS)
@@ -244,15 +206,8 @@ def test_tool_help_explains_itself(tools, name, capsys):
     assert err.count("\n") == 1 and "required" in err
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ") or ".py: error: " in line]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def test_transform_gallery_tool_reports_time_per_million(tools, tmp_path, models, capsys):
-    old, side = _stores(tmp_path, models)
+    old, side = fct_stores(tmp_path, models)
     argv = ["--transform", str(models["dirs"]["fct"]), "--old", str(old.path), "--side", str(side.path),
             "--device", "cpu", "--no-progress"]
     assert tools["transform_gallery"].main([*argv, "--out", str(tmp_path / "fct"), "--json"]) == 0
@@ -275,11 +230,11 @@ def test_transform_gallery_tool_reports_time_per_million(tools, tmp_path, models
     # bad input: one line, exit 2
     assert tools["transform_gallery"].main([*argv[:2], "--old", str(tmp_path / "nowhere"), "--out",
                                             str(tmp_path / "o")]) == 2
-    assert "no such feature store" in _error_line(capsys)
+    assert "no such feature store" in error_line(capsys.readouterr().err)
     assert tools["transform_gallery"].main(["--transform", str(models["dirs"]["fct"]), "--old",
                                             str(side.path), "--out", str(tmp_path / "o"), "--device",
                                             "cpu"]) == 2
-    assert "takes 8-d old features" in _error_line(capsys)
+    assert "takes 8-d old features" in error_line(capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
 
 
@@ -302,7 +257,7 @@ def test_search_gallery_tool_checks_versions(tools, tmp_path, models, capsys):
     old_model = str(models["runs"]["old"])
     x = tmp_path / "x"
     assert tools["search_gallery"].main([*base, "--query-model", old_model, "--out", str(x)]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys.readouterr().err)
     assert "cannot be compared with 60 rows of version" in line and not (tmp_path / "x").exists()
     old_id, new_id = model_version(models["fp"]["old"])["id"], gallery.versions[0]["id"]
     for declaration in (f"{old_id}={new_id}", f"{old_model}={models['runs']['new']}"):
@@ -317,7 +272,7 @@ def test_search_gallery_tool_checks_versions(tools, tmp_path, models, capsys):
     np.save(queries, np.ones((2, 5), np.float32))
     assert tools["search_gallery"].main([*base, "--query-model", str(models["runs"]["new"]), "--out",
                                          str(out)]) == 2
-    assert "expected float [q, 8]" in _error_line(capsys)
+    assert "expected float [q, 8]" in error_line(capsys.readouterr().err)
     with pytest.raises(SystemExit) as exit_:  # argparse: QUERY=GALLERY expected
         tools["search_gallery"].main([*base, "--query-model", "nothing", "--declare", "a", "--out", str(out)])
     assert exit_.value.code == 2 and "QUERY_SPACE=GALLERY_SPACE" in capsys.readouterr().err
@@ -349,12 +304,13 @@ def test_extract_gallery_tool_on_tiny_ijbc(tools, tmp_path, models, synthetic_ti
     assert summary["extraction"]["cached"] is False and summary["extraction"]["s_per_1M_items"] > 0
     # again: refused over an existing store, then read from the cache
     assert tool.main([*base, "--model", "old", "--out", str(store.path)]) == 2
-    assert "--overwrite" in _error_line(capsys)
+    assert "--overwrite" in error_line(capsys.readouterr().err)
     assert tool.main([*base, "--model", "old", "--out", str(store.path), "--overwrite"]) == 0
     assert "read from the cache" in capsys.readouterr().out
     # a transformation is not a model
     assert tool.main([*base, "--model", "fct", "--out", str(tmp_path / "g_fct")]) == 2
-    assert "tools/transform_gallery.py" in _error_line(capsys) and not (tmp_path / "g_fct").exists()
+    assert "tools/transform_gallery.py" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "g_fct").exists()
     # side-information by path, then the upgrade
     assert tool.main([*base, "--model", str(runs["side"]), "--out", str(tmp_path / "g_side")]) == 0
     capsys.readouterr()
@@ -364,14 +320,6 @@ def test_extract_gallery_tool_on_tiny_ijbc(tools, tmp_path, models, synthetic_ti
     upgraded = FeatureStore.open(tmp_path / "g_up")
     assert upgraded.spaces() == {model_version(models["fp"]["new"])["id"]: items.size}
     assert upgraded.meta["gallery_only"] is True and upgraded.meta["target"] == "IJBC"
-
-
-def _exit_code(fn, argv: list[str]) -> int:
-    """main's status, or argparse's SystemExit code (a flag refused at parse time)."""
-    try:
-        return fn(argv)
-    except SystemExit as exit_:
-        return exit_.code
 
 
 @pytest.mark.parametrize("name, argv, culprit", [
@@ -405,8 +353,8 @@ def test_gallery_tools_refuse_bad_flags_and_outputs_before_the_work(tools, tmp_p
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "store.json").write_text("{}")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    assert _exit_code(tools[name].main, [*argv, "--config", str(tmp_path / "none.yaml")]
-                      if name == "extract_gallery" else argv) == 2
+    assert exit_status(tools[name].main, [*argv, "--config", str(tmp_path / "none.yaml")]
+                       if name == "extract_gallery" else argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert captured.out == "" and len(lines) == 1 and "error: " in lines[0], captured.err
@@ -425,7 +373,7 @@ def test_extract_gallery_names_the_allow_missing_flag(tools, tmp_path, models, s
             "--config", str(tmp_path / "none.yaml"), "--device", "cpu"]
     (tmp_path / "none.yaml").write_text("models: {}\n")
     assert tools["extract_gallery"].main(argv) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys.readouterr().err)
     assert "--allow-missing" in line and "allow_missing" not in line and first.name in line
 
 
@@ -443,7 +391,7 @@ def test_search_gallery_out_dash_prints_the_results(tools, tmp_path, models, cap
 
 def test_transform_gallery_json_file_beside_the_report(tools, tmp_path, models, capsys):
     """--json OUT writes the summary (atomically) and keeps the report on stdout."""
-    old, side = _stores(tmp_path, models)
+    old, side = fct_stores(tmp_path, models)
     out = tmp_path / "reports" / "t.json"
     assert tools["transform_gallery"].main([
         "--transform", str(models["dirs"]["fct"]), "--old", str(old.path), "--side", str(side.path),

@@ -3,7 +3,6 @@ faiss), its arguments, the time budget and a failing step; the pure parts of fac
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,9 +12,8 @@ import pytest
 
 from facecompat import gpu_check
 from facecompat.gpu_check import steps_speed
-
-REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "gpu_check.py"
+from tests.helpers import REPO
+from tests.helpers.tools import load_tool
 
 # Expected in the dry run on a CPU machine: the CUDA-only steps skipped; the quickstart skipped by
 # --skip (about 2 minutes of the CPU: too long for the suite, tests/test_quickstart.py runs it).
@@ -25,10 +23,7 @@ DRY_RUN.update(no_host_sync="skipped", gpu_tests="skipped", quickstart_tiny="ski
 
 def tool_main(argv: list[str]) -> int:
     """tools/gpu_check.py's main() in this process."""
-    spec = importlib.util.spec_from_file_location("gpu_check_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_tool("gpu_check").main(argv)
 
 
 def block_gpu_image_absentees(root: Path) -> Path:

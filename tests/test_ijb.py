@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from facecompat.eval import ijb, metrics
+from tests.helpers.data import subject_features
 
 
 def _pool_reference(features, template_ids, media_ids, weights=None):
@@ -236,19 +237,10 @@ def test_a_partly_present_1n_set_is_an_error(synthetic_tiny: Path, tmp_path: Pat
 
 
 # ----------------------------------------------------------------------------------------- end to end
-def _subject_features(meta: ijb.IJBMeta, rng: np.random.Generator, dim: int = 64) -> np.ndarray:
-    subject_of = {}
-    for group in (meta.probes, *meta.galleries.values()):
-        subject_of.update(zip(group.template_ids.tolist(), group.subject_ids.tolist()))
-    subjects = np.array([subject_of[t] for t in meta.template_ids.tolist()])
-    centres = rng.standard_normal((subjects.max() + 1, dim))
-    return (centres[subjects] + 0.05 * rng.standard_normal((meta.num_faces, dim))).astype(np.float32)
-
-
 def test_evaluate_perfect_and_random(synthetic_tiny: Path) -> None:
     meta = ijb.load_ijb_meta(synthetic_tiny)
     rng = np.random.default_rng(0)
-    good = _subject_features(meta, rng)
+    good = subject_features(meta, rng, dim=64)
     res, curves = ijb.evaluate_1to1(meta, good, return_curves=True)
     assert res["auc"] == 1.0 and set(res["tar_at_far_strict"].values()) == {1.0}
     # insightface's nearest-point rule on a perfect ROC [(0,0), (0,1), (1,1)]: FAR 0 is nearest

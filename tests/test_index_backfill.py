@@ -10,6 +10,7 @@ import pytest
 
 from facecompat.eval import ijb
 from facecompat.index import backfill
+from tests.helpers.errors import raises_one_line
 
 
 def _meta(template_of_face: list[int], galleries: dict[str, list[int]],
@@ -65,12 +66,6 @@ def _synthetic(seed: int = 0, num_subjects: int = 60, num_nonmated: int = 30, di
     return meta, new, noise
 
 
-def _one_line(exc: type[Exception], match: str, fn, *args, **kwargs) -> None:
-    with pytest.raises(exc, match=match) as err:
-        fn(*args, **kwargs)
-    assert "\n" not in str(err.value)
-
-
 def test_items_and_orderings() -> None:
     meta, new, noise = _synthetic()
     items = backfill.gallery_items(meta)
@@ -87,16 +82,16 @@ def test_items_and_orderings() -> None:
     assert (np.diff(dist[orders["distance"]]) <= 0).all()
     np.testing.assert_array_equal(orders["random"], backfill.backfill_order("random", meta, seed=1))
     assert not np.array_equal(orders["random"], backfill.backfill_order("random", meta, seed=2))
-    _one_line(ValueError, "ordering 'oracle' is unknown; valid: random, uncertainty, distance",
-              backfill.backfill_order, "oracle", meta)
-    _one_line(ValueError, "needs uncertainty=", backfill.backfill_order, "uncertainty", meta)
-    _one_line(ValueError, "needs gallery_stored=", backfill.backfill_order, "distance", meta)
-    _one_line(ValueError, rf"uncertainty: expected \[N\] with N = {meta.num_faces}", backfill.backfill_order,
-              "uncertainty", meta, uncertainty=uncertainty[items])
+    raises_one_line(ValueError, "ordering 'oracle' is unknown; valid: random, uncertainty, distance",
+                    backfill.backfill_order, "oracle", meta)
+    raises_one_line(ValueError, "needs uncertainty=", backfill.backfill_order, "uncertainty", meta)
+    raises_one_line(ValueError, "needs gallery_stored=", backfill.backfill_order, "distance", meta)
+    raises_one_line(ValueError, rf"uncertainty: expected \[N\] with N = {meta.num_faces}",
+                    backfill.backfill_order, "uncertainty", meta, uncertainty=uncertainty[items])
     bad = uncertainty.copy()
     bad[items[4]] = np.nan
-    _one_line(ValueError, f"uncertainty: face row {items[4]} has a NaN", backfill.backfill_order,
-              "uncertainty", meta, uncertainty=bad)
+    raises_one_line(ValueError, f"uncertainty: face row {items[4]} has a NaN", backfill.backfill_order,
+                    "uncertainty", meta, uncertainty=bad)
 
 
 def test_distance_ordering_hand_example() -> None:
@@ -162,7 +157,8 @@ def test_curve_from_noise_to_new_matches_the_1n_evaluation(tmp_path: Path) -> No
     assert len(lines) == 2 and "rank-1" in lines[0]
     png = backfill.plot_backfill({"random": curve, "same": g2}, tmp_path / "plots" / "backfill.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(png.parent.glob("*.tmp"))
-    _one_line(ValueError, "has no metric 'rank3'", backfill.plot_backfill, {"random": curve}, png, "rank3")
+    raises_one_line(ValueError, "has no metric 'rank3'", backfill.plot_backfill, {"random": curve}, png,
+                    "rank3")
 
 
 def test_area_and_fraction_checks() -> None:
@@ -170,31 +166,32 @@ def test_area_and_fraction_checks() -> None:
     assert backfill.curve_area([0, 0.5, 1], [0, 1, 1]) == pytest.approx(2 / 3)
     assert backfill.curve_area(np.arange(11) / 10, np.arange(11) / 10) == pytest.approx(0.5)
     assert backfill.curve_area([0, 1], [0.3, 0.3]) == pytest.approx(0.3)
-    _one_line(ValueError, "evenly spaced", backfill.curve_area, [0, 0.25, 1], [0.2, 0.6, 1.0])
+    raises_one_line(ValueError, "evenly spaced", backfill.curve_area, [0, 0.25, 1], [0.2, 0.6, 1.0])
     np.testing.assert_array_equal(backfill.num_backfilled(np.array([0, 0.25, 0.5, 1]), 10), [0, 3, 5, 10])
     for bad, match in (([0.1, 1], "start at 0 and end at 1"), ([0, 0.9], "start at 0 and end at 1"),
                        ([0, 0.5, 0.5, 1], "strictly increasing"),
                        ([0, 0.3, 1], "evenly spaced"), ([0, 0.7, 0.4, 1], "strictly increasing"),
                        ([0], "at least 2"), ([[0, 1]], "at least 2"), ([0, np.nan, 1], "finite"),
                        (["a", "b"], "numbers")):
-        _one_line(ValueError, match, backfill.check_fractions, bad)
-    _one_line(ValueError, "3 curve values for 2 fractions", backfill.curve_area, [0, 1], [1, 2, 3])
+        raises_one_line(ValueError, match, backfill.check_fractions, bad)
+    raises_one_line(ValueError, "3 curve values for 2 fractions", backfill.curve_area, [0, 1], [1, 2, 3])
     meta, new, noise = _synthetic(num_subjects=8, num_nonmated=4, dim=8)
     order = backfill.backfill_order("random", meta)
-    _one_line(ValueError, "start at 0", backfill.backfill_curve, meta, new, noise, new, order, [0.5, 1])
-    _one_line(ValueError, "permutation", backfill.backfill_curve, meta, new, noise, new, order[:-1])
-    _one_line(ValueError, "permutation", backfill.backfill_curve, meta, new, noise, new, np.zeros_like(order))
-    _one_line(ValueError, "16-d, the probe features 8-d", backfill.backfill_curve, meta, new, np.ones(
+    raises_one_line(ValueError, "start at 0", backfill.backfill_curve, meta, new, noise, new, order, [0.5, 1])
+    raises_one_line(ValueError, "permutation", backfill.backfill_curve, meta, new, noise, new, order[:-1])
+    raises_one_line(ValueError, "permutation", backfill.backfill_curve, meta, new, noise, new,
+                    np.zeros_like(order))
+    raises_one_line(ValueError, "16-d, the probe features 8-d", backfill.backfill_curve, meta, new, np.ones(
         (meta.num_faces, 16)), new, order)
-    _one_line(ValueError, r"gallery_new: expected \[N, D\]", backfill.backfill_curve, meta, new, noise,
-              new[:3], order)
+    raises_one_line(ValueError, r"gallery_new: expected \[N, D\]", backfill.backfill_curve, meta, new, noise,
+                    new[:3], order)
     nan = noise.copy()
     item = backfill.gallery_items(meta)[2]
     nan[item, 1] = np.nan
-    _one_line(ValueError, f"gallery_stored: face row {item} has a NaN", backfill.backfill_curve, meta, new,
-              nan, new, order)
-    _one_line(ValueError, r"galleries \['G3'\]", backfill.backfill_curve, meta, new, noise, new, order,
-              galleries=["G3"])
+    raises_one_line(ValueError, f"gallery_stored: face row {item} has a NaN", backfill.backfill_curve, meta,
+                    new, nan, new, order)
+    raises_one_line(ValueError, r"galleries \['G3'\]", backfill.backfill_curve, meta, new, noise, new, order,
+                    galleries=["G3"])
 
 
 def test_galleries_of_different_sizes_pool_rank_and_average_tpir() -> None:

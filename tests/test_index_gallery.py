@@ -12,6 +12,7 @@ faiss = pytest.importorskip("faiss")
 from facecompat.index import gallery as gallery_mod  # noqa: E402
 from facecompat.index.gallery import GalleryIndex  # noqa: E402
 from facecompat.index.store import FeatureStore, IncompatibleError, model_version  # noqa: E402
+from tests.helpers.errors import raises_one_line  # noqa: E402
 
 OLD = model_version({"checkpoint_sha1": "a" * 40, "network": "r18"})
 NEW = model_version({"checkpoint_sha1": "b" * 40, "network": "r50"})
@@ -36,12 +37,6 @@ def _numpy_topk(gallery: np.ndarray, queries: np.ndarray, ids: np.ndarray, k: in
 def _lists(kind: str, nlist: int) -> dict:
     """IVF settings searching every list (exact), none for the flat index."""
     return {"nlist": nlist, "nprobe": nlist} if kind == "ivf" else {}
-
-
-def _one_line(exc: type[Exception], match: str, fn, *args, **kwargs) -> None:
-    with pytest.raises(exc, match=match) as err:
-        fn(*args, **kwargs)
-    assert "\n" not in str(err.value)
 
 
 def test_exact_search_matches_numpy_cosine() -> None:
@@ -114,27 +109,28 @@ def test_replace_matches_a_rebuilt_index(kind: str) -> None:
     np.testing.assert_allclose(scores, want_scores, atol=1e-5)
     assert found[3, 0] == ids[rows[0]] and scores[3, 0] == pytest.approx(1.0, abs=1e-5)
     index.replace(ids[:0], new[:0])  # nothing to do
-    _one_line(ValueError, "item id 5 is not in the index", index.replace, [5], new[:1])
-    _one_line(ValueError, "repeat", index.replace, ids[[1, 1]], new[:2])
-    _one_line(ValueError, "2 ids but 1 replacement", index.replace, ids[:2], new[:1])
-    _one_line(ValueError, r"expected \[n, 16\]", index.replace, ids[:1], new[:1, :8])
-    _one_line(ValueError, "row 0 has a NaN", index.replace, ids[:1], np.full((1, 16), np.nan))
+    raises_one_line(ValueError, "item id 5 is not in the index", index.replace, [5], new[:1])
+    raises_one_line(ValueError, "repeat", index.replace, ids[[1, 1]], new[:2])
+    raises_one_line(ValueError, "2 ids but 1 replacement", index.replace, ids[:2], new[:1])
+    raises_one_line(ValueError, r"expected \[n, 16\]", index.replace, ids[:1], new[:1, :8])
+    raises_one_line(ValueError, "row 0 has a NaN", index.replace, ids[:1], np.full((1, 16), np.nan))
 
 
 def test_store_compatibility(tmp_path: Path) -> None:
     gallery, queries, ids = _data(num=120)
     versions = np.r_[np.zeros(100, int), np.ones(20, int)]
     store = FeatureStore.create(tmp_path / "g", gallery, ids, versions, [OLD, NEW])
-    _one_line(IncompatibleError, "query version 'r50-bbbbbbbbbbbb' cannot be compared with 100 rows of "
-              "version 'r18-aaaaaaaaaaaa'", GalleryIndex.from_store, store, NEW["id"], use_gpu=False)
+    raises_one_line(IncompatibleError, "query version 'r50-bbbbbbbbbbbb' cannot be compared with 100 rows of "
+                    "version 'r18-aaaaaaaaaaaa'", GalleryIndex.from_store, store, NEW["id"], use_gpu=False)
     declared = {(NEW["id"], OLD["id"])}
     index = GalleryIndex.from_store(store, NEW, declared, use_gpu=False)
     np.testing.assert_array_equal(index.search(queries, 4)[1], _numpy_topk(gallery, queries, ids, 4)[1])
     index.replace(ids[:3], gallery[:3], NEW["id"])  # the query's own space
     index.replace(ids[:3], gallery[:3], OLD)  # declared compatible
     other = model_version({"checkpoint_sha1": "c" * 40, "network": "r100"})
-    _one_line(IncompatibleError, "space 'r100-cccccccccccc'", index.replace, ids[:3], gallery[:3], other)
-    _one_line(ValueError, "name the version", index.replace, ids[:3], gallery[:3])
+    raises_one_line(IncompatibleError, "space 'r100-cccccccccccc'", index.replace, ids[:3], gallery[:3],
+                    other)
+    raises_one_line(ValueError, "name the version", index.replace, ids[:3], gallery[:3])
     # backfilled to the new model: no declaration needed
     full = store.replace(np.arange(100), gallery[:100], NEW, tmp_path / "full")
     assert GalleryIndex.from_store(full, NEW["id"], use_gpu=False).ntotal == 120
@@ -143,25 +139,29 @@ def test_store_compatibility(tmp_path: Path) -> None:
 def test_bad_inputs_give_one_line_errors() -> None:
     gallery, queries, ids = _data(num=50)
     index = GalleryIndex(gallery, ids, use_gpu=False)
-    _one_line(ValueError, r"queries: expected \[n, 16\] vectors, got shape \(30, 8\)", index.search,
-              queries[:, :8], 3)
-    _one_line(ValueError, r"k must be an integer in \[1, 50\]", index.search, queries, 51)
-    _one_line(ValueError, r"k must be an integer in \[1, 50\]", index.search, queries, 0)
+    raises_one_line(ValueError, r"queries: expected \[n, 16\] vectors, got shape \(30, 8\)", index.search,
+                    queries[:, :8], 3)
+    raises_one_line(ValueError, r"k must be an integer in \[1, 50\]", index.search, queries, 51)
+    raises_one_line(ValueError, r"k must be an integer in \[1, 50\]", index.search, queries, 0)
     bad = queries.copy()
     bad[4, 2] = np.nan
-    _one_line(ValueError, "queries: row 4 has a NaN", index.search, bad, 3)
-    _one_line(ValueError, "queries: row 0 is a zero vector", index.search, np.zeros((1, 16)), 3)
-    _one_line(ValueError, "the gallery is empty", GalleryIndex, np.zeros((0, 16), np.float32), use_gpu=False)
+    raises_one_line(ValueError, "queries: row 4 has a NaN", index.search, bad, 3)
+    raises_one_line(ValueError, "queries: row 0 is a zero vector", index.search, np.zeros((1, 16)), 3)
+    raises_one_line(ValueError, "the gallery is empty", GalleryIndex, np.zeros((0, 16), np.float32),
+                    use_gpu=False)
     nan_gallery = gallery.copy()
     nan_gallery[31, 0] = np.inf
-    _one_line(ValueError, "gallery features: row 31 has a NaN", GalleryIndex, nan_gallery, use_gpu=False)
-    _one_line(ValueError, "gallery id 7 appears more than once", GalleryIndex, gallery[:2], [7, 7],
-              use_gpu=False)
-    _one_line(ValueError, "gallery ids must be 50 integers", GalleryIndex, gallery, ids[:3], use_gpu=False)
-    _one_line(ValueError, r"must be \[N, D\]", GalleryIndex, gallery[0], use_gpu=False)
-    _one_line(ValueError, "kind 'hnsw' is unknown; valid: flat, ivf", GalleryIndex, gallery, kind="hnsw")
+    raises_one_line(ValueError, "gallery features: row 31 has a NaN", GalleryIndex, nan_gallery,
+                    use_gpu=False)
+    raises_one_line(ValueError, "gallery id 7 appears more than once", GalleryIndex, gallery[:2], [7, 7],
+                    use_gpu=False)
+    raises_one_line(ValueError, "gallery ids must be 50 integers", GalleryIndex, gallery, ids[:3],
+                    use_gpu=False)
+    raises_one_line(ValueError, r"must be \[N, D\]", GalleryIndex, gallery[0], use_gpu=False)
+    raises_one_line(ValueError, "kind 'hnsw' is unknown; valid: flat, ivf", GalleryIndex, gallery,
+                    kind="hnsw")
     if faiss.get_num_gpus() == 0:
-        _one_line(ValueError, "use_gpu=True but faiss sees no GPU", GalleryIndex, gallery, use_gpu=True)
+        raises_one_line(ValueError, "use_gpu=True but faiss sees no GPU", GalleryIndex, gallery, use_gpu=True)
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])

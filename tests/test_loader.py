@@ -25,26 +25,17 @@ from facecompat.data.loader import (
 )
 from facecompat.data.normalize import normalize_images
 from facecompat.data.recordio import RecordIOError
+from tests.helpers import SHARED_FIXTURES
+from tests.helpers.data import is_channels_last, noise_rec
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recordio"
+FIXTURES = SHARED_FIXTURES / "recordio"
 needs_dali = pytest.mark.skipif(not dali_available(),
                                 reason="DALI is not installed (pip install nvidia-dali-cuda120)")
 
 
-def make_rec(out_dir: Path, class_sizes: list[int], size: int = 112, seed: int = 0) -> Path:
-    """An insightface-layout rec of noise JPEGs (every image unique), ``class_sizes[c]`` per class."""
-    rng = np.random.default_rng(seed)
-    with FaceRecWriter(out_dir) as w:
-        for label, count in enumerate(class_sizes):
-            for _ in range(count):
-                img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                w.add(label, cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
-    return out_dir
-
-
 @pytest.fixture(scope="module")
 def rec_dir(tmp_path_factory) -> Path:
-    return make_rec(tmp_path_factory.mktemp("rec"), [7, 5, 9, 3, 6, 8])  # 38 images, 6 classes
+    return noise_rec(tmp_path_factory.mktemp("rec"), [7, 5, 9, 3, 6, 8])  # 38 images, 6 classes
 
 
 def collect(loader) -> list[Batch]:
@@ -260,7 +251,7 @@ def test_build_from_config_protocol_and_subset(tmp_path):
     from facecompat.data.loader import build_dataset, build_train_loader
     from facecompat.data.splits import make_split, write_split_lists
 
-    rec = make_rec(tmp_path / "rec", [4, 3, 5, 2, 4, 6, 3, 5, 4, 4])
+    rec = noise_rec(tmp_path / "rec", [4, 3, 5, 2, 4, 6, 3, 5, 4, 4])
     base = [f"data.rec={rec}", "data.batch_size=4", "data.num_workers=0", "data.loader=torch"]
     cfg = load_config(None, base + ["data.protocol=opclass", "data.part=new"])
     records, loader = build_train_loader(cfg.data, rank=0, world_size=1, device="cpu")
@@ -286,7 +277,7 @@ def test_config_selects_dali_reader(tmp_path, reader):
     from facecompat.data.dali import DaliLoader
     from facecompat.data.loader import build_train_loader
 
-    rec = make_rec(tmp_path / "rec", [4, 4, 4])
+    rec = noise_rec(tmp_path / "rec", [4, 4, 4])
     cfg = load_config(None, [f"data.rec={rec}", "data.batch_size=4", "data.loader=dali",
                              "data.dali_device=cpu", f"data.dali_reader={reader}"])
     records, loader = build_train_loader(cfg.data, rank=0, world_size=1)
@@ -298,7 +289,7 @@ def test_config_selects_dali_reader(tmp_path, reader):
 def test_batch_buffers_are_reused_only_when_released(tmp_path):
     from facecompat.data.loader import TorchLoader
 
-    records = FaceRecords(make_rec(tmp_path / "rec", [6] * 8))
+    records = FaceRecords(noise_rec(tmp_path / "rec", [6] * 8))
     loader = TorchLoader(records, 8, rank=0, world_size=1, num_workers=0, device="cpu")
     kept = [b.images for b in loader]  # all held: each batch must own its memory
     assert len({t.data_ptr() for t in kept}) == len(kept)
@@ -317,14 +308,9 @@ def test_workers_do_not_hang_after_parallel_opencv_in_the_parent(tmp_path):
 
     cv2.setNumThreads(2)
     cv2.LUT(np.zeros((4096, 4096), np.uint8), np.arange(256, dtype=np.float32))  # starts the pool
-    records = FaceRecords(make_rec(tmp_path / "rec", [6] * 6))
+    records = FaceRecords(noise_rec(tmp_path / "rec", [6] * 6))
     loader = TorchLoader(records, 4, rank=0, world_size=1, num_workers=2, device="cpu")
     assert sum(len(b.labels) for b in loader) == len(loader) * 4
-
-
-def is_channels_last(images: torch.Tensor) -> bool:
-    """Dense in channels_last order, and not also NCHW-contiguous (with 3 channels it cannot be both)."""
-    return images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])  # 2: the layout survives the trip between processes
@@ -360,7 +346,7 @@ def test_build_train_loader_passes_channels_last(tmp_path):
     from facecompat.config import load_config
     from facecompat.data.loader import build_train_loader
 
-    rec = make_rec(tmp_path / "rec", [4, 4, 4])
+    rec = noise_rec(tmp_path / "rec", [4, 4, 4])
     cfg = load_config(None, [f"data.rec={rec}", "data.batch_size=4", "data.num_workers=0",
                              "data.loader=torch"])
     for channels_last in (False, True):
@@ -380,7 +366,7 @@ def test_dali_device_cpu_decodes_on_the_cpu_for_the_training_gpu(tmp_path, monke
     from facecompat.data.dali import DaliLoader
     from facecompat.data.loader import build_train_loader
 
-    rec = make_rec(tmp_path / "rec", [4, 4, 4])
+    rec = noise_rec(tmp_path / "rec", [4, 4, 4])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     base = [f"data.rec={rec}", "data.batch_size=4", "data.loader=dali"]
@@ -397,7 +383,7 @@ def test_dali_gpu_decode_needs_a_gpu_target(tmp_path):
     from facecompat.data.dali import DaliLoader
     from facecompat.data.loader import build_train_loader
 
-    rec = make_rec(tmp_path / "rec", [4, 4, 4])
+    rec = noise_rec(tmp_path / "rec", [4, 4, 4])
     base = [f"data.rec={rec}", "data.batch_size=4", "data.dali_device=gpu"]
     with pytest.raises(ConfigError, match=r"^data.dali_device: 'gpu' decodes on the training GPU, "
                                           r"but training runs on cpu"):

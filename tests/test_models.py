@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _model_util import calibrated_model, single_thread
 from torch import nn
 
 from facecompat.models import (
@@ -22,6 +21,7 @@ from facecompat.models import (
     load_backbone_weights,
     parse_model_name,
 )
+from tests.helpers.models import calibrated_model, single_thread
 
 IRESNET_DEPTHS = {
     "r18": (2, 2, 2, 2),

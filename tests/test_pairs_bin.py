@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from facecompat.data.pairs_bin import PairsBinError, decode_pairs, load_pairs_bin, write_pairs_bin
+from tests.helpers import SHARED_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1] / "../shared/fixtures/verification"
+FIXTURES = SHARED_FIXTURES / "verification"
 
 
 def _jpeg(value: int, size: int = 112) -> bytes:

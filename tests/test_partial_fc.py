@@ -12,12 +12,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _dist_util import run_distributed
 from torch import nn
 
 from facecompat.checkpoint import slice_rows
 from facecompat.config import HeadConfig
 from facecompat.heads import LabelError, PartialFC, build_head, head_memory_bytes, init_centres
+from tests.helpers.dist import run_distributed
 
 C, D, B_LOCAL, SEED = 10, 8, 4, 3
 

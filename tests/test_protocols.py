@@ -25,10 +25,9 @@ from facecompat.data.splits import list_protocols, split_records
 from facecompat.features import FeatureBank
 from facecompat.heads import PartialFC
 from facecompat.train.trainer import train
-from tests._model_util import load_tool
-from tests.test_trainer import write_config
+from tests.helpers.tools import load_tool
+from tests.helpers.train import write_config
 
-REPO = Path(__file__).resolve().parents[1]
 DIM = 16
 NUM_IDS = 12
 # the settings that read the bank's class statistics at start-up (MixBCT: its head's class centres)
@@ -39,7 +38,7 @@ PARAMS = {"mixbct": {"head_init": "old_means"}}
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The generated root, the list without one identity (``gap``) and the one-image identities."""
     root = tmp_path_factory.mktemp("protocols")
-    tool = load_tool(REPO / "tools" / "make_synthetic.py", "make_synthetic_tool")
+    tool = load_tool("make_synthetic")
     args = [str(root / "synth"), "--num-ids", str(NUM_IDS), "--imgs-per-id", "1:4", "--ijbc-subjects", "3",
             "--lfw-pairs", "2", "--workers", "1", "--quiet", "--seed", "4"]
     assert tool.main(args) == 0

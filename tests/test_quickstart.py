@@ -9,15 +9,15 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from facecompat.eval import metrics
 from facecompat.pipelines.evaluate import headline_far
 from facecompat.pipelines.quickstart import CANDIDATES, MODELS, STAGES, run_quickstart
+from tests.helpers import REPO
+from tests.helpers.tools import run_tool, tool_path
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)  # the first test also runs the whole tiny quickstart (minutes)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -192,9 +192,7 @@ def test_cli_checks_every_recipe_before_training(tmp_path):
     shutil.copytree(REPO / "configs", configs)
     recipe = configs / "synthetic_mixbct.yaml"
     recipe.write_text(recipe.read_text().replace("keep_ratio", "keep_ratoi"))
-    command = [sys.executable, "tools/quickstart.py", "--work-dir", str(tmp_path / "w"), "--size", "tiny",
-               "--configs", str(configs)]
-    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = run_tool("quickstart", "--work-dir", tmp_path / "w", "--size", "tiny", "--configs", configs)
     assert out.returncode == 2, out.stderr
     assert "keep_ratoi" in out.stderr and "synthetic_mixbct.yaml" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
@@ -202,11 +200,9 @@ def test_cli_checks_every_recipe_before_training(tmp_path):
 
 
 def test_cli_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
-    command = [sys.executable, "tools/quickstart.py", "--work-dir", str(tmp_path / "w"), "--size", "tiny"]
     for device, message in (("cuda", "--device: cuda: CUDA is not available here"),
                             ("gpu0", "--device: not a device: 'gpu0'")):
-        out = subprocess.run([*command, "--device", device], cwd=REPO, capture_output=True, text=True,
-                             timeout=120)
+        out = run_tool("quickstart", "--work-dir", tmp_path / "w", "--size", "tiny", "--device", device)
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert message in out.stderr
     assert not (tmp_path / "w").exists()
@@ -241,7 +237,8 @@ def test_ctrl_c_says_how_to_resume_and_keeps_finished_stages(tmp_path):
     import time
 
     work = tmp_path / "w"
-    proc = subprocess.Popen([sys.executable, "tools/quickstart.py", "--size", "tiny", "--work-dir", str(work),
+    proc = subprocess.Popen([sys.executable, str(tool_path("quickstart")), "--size", "tiny", "--work-dir",
+                             str(work),
                              "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (work / "stages.json").is_file() and proc.poll() is None and time.time() < deadline:

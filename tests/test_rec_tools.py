@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from facecompat.data.faces import FaceRecords
+from tests.helpers import SHARED_FIXTURES
+from tests.helpers.tools import run_tool
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / ".." / "shared" / "fixtures" / "recordio"
+FIXTURES = SHARED_FIXTURES / "recordio"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
-
-
 def test_inspect_dump_matches_manifest():
-    out = run("tools/inspect_rec.py", str(FIXTURES / "misc.rec"), "--dump")
+    out = run_tool("inspect_rec", str(FIXTURES / "misc.rec"), "--dump")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     expected = MANIFEST["misc"]["records"]
@@ -39,14 +34,14 @@ def test_inspect_dump_matches_manifest():
 
 
 def test_inspect_summary_and_bad_file(tmp_path):
-    out = run("tools/inspect_rec.py", str(FIXTURES / "train.rec"), "--json", "--decode")
+    out = run_tool("inspect_rec", str(FIXTURES / "train.rec"), "--json", "--decode")
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert (summary["layout"], summary["images"], summary["classes"]) == ("insightface", 9, 3)
     broken = tmp_path / "train.rec"
     broken.write_bytes((FIXTURES / "train.rec").read_bytes()[:5000])
     (tmp_path / "train.idx").write_bytes((FIXTURES / "train.idx").read_bytes())
-    out = run("tools/inspect_rec.py", str(broken))
+    out = run_tool("inspect_rec", str(broken))
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("inspect_rec.py: error: ") and str(broken) in last and "key 6" in last
@@ -57,14 +52,14 @@ def test_inspect_bad_arguments_are_one_line(tmp_path):
     for args, needle in (([str(tmp_path / "absent.rec")], "no such RecordIO file"),
                          ([str(FIXTURES / "train.rec"), "--idx", str(tmp_path / "no.idx")], "--idx: "),
                          ([str(FIXTURES / "train.rec"), "--json", str(tmp_path)], "is a directory")):
-        out = run("tools/inspect_rec.py", *args)
+        out = run_tool("inspect_rec", *args)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1, out.stderr
         assert lines[0].startswith("inspect_rec.py: error: ") and needle in lines[0], lines
 
 
 def test_inspect_json_to_a_file(tmp_path):
-    out = run("tools/inspect_rec.py", str(FIXTURES / "train.rec"), "--json", str(tmp_path / "s.json"))
+    out = run_tool("inspect_rec", str(FIXTURES / "train.rec"), "--json", str(tmp_path / "s.json"))
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "s.json").read_text())["images"] == 9
     assert "images" in out.stdout  # the table is still printed
@@ -81,7 +76,7 @@ def _write_folder(root: Path, sizes: dict[str, int], shape=(112, 112)) -> None:
 
 def test_im2rec_packs_aligned_folder(tmp_path):
     _write_folder(tmp_path / "faces", {"bob": 2, "alice": 3})
-    out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"))
+    out = run_tool("im2rec", str(tmp_path / "faces"), str(tmp_path / "rec"))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["images"] == 5
     ds = FaceRecords(tmp_path / "rec")
@@ -98,7 +93,7 @@ def test_im2rec_align_with_landmarks(tmp_path):
     lines = [f"{n}/000.jpg " + " ".join(f"{v:.2f}" for v in (ARCFACE_TEMPLATE * 1.3 + 10).ravel()) + " 0.9"
              for n in "ab"]
     (tmp_path / "marks.txt").write_text("\n".join(lines) + "\n")
-    out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align",
+    out = run_tool("im2rec", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align",
               str(tmp_path / "marks.txt"))
     assert out.returncode == 0, out.stderr
     assert FaceRecords(tmp_path / "rec").read_image(1).shape == (112, 112, 3)
@@ -106,12 +101,12 @@ def test_im2rec_align_with_landmarks(tmp_path):
 
 def test_im2rec_rejects_unaligned_and_leaves_nothing(tmp_path):
     _write_folder(tmp_path / "faces", {"a": 1, "b": 1}, shape=(120, 100))
-    out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"))
+    out = run_tool("im2rec", str(tmp_path / "faces"), str(tmp_path / "rec"))
     assert out.returncode == 2
     assert "a/000.jpg: image is 100x120, expected 112x112" in out.stderr
     assert not (tmp_path / "rec" / "train.rec").exists()
     assert not any((tmp_path / "rec").glob("*.tmp"))
-    out = run("tools/im2rec.py", str(tmp_path / "missing"), str(tmp_path / "rec"))
+    out = run_tool("im2rec", str(tmp_path / "missing"), str(tmp_path / "rec"))
     assert out.returncode == 2 and "not a directory" in out.stderr
 
 
@@ -122,7 +117,7 @@ def test_im2rec_bad_arguments_fail_before_the_work(tmp_path):
                          ([str(tmp_path / "rec"), "--workers", "-1"], "--workers: must be >= 1"),
                          ([str(tmp_path / "rec"), "--quality", "101"], "--quality: must be 1..100"),
                          ([str(tmp_path / "rec"), "--align", str(tmp_path / "nope.txt")], "--align: ")):
-        out = run("tools/im2rec.py", str(tmp_path / "faces"), *args)
+        out = run_tool("im2rec", str(tmp_path / "faces"), *args)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1, out.stderr
         assert lines[0].startswith("im2rec.py: error: ") and needle in lines[0], lines
@@ -133,16 +128,16 @@ def test_im2rec_bad_landmark_file(tmp_path):
     _write_folder(tmp_path / "faces", {"a": 1, "b": 1}, shape=(150, 150))
     marks = tmp_path / "marks.txt"
     marks.write_text("a/000.jpg 1 2 3\n")
-    out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align", str(marks))
+    out = run_tool("im2rec", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align", str(marks))
     assert out.returncode == 2 and f"{marks}: line 1: expected 'image x1 y1 ... x5 y5 [score]'" in out.stderr
     from facecompat.data.align import ARCFACE_TEMPLATE
 
     good = " ".join(f"{v:.2f}" for v in (ARCFACE_TEMPLATE + 10).ravel())
     marks.write_text(f"a/000.jpg {good}\n")  # nothing for b/000.jpg
-    out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align", str(marks))
+    out = run_tool("im2rec", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align", str(marks))
     assert out.returncode == 2 and "b/000.jpg: no landmarks for 'b/000.jpg'" in out.stderr
     marks.write_text(f"a/000.jpg {good}\nb/000.jpg " + " ".join(["50"] * 10) + "\n")  # all points equal
-    out = run("tools/im2rec.py", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align", str(marks))
+    out = run_tool("im2rec", str(tmp_path / "faces"), str(tmp_path / "rec"), "--align", str(marks))
     assert out.returncode == 2 and "b/000.jpg: cannot align with its landmarks" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "rec" / "train.rec").exists()

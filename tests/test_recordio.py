@@ -27,8 +27,9 @@ from facecompat.data.recordio import (
     scan_records,
     unpack,
 )
+from tests.helpers import SHARED_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "recordio"
+FIXTURES = SHARED_FIXTURES / "recordio"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from facecompat.data.faces import FaceRecords, FaceRecWriter
+from facecompat.data.faces import FaceRecords
 from facecompat.data.recordio import RecordIOError
 from facecompat.data.splits import (
     PARTS,
@@ -27,28 +24,18 @@ from facecompat.data.splits import (
     write_split_lists,
     write_split_recs,
 )
+from tests.helpers import SHARED_FIXTURES
+from tests.helpers.data import SPLIT_CLASS_SIZES, payload_rec
+from tests.helpers.tools import exit_status, load_tool, run_tool
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "recordio" / "train.rec"
+FIXTURE = SHARED_FIXTURES / "recordio" / "train.rec"
 PINNED_OPDATA_OLD = [1, 4, 8]  # fixture, opdata, ratio 0.3, seed 0
-CLASS_SIZES = [3, 2, 5, 8, 4, 10, 2, 7, 6, 3, 9, 4]  # 12 identities, 63 images
-
-
-def _payload(label: int, j: int) -> bytes:
-    return f"\xff\xd8 fake jpeg of class {label} image {j} ".encode() * (1 + j % 3)
-
-
-def make_rec(out_dir: Path, class_sizes: list[int]) -> Path:
-    with FaceRecWriter(out_dir) as writer:
-        for label, size in enumerate(class_sizes):
-            for j in range(size):
-                writer.add(label, _payload(label, j))
-    return out_dir
+CLASS_SIZES = SPLIT_CLASS_SIZES  # 12 identities, 63 images
 
 
 @pytest.fixture(scope="module")
 def rec_dir(tmp_path_factory) -> Path:
-    return make_rec(tmp_path_factory.mktemp("src"), CLASS_SIZES)
+    return payload_rec(tmp_path_factory.mktemp("src"), CLASS_SIZES)
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +199,11 @@ def test_lists_round_trip_and_identical_reruns(dataset, tmp_path):
 
 def test_load_view_rejects_list_of_another_dataset(dataset, tmp_path):
     write_split_lists(dataset, make_split(dataset, "opdata"), tmp_path / "lists")
-    other_size = FaceRecords(make_rec(tmp_path / "small", [2, 3]), flip=False)
+    other_size = FaceRecords(payload_rec(tmp_path / "small", [2, 3]), flip=False)
     with pytest.raises(RecordIOError, match=r"old\.lst.*63 images"):
         load_view(other_size, tmp_path / "lists" / "old.lst")
     # Same number of images, other class sizes: caught by the fingerprint.
-    same_size = FaceRecords(make_rec(tmp_path / "same", CLASS_SIZES[::-1]), flip=False)
+    same_size = FaceRecords(payload_rec(tmp_path / "same", CLASS_SIZES[::-1]), flip=False)
     assert dataset_fingerprint(same_size) != dataset_fingerprint(dataset)
     with pytest.raises(RecordIOError, match=r"new\.lst.*fingerprint"):
         load_view(same_size, tmp_path / "lists" / "new.lst")
@@ -273,7 +260,7 @@ def test_rec_sets_read_back_with_original_payloads(dataset, tmp_path, protocol):
 
 
 def test_rec_sets_one_image_identity_in_both_parts(tmp_path):
-    dataset = FaceRecords(make_rec(tmp_path / "src", [3, 1, 4]), flip=False)
+    dataset = FaceRecords(payload_rec(tmp_path / "src", [3, 1, 4]), flip=False)
     split = make_split(dataset, "opdata")
     summary = split.summary(dataset)
     assert summary["parts"]["new"]["classes"] == 3 and summary["parts"]["old"]["classes"] == 3
@@ -298,26 +285,15 @@ def test_rec_sets_renumber_a_class_without_images(tmp_path, dataset):
 
 # -- command line ----------------------------------------------------------------------------
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "split_dataset.py"), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
-
-
 def _cli_in_process(args: list[str], capsys) -> tuple[int, str]:
     """Run the tool's main() here (each subprocess pays seconds of torch import)."""
-    spec = importlib.util.spec_from_file_location("split_dataset_tool", REPO / "tools" / "split_dataset.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    try:
-        code = tool.main(args)
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
+    code = exit_status(load_tool("split_dataset").main, args)
     return code, capsys.readouterr().err
 
 
 def test_cli_writes_lists_and_table(rec_dir, tmp_path):
     out = tmp_path / "out"
-    result = _cli(str(rec_dir), "--protocol", "opdata", "--seed", "1", "--out", str(out))
+    result = run_tool("split_dataset", str(rec_dir), "--protocol", "opdata", "--seed", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "part" in result.stdout and "relabelled" in result.stdout
     summary = json.loads((out / "split.json").read_text())
@@ -326,7 +302,8 @@ def test_cli_writes_lists_and_table(rec_dir, tmp_path):
 
 
 def test_cli_subprocess_bad_input_exits_2(tmp_path):
-    result = _cli(str(tmp_path / "missing.rec"), "--protocol", "opclass", "--out", str(tmp_path / "o"))
+    result = run_tool("split_dataset", str(tmp_path / "missing.rec"), "--protocol", "opclass", "--out",
+                      str(tmp_path / "o"))
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no such RecordIO file" in result.stderr
     assert not (tmp_path / "o").exists()

@@ -6,18 +6,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from _model_util import load_tool
 
-REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "bench_ijbc.py"
+from tests.helpers import REPO
+from tests.helpers.tools import load_tool, tool_path
+
+TOOL = tool_path("bench_ijbc")
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    module = load_tool(TOOL, "bench_ijbc_tool_under_test")
+    module = load_tool("bench_ijbc")
     monkeypatch.setattr(module, "FULL", {"faces": 3_000, "templates": 300, "pairs": 20_000, "genuine": 400,
                                          "subjects": 60})
     monkeypatch.setattr(module, "GALLERY_SIZES", {"G1": 20, "G2": 20})

@@ -9,11 +9,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from _dist_util import run_distributed
 
 from facecompat.train.bench import StepBenchSpec, bench_train_step
 from facecompat.train.log import Throughput, format_eta
 from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision
+from tests.helpers.dist import run_distributed
+from tests.helpers.tools import load_tool, run_tool
 
 
 def _params(*grads: list[float]) -> list[torch.nn.Parameter]:
@@ -189,13 +190,7 @@ def test_accumulation_and_ranks_equal_one_big_step():
 
 
 def test_bench_train_tool_rejects_an_unknown_network(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train_tool", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("bench_train")
     argv = ["--network", "r18-w0.125", "--embedding-size", "16", "--batch-size", "4", "--num-classes", "10",
             "--steps", "1", "--warmup", "0", "--device", "cpu"]
     assert tool.main([*argv, "--json"]) == 0
@@ -222,18 +217,13 @@ def test_head_memory_bench_measures_the_formula_peak():
     """tools/bench_head_memory.py in its own process (the peak is the process's): one rank of 2M
     classes over 8 ranks at ρ 0.1 peaks where head_memory_bytes says (1.48 GiB), within 5%."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_head_memory.py"
-    out = subprocess.run([sys.executable, str(tool), "--json"], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = run_tool("bench_head_memory", "--json", timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["num_local"] == 250_000 and result["formula_gib"] > 1.4
     assert abs(result["measured_gib"] / result["formula_gib"] - 1.0) < 0.05, result
-    bad = subprocess.run([sys.executable, str(tool), "--sample-rate", "2"], capture_output=True, text=True)
+    bad = run_tool("bench_head_memory", "--sample-rate", "2")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "2" in bad.stderr
 
 

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _dist_util import run_distributed
 from torch.nn.parallel import DistributedDataParallel
 
 from facecompat import checkpoint as ckpt
@@ -23,34 +20,16 @@ from facecompat import dist
 from facecompat.config import load_config
 from facecompat.models import get_model
 from facecompat.train.trainer import Trainer, train
+from tests.helpers import REPO
+from tests.helpers.dist import free_port, run_distributed
+from tests.helpers.tools import load_tool, run_tool, tool_path
+from tests.helpers.train import write_config
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = str(REPO / "tools" / "train.py")
-
-
-def write_config(tmp: Path, root: Path, name: str = "run", **sets: object) -> Path:
-    """A tiny experiment over the generated data; ``sets`` are dotted overrides."""
-    values = {
-        "data.rec": str(root / "train"), "data.val_dir": str(root), "data.val_targets": ["lfw"],
-        "data.loader": "torch", "data.num_workers": 0, "data.batch_size": 16,
-        "model.network": "r18-w0.125", "model.embedding_size": 64, "model.precision": "fp32",
-        "head.scale": 32.0, "optim.lr": 0.05, "train.epochs": 3, "train.log_every": 2,
-        "train.checkpoint_every": 3, "train.val_every": 10, "train.deterministic": True,
-        "train.output": str(tmp / "runs"),
-    }
-    values.update({k.replace("__", "."): v for k, v in sets.items()})
-    tree: dict = {"_base_": str(REPO / "configs" / "base.yaml")}
-    for key, value in values.items():
-        section, field = key.split(".")
-        tree.setdefault(section, {})[field] = value
-    path = tmp / f"{name}.yaml"
-    import yaml
-
-    path.write_text(yaml.safe_dump(tree))
-    return path
+TRAIN = str(tool_path("train"))
 
 
-def run_tool(args: list[str], timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(args: list[str], timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A command (torchrun, or a tool as a user runs it) from the repository root, output captured."""
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
@@ -80,18 +59,10 @@ def assert_same_state(a: Path, b: Path) -> None:
 
 def train_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     """tools/train.py's main() in this process: (exit status, stderr)."""
-    spec = importlib.util.spec_from_file_location("train_tool", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("train")
     capsys.readouterr()
     status = module.main(args)
     return status, capsys.readouterr().err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- one process
@@ -147,7 +118,7 @@ def test_kill_at_any_moment_then_resume_gives_the_uninterrupted_weights(tmp_path
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    done = run_tool([sys.executable, TRAIN, str(cfg), "--set", "train.exp_name=killed"])
+    done = run([sys.executable, TRAIN, str(cfg), "--set", "train.exp_name=killed"])
     assert done.returncode == 0, done.stderr
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert_same_state(tmp_path / "runs" / "ref", run_dir)
@@ -185,7 +156,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, synthetic_tiny, capsys):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (key, err)
     # The command line itself: a missing config file.
-    res = run_tool([sys.executable, TRAIN, str(tmp_path / "absent.yaml")])
+    res = run_tool("train", tmp_path / "absent.yaml", timeout=240)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "absent.yaml" in res.stderr
 
 
@@ -247,7 +218,7 @@ def two_rank_reference(tmp_path_factory, synthetic_tiny):
     """A 2-process torchrun run, the reference of the multi-node and restart tests."""
     tmp = tmp_path_factory.mktemp("two_rank")
     cfg = write_config(tmp, synthetic_tiny, **{"train.checkpoint_every": 2})
-    res = run_tool(torchrun("--standalone", "--nproc-per-node=2", TRAIN, str(cfg),
+    res = run(torchrun("--standalone", "--nproc-per-node=2", TRAIN, str(cfg),
                             "--set", "train.exp_name=ref"))
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp, cfg, tmp / "runs" / "ref"

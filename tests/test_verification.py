@@ -26,8 +26,9 @@ from facecompat.eval.verification import (
     verify,
     verify_cross,
 )
+from tests.helpers import SHARED_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1] / "../shared/fixtures/verification"
+FIXTURES = SHARED_FIXTURES / "verification"
 
 
 def _reference_accuracy(emb_a: np.ndarray, emb_b: np.ndarray, issame: np.ndarray,

@@ -1,13 +1,17 @@
-"""Small backbones with sane output scales, shared by the model and export tests."""
+"""Backbones for tests: small ones with trained-like output scales, run directories as the trainer
+writes them, their specs; one math thread for a module of tiny models."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from facecompat.config import dump_config, load_config
 from facecompat.models import get_model
+from facecompat.models.spec import ModelSpec, resolve_model_spec
 
 
 def calibrated_model(name: str, seed: int = 0, **kw) -> nn.Module:
@@ -37,10 +41,8 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def make_run_dir(path, seed: int, network: str = "r18-w0.125", embedding_size: int = 32):
+def make_run_dir(path: Path, seed: int, network: str = "r18-w0.125", embedding_size: int = 32) -> Path:
     """A run directory (``model.pt`` with random weights + ``config.yaml``) as the trainer writes one."""
-    from facecompat.config import dump_config, load_config
-
     path.mkdir(parents=True)
     torch.manual_seed(seed)
     torch.save(get_model(network, embedding_size).state_dict(), path / "model.pt")
@@ -49,12 +51,6 @@ def make_run_dir(path, seed: int, network: str = "r18-w0.125", embedding_size: i
     return path
 
 
-def load_tool(path, name: str):
-    """A tools/*.py script as a module, so its main() runs in the test process (a subprocess pays
-    seconds of torch import)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def model_spec(run_dir: Path) -> ModelSpec:
+    """The spec of a run directory, named after it."""
+    return ModelSpec(run_dir.name, *resolve_model_spec(run_dir), str(run_dir))

@@ -1,4 +1,4 @@
-"""Run a test function in N gloo processes (``run_distributed``), reusable by any test module.
+"""Run a test function in N gloo processes (``run_distributed``); a free local port.
 
 ``fn(rank, world_size, *args)`` must be a module-level (picklable) function. It runs after
 ``facecompat.dist.init_distributed`` has joined a gloo group through a TCP store on a free local port

@@ -1,0 +1,58 @@
+"""Generated data for the tests: recs of noise or stand-in JPEGs, near-perfect per-subject IJB-C
+features, the channels_last layout check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from facecompat.data.faces import FaceRecWriter
+
+# The identities of the split tests' rec (12 identities, 63 images).
+SPLIT_CLASS_SIZES = [3, 2, 5, 8, 4, 10, 2, 7, 6, 3, 9, 4]
+
+
+def noise_rec(out_dir: Path, class_sizes: list[int], size: int = 112, seed: int = 0) -> Path:
+    """An insightface-layout rec of noise JPEGs (every image unique), ``class_sizes[c]`` per class."""
+    rng = np.random.default_rng(seed)
+    with FaceRecWriter(out_dir) as w:
+        for label, count in enumerate(class_sizes):
+            for _ in range(count):
+                img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                w.add(label, cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    return out_dir
+
+
+def _payload(label: int, j: int) -> bytes:
+    return f"\xff\xd8 fake jpeg of class {label} image {j} ".encode() * (1 + j % 3)
+
+
+def payload_rec(out_dir: Path, class_sizes: list[int]) -> Path:
+    """A rec of stand-in payloads (JPEG magic, then text naming class and image), never decoded:
+    for the tests that only read labels and record ids."""
+    with FaceRecWriter(out_dir) as writer:
+        for label, size in enumerate(class_sizes):
+            for j in range(size):
+                writer.add(label, _payload(label, j))
+    return out_dir
+
+
+def subject_features(meta, rng: np.random.Generator | int = 0, dim: int = 16,
+                     noise: float = 0.05) -> np.ndarray:
+    """IJB face features ``[num_faces, dim]`` = the face's subject centre + noise: a near-perfect
+    model. ``meta`` is an ``IJBMeta``; ``rng`` a generator or a seed."""
+    rng = np.random.default_rng(rng)
+    subject_of = {}
+    for group in (meta.probes, *meta.galleries.values()):
+        subject_of.update(zip(group.template_ids.tolist(), group.subject_ids.tolist()))
+    subjects = np.array([subject_of[t] for t in meta.template_ids.tolist()])
+    centres = rng.standard_normal((subjects.max() + 1, dim))
+    return (centres[subjects] + noise * rng.standard_normal((meta.num_faces, dim))).astype(np.float32)
+
+
+def is_channels_last(images: torch.Tensor) -> bool:
+    """Dense in channels_last order, and not also NCHW-contiguous (with 3 channels it cannot be both)."""
+    return images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
