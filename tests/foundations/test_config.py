@@ -237,7 +237,7 @@ def test_wrong_type_names_key_expected_and_got(tmp_path: Path) -> None:
             "head.margins: expected list of 3 (float, float, float), got 2 items",
         ),
         ("head: {margins: [1.0, x, 0.0]}", "head.margins[1]: expected float, got str 'x'"),
-        # params values are typed by each method (tests/test_compat.py); the section must be a mapping
+        # params values are typed by each method (tests/compat/test_compat.py); the section must be a mapping
         ("compat: {params: [1]}", "compat.params: expected mapping of str to Any, got list [1]"),
         ("data: {subset: 3}", "data.subset: expected str, got int 3"),
         ("optim: {grad_clip: [1]}", "optim.grad_clip: expected float, got list [1]"),

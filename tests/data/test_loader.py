@@ -361,7 +361,7 @@ def test_dali_device_cpu_decodes_on_the_cpu_for_the_training_gpu(tmp_path, monke
     """data.dali_device names where DALI decodes; batches still go to the training device.
 
     Only constructed: this machine has no GPU, so torch is told there is one (nothing here touches
-    CUDA before the first batch); the gpu-marked test in test_dali.py iterates it on a real GPU."""
+    CUDA before the first batch); the gpu-marked test in data/test_dali.py iterates it on a real GPU."""
     from facecompat.config import load_config
     from facecompat.data.dali import DaliLoader
     from facecompat.data.loader import build_train_loader

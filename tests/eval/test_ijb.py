@@ -548,7 +548,7 @@ def test_identify_faiss_and_numpy_agree_with_ties(monkeypatch: pytest.MonkeyPatc
     if real is not None:  # the real faiss (CPU: the BLAS product)
         monkeypatch.setitem(sys.modules, "faiss", real)
         assert ijb.identify_1toN(meta, pooled, ranks=ranks, fpirs=fpirs, use_faiss=True) == plain
-    # and the loop definitions (tests/test_metrics.py) on the same tied scores
+    # and the loop definitions (tests/eval/test_metrics.py) on the same tied scores
     for name, sub in meta.galleries.items():
         sim = feats[probes] @ feats[sub.template_ids - 1].T
         assert np.isin(sim, np.unique(sim)).all() and np.unique(sim).size < 20  # many ties

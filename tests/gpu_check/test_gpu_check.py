@@ -16,7 +16,7 @@ from tests.helpers import REPO
 from tests.helpers.tools import load_tool
 
 # Expected in the dry run on a CPU machine: the CUDA-only steps skipped; the quickstart skipped by
-# --skip (about 2 minutes of the CPU: too long for the suite, tests/test_quickstart.py runs it).
+# --skip (about 2 minutes of the CPU: too long for the suite, tests/pipelines/test_quickstart.py runs it).
 DRY_RUN = {name: "passed" for name in gpu_check.STEP_NAMES}
 DRY_RUN.update(no_host_sync="skipped", gpu_tests="skipped", quickstart_tiny="skipped")
 

@@ -1,0 +1,1 @@
+"""facecompat.compat: the compatibility methods, FCT, the protocols."""

@@ -1,0 +1,1 @@
+"""facecompat.data: records, loaders, alignment, splits, generated data sets."""

@@ -1,0 +1,1 @@
+"""facecompat.eval: extraction, verification, IJB-C, metrics and the cross-model matrix."""

@@ -1,0 +1,1 @@
+"""facecompat.features: the embedding engine and the old-feature bank."""

@@ -1,0 +1,1 @@
+"""facecompat's foundations: config, dist, fileio, cli, errors, rng, checkpoint."""

@@ -1,0 +1,1 @@
+"""facecompat.gpu_check: the GPU check's steps."""

@@ -1,0 +1,1 @@
+"""facecompat.heads: margins and Partial FC."""

@@ -1,0 +1,1 @@
+"""facecompat.index: feature stores, the faiss gallery, upgrades and backfilling."""

@@ -1,0 +1,1 @@
+"""facecompat.models: backbones, their specs and ONNX export."""

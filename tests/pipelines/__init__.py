@@ -1,0 +1,1 @@
+"""facecompat.pipelines: the quickstart, evaluation and its report."""

@@ -1,0 +1,1 @@
+"""facecompat.train: the trainer and its parts, contrastive training, benchmarks."""
