@@ -28,12 +28,9 @@ from facecompat.compat.fct import (
 from facecompat.config import ConfigError
 from facecompat.data.loader import build_dataset
 from facecompat.features import FeatureBank, default_bank_dir
-from facecompat.features.bank import dataset_classes
 from tests.helpers.dist import run_distributed
-from tests.helpers.models import make_run_dir, model_spec, single_thread
-from tests.helpers.tools import load_tool
-
-OLD_DIM, SIDE_DIM, NEW_DIM = 16, 8, 16
+from tests.helpers.fct import NEW_DIM, OLD_DIM, SIDE_DIM, make_planted
+from tests.helpers.models import model_spec, single_thread
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,40 +82,10 @@ def test_losses_match_their_formulas_and_gradients():
 
 # --------------------------------------------------------------------------------- planted features
 
-def _planted(view, seed: int = 0) -> dict[str, np.ndarray]:
-    """Old and side features per (record, side), new = old @ R (a rotation): h can learn it exactly,
-    and cos(old, new) is near 0."""
-    rng = np.random.default_rng(seed)
-    n = view.num_images
-    old = rng.standard_normal((n, 2, OLD_DIM)).astype(np.float32)
-    old[:, 1] = old[:, 0] + 0.3 * rng.standard_normal((n, OLD_DIM))  # the flip is close to the image
-    rot, _ = np.linalg.qr(rng.standard_normal((OLD_DIM, NEW_DIM)))
-    side = np.tanh(old[..., :SIDE_DIM]) + 0.1 * rng.standard_normal((n, 2, SIDE_DIM))
-    return {"old": old, "side": side.astype(np.float32), "new": (old @ rot).astype(np.float32)}
-
-
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, synthetic_tiny):
     """Three run directories and their banks of the full tiny view, written where training looks."""
-    tmp = tmp_path_factory.mktemp("fct")
-    runs = {"old": make_run_dir(tmp / "old", seed=0, embedding_size=OLD_DIM),
-            "side": make_run_dir(tmp / "side", seed=1, embedding_size=SIDE_DIM),
-            "new": make_run_dir(tmp / "new", seed=2, embedding_size=NEW_DIM)}
-    cfg_path = tmp / "fct.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "data": {"rec": str(synthetic_tiny / "train"), "num_workers": 0},
-        **{role: {"checkpoint": str(path)} for role, path in runs.items()},
-        "transform": {"hidden": [64], "uncertainty": True},
-        "train": {"epochs": 40, "batch_size": 32, "lr": 3e-3, "val_ratio": 0.1, "warmup_epochs": 0.5},
-        "output": str(tmp / "out"), "bank_root": str(tmp)}))
-    cfg = load_fct_config(cfg_path)
-    view = build_dataset(cfg.data)
-    feats = _planted(view)
-    for role, path in runs.items():
-        spec = model_spec(path)
-        FeatureBank.from_arrays(default_bank_dir(tmp, spec, view), view.record_ids, dataset_classes(view),
-                                feats[role], model={**spec.fingerprint(), "name": spec.name})
-    return cfg, cfg_path, runs, tmp
+    return make_planted(tmp_path_factory.mktemp("fct"), synthetic_tiny)
 
 
 def _banks(cfg, runs) -> dict[str, FeatureBank]:
@@ -335,33 +302,6 @@ def test_config_errors(planted, tmp_path):
         train_transformation(cfg, device="cpu", progress=False)
 
 
-def test_tool_trains_without_side_information_and_reports(planted, tmp_path, capsys):
-    _, cfg_path, _, _ = planted
-    tool = load_tool("train_fct")
-    out = tmp_path / "noside"
-    assert tool.main([str(cfg_path), "--set", "side=null", "--set", "train.epochs=2",
-                      "--set", f"output={out}", "--device", "cpu", "--json", str(tmp_path / "s.json")]) == 0
-    text = capsys.readouterr().out
-    assert "cos(h, new)" in text and "cost: features" in text
-    summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["training"]["steps"] > 0 and "held_out" in summary["fit"]
-    fct = FCTransform.load(out)
-    assert not fct.uses_side and fct.module.side_dim == 0
-    with pytest.raises(FCTError, match="trained without side-information"):
-        fct.apply(np.zeros((2, OLD_DIM), np.float32), np.zeros((2, SIDE_DIM), np.float32))
-    for argv, needle in (([str(cfg_path), "--set", "train.lr=-1"], "train.lr"),
-                         ([str(tmp_path / "absent.yaml")], "absent.yaml"),
-                         ([str(cfg_path), "--device", "gpu0"], "--device: not a device: 'gpu0'")):
-        assert tool.main(argv) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
-    with pytest.raises(SystemExit) as exc:  # refused before any work
-        tool.main([str(cfg_path), "--json", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.count("\n") == 1
-    assert err.startswith("train_fct.py: error: argument --json: "), err
-
-
 # ------------------------------------------------------------------------------------ in evaluation
 
 @pytest.fixture(scope="module")
@@ -382,7 +322,8 @@ def fct_catalog(trained, planted, synthetic_tiny, tmp_path_factory) -> Path:
 def test_catalog_transformation_in_evaluation(trained, planted, fct_catalog, synthetic_tiny, tmp_path,
                                               capsys):
     """``{transform: DIR}`` in the catalog: h applied to the cached old and side features of each
-    face, the old model's cache shared with its catalog name; ``--query new --gallery fct`` runs."""
+    face, the old model's cache shared with its catalog name (tools/eval_ijbc.py with such a catalog:
+    tests/tools/test_eval_ijbc.py)."""
     from facecompat.eval.catalog import TransformSpec, load_catalog
     from facecompat.eval.extract import read_face_list
     from facecompat.eval.features import model_features, resolve_models
@@ -402,99 +343,3 @@ def test_catalog_transformation_in_evaluation(trained, planted, fct_catalog, syn
     want, want_var = FCTransform.load(cfg.output).apply(feats["old"], next(iter(side.values())))
     np.testing.assert_allclose(feats["fct"], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var["fct"], want_var, rtol=1e-5)
-
-    tool = load_tool("eval_ijbc")
-    out = tmp_path / "r.json"
-    assert tool.main(["--config", str(catalog_path), "--query", "new", "--gallery", "fct", "--no-1n",
-                      "--json", str(out)]) == 0, capsys.readouterr().err
-    result = json.loads(out.read_text())
-    assert {"new|fct", "fct|new", "new|new", "fct|fct"} <= set(result["matrix"])
-    assert result["models"]["fct"]["network"] == "fct"
-    out = tmp_path / "m.json"
-    assert tool.main(["--config", str(catalog_path), "--matrix", "old,new,fct", "--no-1n",
-                      "--json", str(out)]) == 0, capsys.readouterr().err
-    verdicts = json.loads(out.read_text())["ecc"]
-    assert "new" in verdicts and "fct" not in verdicts  # a transformation is no query model
-
-    # The old model's weights changed after h was trained: refused, in one line.
-    moved = tmp_path / "old_changed"
-    make_run_dir(moved, seed=9, embedding_size=OLD_DIM)
-    meta = json.loads((Path(cfg.output) / "fct.json").read_text())
-    fake = tmp_path / "fct_changed"
-    import shutil
-
-    shutil.copytree(cfg.output, fake)
-    meta["models"]["old"]["weights"] = str(moved / "model.pt")
-    (fake / "fct.json").write_text(json.dumps(meta))
-    capsys.readouterr()
-    argv = ["--config", str(catalog_path), "--query", "new", "--gallery", str(fake), "--no-1n"]
-    assert tool.main(argv) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "trained on the old model" in errors[0]
-
-
-def test_backfill_tool_from_fct_gallery(fct_catalog, synthetic_tiny, tmp_path, capsys):
-    """tools/backfill.py: new-model probes against a gallery stored as FCT features, re-embedded in
-    each order; every curve ends at the new|new 1:N result, uncertainty needs a transformation."""
-    from facecompat.eval import ijb
-
-    catalog_path = fct_catalog
-    tool = load_tool("backfill")
-    out, png = tmp_path / "bf.json", tmp_path / "bf.png"
-    assert tool.main(["--config", str(catalog_path), "--query", "new", "--stored", "fct", "--fractions",
-                      "0,0.5,1", "--random-runs", "2", "--json", str(out), "--png", str(png)]) == 0
-    text = capsys.readouterr().out
-    assert "rank1" in text and "area" in text and png.stat().st_size > 1000
-    result = json.loads(out.read_text())
-    curves = result["orderings"]
-    assert list(curves) == ["random", "uncertainty", "distance"]
-    assert curves["random"]["runs"] == 2 and "area sd" in text  # the mean of two seeded orderings
-    assert curves["random"]["area_sd"]["rank1"] >= 0 and "runs" not in curves["uncertainty"]
-    cache = fct_catalog.parent / "cache" / "features"
-    new_feats = np.load(next((cache / "new").glob("*.npy")))
-    meta = ijb.load_ijb_meta(synthetic_tiny / "IJBC", "IJBC")
-    pooled = ijb.pool(meta, new_feats)
-    full = ijb.identify_1toN(meta, pooled, pooled)
-    # G1 and G2 pooled: rank-1 hits over the mated probes of both (the public evaluator's rate)
-    hits = sum(full[g]["cmc"]["1"] * full[g]["num_mated"] for g in full)
-    want = hits / sum(full[g]["num_mated"] for g in full)
-    for curve in curves.values():
-        assert curve["fractions"] == [0.0, 0.5, 1.0]
-        assert curve["metric"]["rank1"][-1] == pytest.approx(want)
-        assert curve["area"]["rank1"] == pytest.approx(np.mean(curve["metric"]["rank1"]))  # FastFill's area
-    capsys.readouterr()
-    assert tool.main(["--config", str(catalog_path), "--query", "new", "--stored", "old",
-                      "--orderings", "uncertainty"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
-    assert len(errors) == 1 and errors[0].startswith("backfill.py: error: ") and "predicts no uncertainty" \
-        in errors[0]
-    # --json bare: the curves as JSON on stdout, no table
-    assert tool.main(["--config", str(catalog_path), "--query", "new", "--stored", "fct", "--fractions",
-                      "0,0.5,1", "--random-runs", "1", "--orderings", "distance", "--json"]) == 0
-    assert list(json.loads(capsys.readouterr().out)["orderings"]) == ["distance"]
-
-
-@pytest.mark.parametrize("argv, culprit", [
-    (["--json", "{dir}"], "--json"), (["--png", "{dir}"], "--png"), (["--seed", "-1"], "--seed"),
-    (["--random-runs", "0"], "--random-runs"), (["--orderings", "random,nope"], "--orderings"),
-    (["--device", "cuda:99"], "--device"), (["--fractions", "0,0.3,1"], "--fractions"),
-    (["--metric", "rank99"], "--metric"), (["--stored", "new"], "--stored"),
-    (["--stored", "nothing"], "nothing")])
-def test_backfill_tool_bad_input_one_line_before_the_work(tmp_path, capsys, argv, culprit):
-    """Bad flags and outputs stop in one line, exit status 2, before any catalog, meta or model is read
-    (the catalog named here does not even exist, except for the model-name case)."""
-    tool = load_tool("backfill")
-    catalog = tmp_path / "catalog.yaml"
-    if culprit == "nothing":
-        catalog.write_text("models: {}\n")
-    argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
-    base = ["--config", str(catalog), "--query", "new", "--stored", "old"]
-    try:
-        code = tool.main([*base, *argv])
-    except SystemExit as exit_:  # argparse refuses it at parse time
-        code = exit_.code
-    assert code == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert captured.out == "" and len(lines) == 1 and "backfill.py: error: " in lines[0], captured.err
-    assert culprit in lines[0] and "Traceback" not in captured.err

@@ -1,12 +1,11 @@
 """Old-feature bank: on-disk format, statistics against their definitions, building (resumed, 2 ranks)
-on generated data with a real backbone, mismatch errors, and tools/extract_features.py."""
+on generated data with a real backbone, mismatch errors (tools/extract_features.py: tests/tools)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
-import shutil
 import warnings
 from pathlib import Path
 
@@ -20,10 +19,8 @@ from facecompat.data.normalize import normalize_images
 from facecompat.features import BankError, FeatureBank, build_bank, default_bank_dir, ensure_bank
 from facecompat.features.bank_build import _sorted_view
 from facecompat.models.spec import load_model
-from tests.helpers import REPO
 from tests.helpers.dist import run_distributed
 from tests.helpers.models import make_run_dir, model_spec, single_thread
-from tests.helpers.tools import load_tool
 
 CLASSES = [2, 5, 7, 11, 13, 20, 28]  # the view the builds use (relabelled to 0..6)
 BUILD_KW = dict(batch_size=16, num_workers=0, chunk_rows=20, progress=False)
@@ -398,51 +395,3 @@ def test_mismatching_banks_are_errors_not_rebuilds(reference, synthetic_tiny, ru
     name = default_bank_dir("out", model_spec(runs[0]), _view(synthetic_tiny)).name
     assert name.startswith("old-") and len(name) == len("old-") + 12
     assert default_bank_dir("out", model_spec(runs[1]), _view(synthetic_tiny)).name[4:] != name[4:]
-
-
-# --- the tool ------------------------------------------------------------------------------------------
-
-
-def _write_config(tmp: Path, root: Path, old: Path) -> Path:
-    import yaml
-
-    tree = {"_base_": str(REPO / "configs" / "base.yaml"),
-            "data": {"rec": str(root / "train"), "protocol": "opclass", "part": "old", "num_workers": 0},
-            "model": {"network": "r18-w0.125", "embedding_size": 32},
-            "compat": {"old": {"checkpoint": str(old)}},
-            "train": {"output": str(tmp / "runs")},
-            "eval": {"batch_size": 32}}
-    path = tmp / "extract.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
-
-
-def test_extract_features_tool(tmp_path, synthetic_tiny, runs, capsys):
-    tool = load_tool("extract_features")
-    config = _write_config(tmp_path, synthetic_tiny, runs[0])
-    assert tool.main([str(config), "--device", "cpu", "--credible", "0.9", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert Path(out["path"]).parent == tmp_path / "runs" / "banks" and out["dims"] == 32
-    assert out["records"] == out["extracted"] == out["view_records"] > 0 and out["images_per_s"] > 0
-    assert (Path(out["path"]) / "credible_v2_0.9.npy").is_file()
-    # the same bank claimed for another model: one line, exit 2, the bank untouched
-    bad = ["--set", f"compat.old.checkpoint={runs[1]}", "--out", out["path"]]
-    assert tool.main([str(config), *bad]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "another model" in err
-    assert tool.main([str(config), "--set", "compat.old.checkpoint=null"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [err] and "compat.old.checkpoint: not set" in err
-    (tmp_path / "file").write_text("x")
-    for argv, needle in ((["--workers", "-1"], "argument --workers: must be >= 0"),
-                         (["--out", str(tmp_path / "file")], "argument --out: "),
-                         (["--json", str(tmp_path)], "argument --json: ")):
-        with pytest.raises(SystemExit) as exc:  # refused before any work
-            tool.main([str(config), *argv])
-        err = capsys.readouterr().err.strip()
-        assert exc.value.code == 2 and err.splitlines() == [err], err
-        assert err.startswith("extract_features.py: error: ") and needle in err, err
-    assert tool.main([str(config), "--device", "gpu0"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [err] and "--device: not a device: 'gpu0'" in err
-    shutil.rmtree(out["path"])

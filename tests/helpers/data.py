@@ -10,7 +10,13 @@ import numpy as np
 import torch
 
 from facecompat.data.faces import FaceRecWriter
+from facecompat.data.synthetic_sets import SyntheticSpec
 
+# A small generated set: the generator's tests and tools/make_synthetic.py's up-to-date check (the tool's
+# flags for it: --num-ids 5 --imgs-per-id 2:4 --ijbc-subjects 10 --lfw-pairs 6 --impostors-per-genuine 5
+# --seed 3).
+SMALL_SYNTHETIC = SyntheticSpec(num_ids=5, imgs_per_id=(2, 4), ijbc_subjects=10, lfw_pairs=6,
+                                impostors_per_genuine=5, seed=3)
 # The identities of the split tests' rec (12 identities, 63 images).
 SPLIT_CLASS_SIZES = [3, 2, 5, 8, 4, 10, 2, 7, 6, 3, 9, 4]
 

@@ -1,50 +1,53 @@
-"""Transformations for the gallery, backfill and evaluation tests that need one but not a trained one:
-three random-weight run directories (old, side-information, new) and two untrained transformations
-that name them (``fct``: with side-information and uncertainty; ``noside``: neither); feature stores
-of the old and side models."""
+"""FCT training data: three run directories (old, side-information, new) with banks of the generated
+data's training view holding planted features, new = old @ R (a rotation h can learn exactly), and
+the FCT config that names them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
+import yaml
 
-from facecompat.compat.fct import Transformation, save_transformation
-from facecompat.index.store import FeatureStore
-from facecompat.index.upgrade import store_model_features
+from facecompat.compat.fct import FCTConfig, load_fct_config
+from facecompat.data.loader import build_dataset
+from facecompat.features import FeatureBank, default_bank_dir
+from facecompat.features.bank import dataset_classes
 from tests.helpers.models import make_run_dir, model_spec
 
-OLD_DIM, SIDE_DIM, NEW_DIM = 8, 4, 8
+OLD_DIM, SIDE_DIM, NEW_DIM = 16, 8, 16
 
 
-def make_fct_models(tmp: Path) -> dict:
-    """``{"runs": {role: run dir}, "fp": {role: fingerprint}, "dirs": {"fct" | "noside": dir}}``."""
+def planted_features(view, seed: int = 0) -> dict[str, np.ndarray]:
+    """Old and side features per (record, side), new = old @ R (a rotation): h can learn it exactly,
+    and cos(old, new) is near 0."""
+    rng = np.random.default_rng(seed)
+    n = view.num_images
+    old = rng.standard_normal((n, 2, OLD_DIM)).astype(np.float32)
+    old[:, 1] = old[:, 0] + 0.3 * rng.standard_normal((n, OLD_DIM))  # the flip is close to the image
+    rot, _ = np.linalg.qr(rng.standard_normal((OLD_DIM, NEW_DIM)))
+    side = np.tanh(old[..., :SIDE_DIM]) + 0.1 * rng.standard_normal((n, 2, SIDE_DIM))
+    return {"old": old, "side": side.astype(np.float32), "new": (old @ rot).astype(np.float32)}
+
+
+def make_planted(tmp: Path, data_root: Path) -> tuple[FCTConfig, Path, dict[str, Path], Path]:
+    """Three run directories and their banks of the full tiny view under ``tmp``, written where training
+    looks, and an FCT config naming them (40 epochs); ``(config, its path, {role: run dir}, tmp)``."""
     runs = {"old": make_run_dir(tmp / "old", seed=0, embedding_size=OLD_DIM),
             "side": make_run_dir(tmp / "side", seed=1, embedding_size=SIDE_DIM),
             "new": make_run_dir(tmp / "new", seed=2, embedding_size=NEW_DIM)}
-    specs = {role: model_spec(path) for role, path in runs.items()}
-    records = {role: {"role": role, "name": s.name, "source": s.source, "network": s.network,
-                      "embedding_size": s.embedding_size, "weights": str(s.weights), **s.fingerprint()}
-               for role, s in specs.items()}
-    dirs = {}
-    for name, side_dim in (("fct", SIDE_DIM), ("noside", 0)):
-        torch.manual_seed(3)
-        module = Transformation(OLD_DIM, side_dim, NEW_DIM, hidden=(16,), uncertainty=name == "fct")
-        arch = {"old_dim": OLD_DIM, "side_dim": side_dim, "new_dim": NEW_DIM, "hidden": [16],
-                "uncertainty": name == "fct"}
-        chosen = {r: rec for r, rec in records.items() if side_dim or r != "side"}
-        dirs[name] = save_transformation(tmp / name, module, {"architecture": arch, "models": chosen})
-    return {"runs": runs, "fp": {r: s.fingerprint() for r, s in specs.items()}, "dirs": dirs}
-
-
-def fct_stores(tmp_path: Path, models: dict, num: int = 200) -> tuple[FeatureStore, FeatureStore]:
-    """An old-model store (ids not sorted) and a side store of the same items in another order."""
-    rng = np.random.default_rng(0)
-    ids = rng.permutation(10 * num)[:num].astype(np.int64) * 3 + 7
-    old = store_model_features(tmp_path / "old", rng.standard_normal((num, OLD_DIM)), ids,
-                               models["fp"]["old"], meta={"items": "test"})
-    perm = rng.permutation(num)
-    side = store_model_features(tmp_path / "side", rng.standard_normal((num, SIDE_DIM))[perm], ids[perm],
-                                models["fp"]["side"])
-    return old, side
+    cfg_path = tmp / "fct.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "data": {"rec": str(data_root / "train"), "num_workers": 0},
+        **{role: {"checkpoint": str(path)} for role, path in runs.items()},
+        "transform": {"hidden": [64], "uncertainty": True},
+        "train": {"epochs": 40, "batch_size": 32, "lr": 3e-3, "val_ratio": 0.1, "warmup_epochs": 0.5},
+        "output": str(tmp / "out"), "bank_root": str(tmp)}))
+    cfg = load_fct_config(cfg_path)
+    view = build_dataset(cfg.data)
+    feats = planted_features(view)
+    for role, path in runs.items():
+        spec = model_spec(path)
+        FeatureBank.from_arrays(default_bank_dir(tmp, spec, view), view.record_ids, dataset_classes(view),
+                                feats[role], model={**spec.fingerprint(), "name": spec.name})
+    return cfg, cfg_path, runs, tmp

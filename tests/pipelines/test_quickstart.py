@@ -1,14 +1,11 @@
 """The miniature quickstart: every stage on tiny data, the report's structure (DESIGN §8), the verdicts
 (the independent model incompatible, MixBCT far into the old space; at the README's size, MixBCT
-compatible), resuming and redoing."""
+compatible), resuming and redoing (tools/quickstart.py: tests/tools/test_quickstart.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -16,7 +13,6 @@ from facecompat.eval import metrics
 from facecompat.pipelines.evaluate import headline_far
 from facecompat.pipelines.quickstart import CANDIDATES, MODELS, STAGES, run_quickstart
 from tests.helpers import REPO
-from tests.helpers.tools import run_tool, tool_path
 
 pytestmark = pytest.mark.timeout(900)  # the first test also runs the whole tiny quickstart (minutes)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -187,27 +183,6 @@ def test_headline_far_needs_twenty_false_accepts():
     assert headline_far(2_000) == 1e-2 and headline_far(100) == 1e-1
 
 
-def test_cli_checks_every_recipe_before_training(tmp_path):
-    configs = tmp_path / "configs"
-    shutil.copytree(REPO / "configs", configs)
-    recipe = configs / "synthetic_mixbct.yaml"
-    recipe.write_text(recipe.read_text().replace("keep_ratio", "keep_ratoi"))
-    out = run_tool("quickstart", "--work-dir", tmp_path / "w", "--size", "tiny", "--configs", configs)
-    assert out.returncode == 2, out.stderr
-    assert "keep_ratoi" in out.stderr and "synthetic_mixbct.yaml" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "w" / "data").exists() and not (tmp_path / "w" / "runs").exists()
-
-
-def test_cli_refuses_a_device_it_cannot_use_before_any_work(tmp_path):
-    for device, message in (("cuda", "--device: cuda: CUDA is not available here"),
-                            ("gpu0", "--device: not a device: 'gpu0'")):
-        out = run_tool("quickstart", "--work-dir", tmp_path / "w", "--size", "tiny", "--device", device)
-        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-        assert message in out.stderr
-    assert not (tmp_path / "w").exists()
-
-
 def test_on_a_gpu_the_recipes_use_dali_and_bf16_and_the_sizes_grow(tmp_path):
     from facecompat.config import load_config
     from facecompat.pipelines.quickstart import (
@@ -230,21 +205,3 @@ def test_on_a_gpu_the_recipes_use_dali_and_bf16_and_the_sizes_grow(tmp_path):
     assert pick_size("auto") == "small"  # no CUDA here
     with pytest.raises(ValueError, match="huge"):
         pick_size("huge")
-
-
-def test_ctrl_c_says_how_to_resume_and_keeps_finished_stages(tmp_path):
-    import signal
-    import time
-
-    work = tmp_path / "w"
-    proc = subprocess.Popen([sys.executable, str(tool_path("quickstart")), "--size", "tiny", "--work-dir",
-                             str(work),
-                             "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (work / "stages.json").is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)  # the data stage is recorded: the old model is training now
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "quickstart: interrupted; run the same command again to resume" in err
-    assert list(json.loads((work / "stages.json").read_text())["stages"]) == ["data"]

@@ -17,10 +17,11 @@ import pytest
 import torch
 import yaml
 
-from facecompat.eval import ijb, matrix, metrics
+from facecompat.eval import ijb, metrics
 from tests.helpers import REPO
 from tests.helpers.data import subject_features
 from tests.helpers.errors import error_line
+from tests.helpers.gallery import OLD_DIM, make_gallery_models, write_gallery_catalog
 from tests.helpers.models import make_run_dir
 from tests.helpers.tools import exit_status, load_tool, tool_path
 
@@ -423,39 +424,45 @@ def test_missing_image_with_models(tool, setup, capsys, tmp_path):
     assert res["1:N"]["G1"]["num_probes"] == meta.probes.template_ids.size - 1
 
 
-# ------------------------------------------------------------------------------------ pieces
-def test_compatibility_verdicts_and_gain():
-    def cell(tar):
-        return {"1:1": {"tar_at_far": {"1e-04": tar, "1e-03": tar + 0.05}}}
-
-    results = {"old|old": cell(0.50), "new|new": cell(0.90), "bct|old": cell(0.60), "new|old": cell(0.0),
-               "l2|old": cell(0.50)}
-    v = matrix.compatibility(results, ["old", "new", "bct", "l2"], "old", "new", (1e-4, 1e-3))
-    assert v["ecc"] == {"new": False, "bct": True, "l2": False}
-    assert v["update_gain"]["bct"] == pytest.approx(0.25) and v["update_gain"]["new"] == pytest.approx(-1.25)
-    assert v["ecc_detail"]["bct"]["1e-03"] == {"cross": 0.65, "old": 0.55, "holds": True}
-    table = matrix.format_verdicts(v)
-    assert "holds" in table and "fails" in table and "+0.250" in table
-    # an independent model no better than the old one: no gain, not a division by zero
-    results["new|new"] = cell(0.50)
-    assert matrix.compatibility(results, ["bct"], "old", "new")["update_gain"]["bct"] is None
-    with pytest.raises(KeyError, match="mixbct|old"):
-        matrix.compatibility(results, ["mixbct"], "old", "new")
+@pytest.fixture(scope="module")
+def fct_catalog(synthetic_tiny, tmp_path_factory) -> tuple[Path, dict]:
+    """A catalog naming old, new and an (untrained) transformation between them, and their models."""
+    root = tmp_path_factory.mktemp("eval_ijbc_fct")
+    models = make_gallery_models(root / "models")
+    return write_gallery_catalog(root, synthetic_tiny, models), models
 
 
-def test_drop_faces_counts(synthetic_tiny):
-    meta = ijb.load_ijb_meta(synthetic_tiny)
-    gallery = meta.galleries["G1"]
-    t = int(gallery.template_ids[0])
-    faces = np.flatnonzero(meta.template_ids == t)
-    reduced, counts = matrix.drop_faces(meta, faces[:1])
-    assert counts["templates"] == (1 if faces.size == 1 else 0) and reduced.num_faces == meta.num_faces
-    reduced, counts = matrix.drop_faces(meta, faces)
-    assert counts == {"faces": faces.size, "templates": 1,
-                      "pairs": int(((meta.pair_t1 == t) | (meta.pair_t2 == t)).sum()), "probes": 0,
-                      "gallery_templates": 1}
-    assert t not in reduced.galleries["G1"].template_ids and t in meta.galleries["G1"].template_ids
-    assert matrix.scores_file_name("a/b", "c d") == "a_b__c_d.npy"
+def test_a_transformation_named_in_the_catalog(tool, fct_catalog, tmp_path, capsys):
+    """``{transform: DIR}`` in the catalog: ``--query new --gallery fct`` evaluates the upgraded
+    gallery, a transformation is no query model in the matrix, and one trained on other old weights is
+    refused in one line."""
+    catalog, models = fct_catalog
+    transform = models["dirs"]["fct"]
+    out = tmp_path / "r.json"
+    assert tool.main(["--config", str(catalog), "--query", "new", "--gallery", "fct", "--no-1n",
+                      "--json", str(out)]) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert {"new|fct", "fct|new", "new|new", "fct|fct"} <= set(result["matrix"])
+    assert result["models"]["fct"]["network"] == "fct"
+    out = tmp_path / "m.json"
+    assert tool.main(["--config", str(catalog), "--matrix", "old,new,fct", "--no-1n",
+                      "--json", str(out)]) == 0, capsys.readouterr().err
+    verdicts = json.loads(out.read_text())["ecc"]
+    assert "new" in verdicts and "fct" not in verdicts  # a transformation is no query model
+
+    # The old model's weights changed after h was trained: refused, in one line.
+    moved = tmp_path / "old_changed"
+    make_run_dir(moved, seed=9, embedding_size=OLD_DIM)
+    meta = json.loads((Path(transform) / "fct.json").read_text())
+    fake = tmp_path / "fct_changed"
+    shutil.copytree(transform, fake)
+    meta["models"]["old"]["weights"] = str(moved / "model.pt")
+    (fake / "fct.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    argv = ["--config", str(catalog), "--query", "new", "--gallery", str(fake), "--no-1n"]
+    assert tool.main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "trained on the old model" in errors[0]
 
 
 @pytest.mark.timeout(180)
@@ -476,15 +483,3 @@ def test_torchrun_two_ranks_equals_one_process(setup, cross, tmp_path):
     assert res["1:1"]["num_pairs"] == single["matrix"]["old|old"]["1:1"]["num_pairs"]
     for key, value in single["matrix"]["old|old"]["1:1"]["tar_at_far_strict"].items():
         assert res["1:1"]["tar_at_far_strict"][key] == pytest.approx(value, abs=0.02)
-
-
-def test_network_names_a_weights_file_and_leaves_run_directories_alone(setup, tmp_path):
-    from facecompat.eval.catalog import EvalCatalog, resolve_model
-
-    run_dir = setup["runs"]["old"]
-    weights = tmp_path / "zoo.pt"
-    shutil.copy(run_dir / "model.pt", weights)
-    catalog = EvalCatalog()
-    # a run directory next to a weights file of another network: each keeps its own
-    assert resolve_model(str(run_dir), catalog, network="r50").network == NETWORK
-    assert resolve_model(str(weights), catalog, network="r50").network == "r50"

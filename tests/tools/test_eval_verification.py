@@ -1,4 +1,5 @@
-"""tools/eval_verification.py: model specs, self and cross tests, table, JSON and errors."""
+"""tools/eval_verification.py: self and cross tests, table, JSON and errors (model specs:
+tests/models/test_spec.py)."""
 
 from __future__ import annotations
 
@@ -43,28 +44,6 @@ def lfw(synthetic_tiny, tmp_path_factory) -> Path:
     pair_images = [images[j] for i in keep for j in (2 * i, 2 * i + 1)]
     write_pairs_bin(path, pair_images, [bool(issame[i]) for i in keep])
     return path
-
-
-def test_resolve_model_spec(runs, tmp_path):
-    from facecompat.models.spec import resolve_model_spec
-
-    old, _ = runs
-    assert resolve_model_spec(old) == (NETWORK, EMBEDDING_SIZE, old / "model.pt")
-    assert resolve_model_spec(str(old), "r18-w0.25", 64) == ("r18-w0.25", 64, old / "model.pt")
-    weights = old / "model.pt"
-    # a weights file: the embedding size its embedding layer has, never a default that disagrees
-    assert resolve_model_spec(weights, "r50") == ("r50", EMBEDDING_SIZE, weights)
-    assert resolve_model_spec(weights, "r50", EMBEDDING_SIZE) == ("r50", EMBEDDING_SIZE, weights)
-    with pytest.raises(ValueError, match=rf"model\.pt: .*{EMBEDDING_SIZE}-d, not the 128-d"):
-        resolve_model_spec(weights, "r50", 128)
-    with pytest.raises(ValueError, match=r"model\.pt: .*--network"):
-        resolve_model_spec(weights)
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        resolve_model_spec(tmp_path / "missing.pt", "r50")
-    (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "model.pt").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"half: .*config\.yaml"):
-        resolve_model_spec(tmp_path / "half")
 
 
 def test_self_table_and_json(tool, runs, lfw, tmp_path, capsys):

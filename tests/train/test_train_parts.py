@@ -6,15 +6,12 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
-import pytest
 import torch
 
 from facecompat.train.bench import StepBenchSpec, bench_train_step
 from facecompat.train.log import Throughput, format_eta
 from facecompat.train.precision import LossScaler, autocast_dtype, resolve_precision
 from tests.helpers.dist import run_distributed
-from tests.helpers.tools import load_tool, run_tool
 
 
 def _params(*grads: list[float]) -> list[torch.nn.Parameter]:
@@ -187,74 +184,3 @@ def test_accumulation_and_ranks_equal_one_big_step():
             torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), head.weight.detach(),
                                rtol=1e-5, atol=1e-6)
-
-
-def test_bench_train_tool_rejects_an_unknown_network(capsys):
-    tool = load_tool("bench_train")
-    argv = ["--network", "r18-w0.125", "--embedding-size", "16", "--batch-size", "4", "--num-classes", "10",
-            "--steps", "1", "--warmup", "0", "--device", "cpu"]
-    assert tool.main([*argv, "--json"]) == 0
-    import json
-
-    result = json.loads(capsys.readouterr().out)
-    assert result["network"] == "r18-w0.125" and result["batch_size"] == 4 and result["samples_per_s"] > 0
-    for bad, needle in ((["--network", "r19"], "--network: unknown backbone 'r19'"),
-                        (["--warmup", "-1"], "--warmup: must be >= 0"),
-                        (["--sample-rate", "0"], "--sample-rate: must be in (0, 1]"),
-                        (["--json", "/"], "--json: / is a directory")):
-        with pytest.raises(SystemExit) as exc:
-            tool.main([*argv, *bad])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("bench_train.py: error: "), err
-        assert needle in err[0], err
-    with pytest.raises(SystemExit) as exc:
-        tool.main(["--device", "gpu0"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and len(err) == 1 and "--device: not a device: 'gpu0'" in err[0]
-
-
-def test_head_memory_bench_measures_the_formula_peak():
-    """tools/bench_head_memory.py in its own process (the peak is the process's): one rank of 2M
-    classes over 8 ranks at ρ 0.1 peaks where head_memory_bytes says (1.48 GiB), within 5%."""
-    import json
-
-    out = run_tool("bench_head_memory", "--json", timeout=300, env={"OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
-    assert result["num_local"] == 250_000 and result["formula_gib"] > 1.4
-    assert abs(result["measured_gib"] / result["formula_gib"] - 1.0) < 0.05, result
-    bad = run_tool("bench_head_memory", "--sample-rate", "2")
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "2" in bad.stderr
-
-
-# ----------------------------------------------------------------------------- random streams at a resume
-
-
-def test_a_generator_restores_its_own_device_types_state_and_reseeds_from_another(caplog):
-    from facecompat import rng
-
-    source = torch.Generator().manual_seed(5)
-    torch.rand(3, generator=source)
-    target = torch.Generator()
-    assert rng.restore_generator(target, source.get_state(), seed=5, what="sampler")
-    assert torch.equal(torch.rand(4, generator=target), torch.rand(4, generator=source))
-    philox = torch.from_numpy(np.array([5, 128], dtype=np.uint64).view(np.uint8).copy())  # a CUDA state
-    with caplog.at_level("WARNING", logger="facecompat.train"):
-        assert not rng.restore_generator(target, philox, seed=5, step=30, what="the sampler")
-    assert "the sampler: the checkpoint's random stream was saved on another device type" in caplog.text
-    expected = torch.Generator().manual_seed(rng.resume_seed(5, 30))
-    assert torch.equal(torch.rand(4, generator=target), torch.rand(4, generator=expected))
-    assert rng.resume_seed(5, 30) not in (5, rng.resume_seed(5, 31), rng.resume_seed(6, 30))
-
-
-@pytest.mark.gpu
-def test_a_cpu_checkpoint_stream_reseeds_a_cuda_generator():
-    from facecompat import rng
-
-    cuda = torch.Generator(device="cuda")
-    cpu_state = torch.Generator().manual_seed(1).get_state()
-    assert not rng.restore_generator(cuda, cpu_state, seed=1, what="sampler")
-    expected = torch.Generator(device="cuda").manual_seed(rng.resume_seed(1))
-    assert torch.equal(torch.rand(4, device="cuda", generator=cuda),
-                       torch.rand(4, device="cuda", generator=expected))
-    assert rng.restore_generator(cuda, expected.get_state(), seed=1, what="sampler")  # same type: exact
