@@ -1,5 +1,5 @@
-"""Generated data for the tests: recs of noise or stand-in JPEGs, near-perfect per-subject IJB-C
-features, the channels_last layout check."""
+"""Generated data for the tests: recs of noise or stand-in JPEGs, a small synthetic set's spec,
+near-perfect per-subject IJB-C features, the channels_last layout check."""
 
 from __future__ import annotations
 
