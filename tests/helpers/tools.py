@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 from tests.helpers import REPO, TOOLS
 
 
@@ -43,3 +45,11 @@ def exit_status(main: Callable[[list[str]], int], argv: Iterable[object]) -> int
         return main([str(a) for a in argv])
     except SystemExit as exc:
         return exc.code
+
+
+def tool_help(name: str, capsys: pytest.CaptureFixture) -> str:
+    """``tools/<name>.py --help`` in this process: it exits with status 0; the help it printed."""
+    with pytest.raises(SystemExit) as exit_:
+        load_tool(name).main(["--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers.gallery import make_gallery_models, write_gallery_catalog
 from tests.helpers.models import single_thread
-from tests.helpers.tools import load_tool
+from tests.helpers.tools import load_tool, tool_help
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
@@ -89,3 +89,9 @@ def test_backfill_tool_bad_input_one_line_before_the_work(tmp_path, capsys, argv
     lines = captured.err.strip().splitlines()
     assert captured.out == "" and len(lines) == 1 and "backfill.py: error: " in lines[0], captured.err
     assert culprit in lines[0] and "Traceback" not in captured.err
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("backfill", capsys)
+    for arg in ("--query", "--stored", "--config", "--orderings", "--fractions"):
+        assert arg in text, arg

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.tools import run_tool
+from tests.helpers.tools import run_tool, tool_help
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -39,3 +39,9 @@ def test_bench_bank_bad_arguments_are_one_line(args, needle):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("bench_bank.py: error: "), lines
     assert needle in lines[0], lines
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("bench_bank", capsys)
+    for arg in ("--rows", "--dim", "--dir", "--json"):
+        assert arg in text, arg

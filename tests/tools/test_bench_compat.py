@@ -7,7 +7,7 @@ import pytest
 
 from facecompat.compat.registry import list_methods
 from tests.helpers.models import single_thread
-from tests.helpers.tools import load_tool
+from tests.helpers.tools import load_tool, tool_help
 
 # One torch thread (a shared CI machine oversubscribes two), restored afterwards.
 _one_thread = pytest.fixture(autouse=True)(single_thread)
@@ -53,3 +53,9 @@ def test_default_methods_are_every_registered_one():
     assert tool.selected_methods("all") == ["none", *list_methods()]
     assert set(list_methods()) >= {"bct", "l2", "mixbct", "lce", "advbct"}
     assert tool.selected_methods("bct, l2,") == ["bct", "l2"]
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("bench_compat", capsys)
+    for arg in ("--methods", "--network", "--steps", "--json"):
+        assert arg in text, arg

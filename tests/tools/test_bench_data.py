@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers.tools import exit_status, load_tool, run_tool
+from tests.helpers.tools import exit_status, load_tool, run_tool, tool_help
 
 
 def test_bench_makes_a_rec_and_reports_json(tmp_path):
@@ -107,3 +107,9 @@ def test_bench_bad_input_exits_2_with_one_line(tmp_path, capsys):
         out = capsys.readouterr()
         assert not out.out and out.err.count("\n") == 1, argv
         assert out.err.startswith("bench_data.py: error: ") and message in out.err, argv
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("bench_data", capsys)
+    for arg in ("rec_dir", "--n", "--batch-size", "--make", "--stages"):
+        assert arg in text, arg

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.helpers.models import single_thread
-from tests.helpers.tools import load_tool
+from tests.helpers.tools import load_tool, tool_help
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,3 +47,9 @@ def test_bench_fct_bad_input_is_one_line(capsys, tmp_path):
             tool.main([*base, *bad])
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("bench_fct", capsys)
+    for arg in ("--network", "--rows", "--images", "--json"):
+        assert arg in text, arg

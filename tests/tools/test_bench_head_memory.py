@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.helpers.tools import run_tool
+from tests.helpers.tools import run_tool, tool_help
 
 
 def test_head_memory_bench_measures_the_formula_peak():
@@ -18,3 +18,9 @@ def test_head_memory_bench_measures_the_formula_peak():
     assert abs(result["measured_gib"] / result["formula_gib"] - 1.0) < 0.05, result
     bad = run_tool("bench_head_memory", "--sample-rate", "2")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "2" in bad.stderr
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("bench_head_memory", capsys)
+    for arg in ("--num-classes", "--world-size", "--sample-rate"):
+        assert arg in text, arg

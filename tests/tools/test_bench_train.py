@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.helpers.tools import load_tool
+from tests.helpers.tools import load_tool, tool_help
 
 
 def test_bench_train_tool_rejects_an_unknown_network(capsys):
@@ -30,3 +30,9 @@ def test_bench_train_tool_rejects_an_unknown_network(capsys):
         tool.main(["--device", "gpu0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and "--device: not a device: 'gpu0'" in err[0]
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("bench_train", capsys)
+    for arg in ("--network", "--batch-size", "--steps", "--precision"):
+        assert arg in text, arg

@@ -23,7 +23,7 @@ from tests.helpers.data import subject_features
 from tests.helpers.errors import error_line
 from tests.helpers.gallery import OLD_DIM, make_gallery_models, write_gallery_catalog
 from tests.helpers.models import make_run_dir
-from tests.helpers.tools import exit_status, load_tool, tool_path
+from tests.helpers.tools import exit_status, load_tool, tool_help, tool_path
 
 NETWORK, EMBEDDING_SIZE = "r18-w0.125", 32
 
@@ -483,3 +483,9 @@ def test_torchrun_two_ranks_equals_one_process(setup, cross, tmp_path):
     assert res["1:1"]["num_pairs"] == single["matrix"]["old|old"]["1:1"]["num_pairs"]
     for key, value in single["matrix"]["old|old"]["1:1"]["tar_at_far_strict"].items():
         assert res["1:1"]["tar_at_far_strict"][key] == pytest.approx(value, abs=0.02)
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("eval_ijbc", capsys)
+    for arg in ("--query", "--gallery", "--matrix", "--config", "--query-features"):
+        assert arg in text, arg

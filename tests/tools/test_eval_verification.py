@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers.errors import error_line
 from tests.helpers.models import make_run_dir
-from tests.helpers.tools import load_tool, run_tool
+from tests.helpers.tools import load_tool, run_tool, tool_help
 
 NETWORK, EMBEDDING_SIZE = "r18-w0.125", 32
 
@@ -150,3 +150,9 @@ def test_bad_flags_fail_before_the_work(tool, runs, tmp_path, capsys, extra, cul
     captured = capsys.readouterr()
     assert captured.out == ""
     error_line(captured.err, culprit, alone=True)
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("eval_verification", capsys)
+    for arg in ("--model", "--gallery-model", "--bins"):
+        assert arg in text, arg

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.helpers.models import calibrated_model, make_run_dir, single_thread
-from tests.helpers.tools import load_tool, run_tool
+from tests.helpers.tools import load_tool, run_tool, tool_help
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -90,3 +90,9 @@ def test_tool_bad_input_in_process(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("export_onnx.py: error: ") and reason in err[0], err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("export_onnx", capsys)
+    for arg in ("MODEL", "--network", "--output"):
+        assert arg in text, arg

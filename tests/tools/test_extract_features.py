@@ -12,7 +12,7 @@ import yaml
 
 from tests.helpers import REPO
 from tests.helpers.models import make_run_dir, single_thread
-from tests.helpers.tools import load_tool
+from tests.helpers.tools import load_tool, tool_help
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
@@ -64,3 +64,9 @@ def test_extract_features_tool(tmp_path, synthetic_tiny, runs, capsys):
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "--device: not a device: 'gpu0'" in err
     shutil.rmtree(out["path"])
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("extract_features", capsys)
+    for arg in ("config", "--set", "--out", "--credible"):
+        assert arg in text, arg

@@ -13,7 +13,7 @@ import pytest
 
 from facecompat import gpu_check
 from tests.helpers import REPO
-from tests.helpers.tools import load_tool
+from tests.helpers.tools import load_tool, tool_help
 
 # Expected in the dry run on a CPU machine: the CUDA-only steps skipped; the quickstart skipped by
 # --skip (about 2 minutes of the CPU: too long for the suite, tests/pipelines/test_quickstart.py runs it).
@@ -144,3 +144,9 @@ def test_a_step_that_raises_is_recorded_failed_and_the_exit_status_is_1(tmp_path
     assert step["status"] == "failed" and step["reason"].startswith("SyntaxError")
     assert summary["steps"]["extraction"]["status"] == "passed"  # the later steps still run
     assert "partial_fc_v2.py" in (out / "gpu_check.log").read_text()  # the traceback, in the log
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("gpu_check", capsys)
+    for arg in ("--dry-run", "--only", "--skip", "--time-budget"):
+        assert arg in text, arg

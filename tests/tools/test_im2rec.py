@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from facecompat.data.faces import FaceRecords
-from tests.helpers.tools import run_tool
+from tests.helpers.tools import run_tool, tool_help
 
 
 def _write_folder(root: Path, sizes: dict[str, int], shape=(112, 112)) -> None:
@@ -89,3 +89,9 @@ def test_im2rec_bad_landmark_file(tmp_path):
     assert out.returncode == 2 and "b/000.jpg: cannot align with its landmarks" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "rec" / "train.rec").exists()
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("im2rec", capsys)
+    for arg in ("root", "out", "--align"):
+        assert arg in text, arg

@@ -7,7 +7,7 @@ import hashlib
 import json
 
 from tests.helpers import SHARED_FIXTURES
-from tests.helpers.tools import run_tool
+from tests.helpers.tools import run_tool, tool_help
 
 FIXTURES = SHARED_FIXTURES / "recordio"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
@@ -59,3 +59,9 @@ def test_inspect_json_to_a_file(tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "s.json").read_text())["images"] == 9
     assert "images" in out.stdout  # the table is still printed
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("inspect_rec", capsys)
+    for arg in ("rec", "--dump", "--json"):
+        assert arg in text, arg

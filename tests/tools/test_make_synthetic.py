@@ -9,7 +9,7 @@ import pytest
 
 from facecompat.data.synthetic_sets import generate_synthetic
 from tests.helpers.data import SMALL_SYNTHETIC
-from tests.helpers.tools import run_tool
+from tests.helpers.tools import run_tool, tool_help
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +47,9 @@ def test_cli_reports_an_up_to_date_folder(small: Path) -> None:
                       "--seed", "3")
     assert result.returncode == 0, result.stderr
     assert "up to date" in result.stdout and "5 identities" in result.stdout
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("make_synthetic", capsys)
+    for arg in ("out", "--num-ids", "--imgs-per-id"):
+        assert arg in text, arg

@@ -11,7 +11,7 @@ import sys
 import time
 
 from tests.helpers import REPO
-from tests.helpers.tools import run_tool, tool_path
+from tests.helpers.tools import run_tool, tool_help, tool_path
 
 
 def test_cli_checks_every_recipe_before_training(tmp_path):
@@ -48,3 +48,9 @@ def test_ctrl_c_says_how_to_resume_and_keeps_finished_stages(tmp_path):
     assert proc.returncode == 130, err
     assert "quickstart: interrupted; run the same command again to resume" in err
     assert list(json.loads((work / "stages.json").read_text())["stages"]) == ["data"]
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("quickstart", capsys)
+    for arg in ("--work-dir", "--size", "--from", "--device"):
+        assert arg in text, arg

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.data import SPLIT_CLASS_SIZES, payload_rec
-from tests.helpers.tools import exit_status, load_tool, run_tool
+from tests.helpers.tools import exit_status, load_tool, run_tool, tool_help
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,9 @@ def test_cli_bad_input_exits_2(rec_dir, tmp_path, capsys, args, needle):
     assert code == 2, err
     assert needle.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("split_dataset.py: error: ") and not (tmp_path / "o").exists()
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("split_dataset", capsys)
+    for arg in ("rec", "--protocol", "--ratio", "--out"):
+        assert arg in text, arg

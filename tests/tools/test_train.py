@@ -8,7 +8,7 @@ import json
 import pytest
 
 from facecompat import checkpoint as ckpt
-from tests.helpers.tools import load_tool, run_tool
+from tests.helpers.tools import load_tool, run_tool, tool_help
 from tests.helpers.train import write_config
 
 
@@ -74,3 +74,9 @@ def test_tool_flags_output_and_json(tmp_path, synthetic_tiny, capsys):
         assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("train.py: error: "), err
         assert needle in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("train", capsys)
+    for arg in ("config", "--set", "--output", "--json"):
+        assert arg in text, arg

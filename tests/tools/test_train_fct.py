@@ -11,7 +11,7 @@ import pytest
 from facecompat.compat.fct import FCTError, FCTransform
 from tests.helpers.fct import OLD_DIM, SIDE_DIM, make_planted
 from tests.helpers.models import single_thread
-from tests.helpers.tools import load_tool
+from tests.helpers.tools import load_tool, tool_help
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
@@ -47,3 +47,9 @@ def test_tool_trains_without_side_information_and_reports(planted, tmp_path, cap
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1
     assert err.startswith("train_fct.py: error: argument --json: "), err
+
+
+def test_help_names_the_main_arguments(capsys):
+    text = tool_help("train_fct", capsys)
+    for arg in ("config", "--set", "--json"):
+        assert arg in text, arg
