@@ -33,15 +33,13 @@ def synthetic_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # The longest file first: with two xdist workers (tools/test.sh, --dist loadfile) it runs beside
-# the rest of the suite instead of after it, on a worker left alone with one thread. Paths are
-# relative to tests/ (basenames repeat across the layers: pipelines/ and tools/ both test quickstart).
-TESTS = Path(__file__).resolve().parent
-LONGEST_FIRST = ("pipelines/test_quickstart.py",)
+# the rest of the suite instead of after it, on a worker left alone with one thread. Full paths:
+# basenames repeat across the layers (pipelines/ and tools/ both have a test_quickstart.py).
+LONGEST_FIRST = (Path(__file__).resolve().parent / "pipelines" / "test_quickstart.py",)
 
 
 def pytest_collection_modifyitems(session, config, items):
-    # stable: the order is kept otherwise
-    items.sort(key=lambda item: item.path.relative_to(TESTS).as_posix() not in LONGEST_FIRST)
+    items.sort(key=lambda item: item.path not in LONGEST_FIRST)  # stable: order kept otherwise
     if GPU_PASS:
         import torch
 
