@@ -38,7 +38,7 @@ and reads a contiguous range per shard, i.e. class by class in an insightface re
 2`` = 32,765 buffered samples DALI copies each sample instead of mapping it), and
 ``shuffle_after_epoch`` (DALI 2.x) shuffles the order of the rec *files*: over one rec the
 order never changes, and it pins each rank to the same slice of classes every epoch. The
-first and last facts are checked in ``tests/test_dali.py``, the buffer limit is in DALI's
+first and last facts are checked in ``tests/data/test_dali.py``, the buffer limit is in DALI's
 ``mmaped_file.cc``.
 """
 

@@ -70,7 +70,8 @@ def model_version_id(fingerprint: Mapping[str, Any]) -> str:
 
 def transform_version_id(transform: Mapping[str, Any]) -> str:
     """``"fct-<first 12 hex of sha1>"`` of a transformation fingerprint: its ``sha1``, or the
-    ``weights_sha1`` that ``compat/fct/transform.py`` keeps in a transformation's meta (the same id it prints)."""
+    ``weights_sha1`` that ``compat/fct/transform.py`` keeps in a transformation's meta (the same id
+    it prints)."""
     sha1 = transform.get("sha1", transform.get("weights_sha1"))
     if sha1 is None:
         raise StoreError(f"transform fingerprint has no 'sha1' or 'weights_sha1' key "

@@ -15,19 +15,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from facecompat.compat.fct import (
-    FCTError,
-    FCTransform,
-    FeatureTriples,
-    Transformation,
-    fct_losses,
-    load_fct_config,
-    split_rows,
-    train_transformation,
-)
+from facecompat.compat.fct import FCTError, FCTransform, Transformation, fct_losses, load_fct_config
 from facecompat.config import ConfigError
 from facecompat.data.loader import build_dataset
 from facecompat.features import FeatureBank, default_bank_dir
+from facecompat.train.fct import FeatureTriples, split_rows, train_transformation
 from tests.helpers.dist import run_distributed
 from tests.helpers.fct import NEW_DIM, OLD_DIM, SIDE_DIM, make_planted
 from tests.helpers.models import model_spec, single_thread
