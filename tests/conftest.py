@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def synthetic_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated data root (train/ rec, IJBC/, lfw.bin) with 30 identities of 6-10 images."""
-    from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic
+    from facecompat.data.synthetic.sets import SyntheticSpec, generate_synthetic
 
     root = tmp_path_factory.mktemp("synthetic_tiny")
     spec = SyntheticSpec(num_ids=30, imgs_per_id=(6, 10), ijbc_subjects=12, lfw_pairs=40,

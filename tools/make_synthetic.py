@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> None:
-    from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic
+    from facecompat.data.synthetic.sets import SyntheticSpec, generate_synthetic
 
     spec = SyntheticSpec(num_ids=args.num_ids, imgs_per_id=args.imgs_per_id,
                          ijbc_subjects=args.ijbc_subjects, lfw_pairs=args.lfw_pairs,

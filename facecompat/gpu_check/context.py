@@ -18,7 +18,7 @@ from typing import TextIO
 import torch
 
 from facecompat import dist
-from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic
+from facecompat.data.synthetic.sets import SyntheticSpec, generate_synthetic
 from facecompat.errors import UserError
 
 # torchrun / our own world-size-1 group: never handed down to a subprocess

@@ -46,7 +46,7 @@ from facecompat.compat.build import resolve_params
 from facecompat.compat.fct import load_fct_config
 from facecompat.compat.registry import get_method
 from facecompat.config import ConfigError, from_dict, load_config, load_yaml
-from facecompat.data.synthetic_sets import SyntheticSpec, generate_synthetic, read_manifest
+from facecompat.data.synthetic.sets import SyntheticSpec, generate_synthetic, read_manifest
 from facecompat.eval import ijb, matrix
 from facecompat.eval.catalog import EvalCatalog, EvalModelConfig
 from facecompat.eval.extract import read_face_list
@@ -77,7 +77,7 @@ DESCRIPTIONS = {
 class Size:
     """How big every part of the quickstart is (``configs/quickstart_<size>.yaml``)."""
 
-    data: dict[str, Any]  # facecompat.data.synthetic_sets.SyntheticSpec fields
+    data: dict[str, Any]  # facecompat.data.synthetic.sets.SyntheticSpec fields
     network: str  # the new models' backbone
     embedding_size: int
     batch_size: int  # per training step

@@ -15,9 +15,10 @@ import pytest
 from facecompat.data.align import ARCFACE_TEMPLATE, align_face
 from facecompat.data.pairs_bin import decode_pairs, load_pairs_bin
 from facecompat.data.recordio import RecordReader
-from facecompat.data.synthetic import Conditions, Identity, render_face, rng_for
-from facecompat.data.synthetic_ijb import CSV_HEADER, plan_ijbc
-from facecompat.data.synthetic_sets import (
+from facecompat.data.synthetic.identity import Conditions, Identity, rng_for
+from facecompat.data.synthetic.ijbc import CSV_HEADER, plan_ijbc
+from facecompat.data.synthetic.render import render_face
+from facecompat.data.synthetic.sets import (
     DOMAINS,
     SyntheticError,
     SyntheticSpec,

@@ -16,7 +16,7 @@ from torch import nn
 
 from facecompat.data.normalize import normalize_images
 from facecompat.data.pairs_bin import PairsBinError, write_pairs_bin
-from facecompat.data.synthetic_sets import SyntheticSpec, write_lfw_bin
+from facecompat.data.synthetic.sets import SyntheticSpec, write_lfw_bin
 from facecompat.eval.verification import (
     VerificationCallback,
     VerificationSet,

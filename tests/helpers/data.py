@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from facecompat.data.faces import FaceRecWriter
-from facecompat.data.synthetic_sets import SyntheticSpec
+from facecompat.data.synthetic.sets import SyntheticSpec
 
 # A small generated set: the generator's tests and tools/make_synthetic.py's up-to-date check (the tool's
 # flags for it: --num-ids 5 --imgs-per-id 2:4 --ijbc-subjects 10 --lfw-pairs 6 --impostors-per-genuine 5

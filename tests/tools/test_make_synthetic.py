@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from facecompat.data.synthetic_sets import generate_synthetic
+from facecompat.data.synthetic.sets import generate_synthetic
 from tests.helpers.data import SMALL_SYNTHETIC
 from tests.helpers.tools import run_tool, tool_help
 

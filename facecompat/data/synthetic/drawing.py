@@ -1,4 +1,4 @@
-"""Drawing machinery for :mod:`facecompat.data.synthetic`: face parts as polygons in face
+"""Drawing machinery for :mod:`facecompat.data.synthetic.render`: face parts as polygons in face
 units, projected through the head pose and drawn anti-aliased with OpenCV.
 
 Face units: x right, y down, the eye centres near (-0.5, 0) and (0.5, 0). A point on the head
@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:
-    from facecompat.data.synthetic import Conditions, Identity
+    from facecompat.data.synthetic.identity import Conditions, Identity
 
 SHIFT = 4  # sub-pixel bits for cv2 drawing
 NOSE_LIFT = 0.3  # the nose tip stands this far out of the head ellipsoid

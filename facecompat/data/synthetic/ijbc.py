@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from facecompat.data.synthetic import Conditions, Identity, render_face, render_parallel, rng_for
-from facecompat.data.synthetic_sets import DOMAINS, SyntheticSpec, encode_jpeg
+from facecompat.data.synthetic.identity import Conditions, Identity, rng_for
+from facecompat.data.synthetic.pool import render_parallel
+from facecompat.data.synthetic.render import render_face
+from facecompat.data.synthetic.spec import DOMAINS, SyntheticSpec, encode_jpeg
 
 CSV_HEADER = "TEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID,FACE_X,FACE_Y,FACE_WIDTH,FACE_HEIGHT"
 _PLAN_KEY = 2**32  # a subject index no identity uses: the protocol plan's own random stream

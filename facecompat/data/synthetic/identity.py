@@ -12,28 +12,20 @@ Identities draw their attributes from small palettes and narrow ranges, so many 
 share hair, skin and face shape, and per-image nuisances are as large as several identity
 attributes: the task is learnable but not trivial.
 
-:func:`render_face` draws an identity under conditions and returns the BGR image with its
-five landmarks (left eye centre, right eye centre, nose tip, left and right mouth corner, in
-image coordinates, "left" = image-left, the order of the ArcFace template). Everything is
-deterministic given the inputs; random streams come from :func:`rng_for` keyed by integers.
+:func:`~facecompat.data.synthetic.render.render_face` draws an identity under conditions and
+returns the BGR image with its five landmarks (left eye centre, right eye centre, nose tip, left
+and right mouth corner, in image coordinates, "left" = image-left, the order of the ArcFace
+template). Everything is deterministic given the inputs; random streams come from
+:func:`rng_for` keyed by integers.
 
 Face coordinates ("units"): x right, y down, the eye centres near (-0.5, 0) and (0.5, 0).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
-from typing import Any
 
-import cv2
 import numpy as np
-from tqdm import tqdm
-
-from facecompat.data import _face_drawing as draw
 
 # Palettes in RGB (converted to BGR on use); drawn with jitter so that identities share them.
 SKIN_RGB = np.array([(250, 220, 195), (238, 196, 165), (222, 174, 138), (198, 140, 102),
@@ -239,117 +231,3 @@ def _clip(x: float, lo: float, hi: float) -> float:
 def _occluder_p(hard: float) -> list[float]:
     p = min(0.6, 0.12 * hard)
     return [1 - p, p * 0.35, p * 0.25, p * 0.25, p * 0.15]
-
-
-_NOISE_SD = 24.0  # the noise tile holds 128 + 24 * N(0, 1) as uint8
-
-
-@lru_cache(maxsize=1)
-def _noise_tile() -> np.ndarray:
-    z = rng_for(7, 7, 7).standard_normal((320, 320, 3), dtype=np.float32)
-    return np.clip(np.round(128 + _NOISE_SD * z), 0, 255).astype(np.uint8)
-
-
-def render_face(ident: Identity, cond: Conditions) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``ident`` under ``cond``.
-
-    Returns:
-        ``(image, landmarks)``: [canvas, canvas, 3] uint8 BGR and [5, 2] float32 (x, y) of left
-        eye, right eye, nose tip, left and right mouth corner (image-left first).
-    """
-    size = cond.canvas
-    img = _background(cond, size)
-    project = draw.Projector(ident, cond)
-    sketch = draw.Sketch()
-    geo = draw.geometry(ident, cond)
-    draw.draw_body(sketch, ident, cond)
-    draw.draw_face(sketch, ident, cond, geo)
-    draw.draw_occluder(sketch, ident, cond, geo)
-    sketch.draw(img, project)
-    gap = geo["gap"]
-    lmk_units = np.array([[-gap, 0], [gap, 0], [0, geo["nose_y"]], geo["mouth_l"], geo["mouth_r"]])
-    landmarks = project(lmk_units, np.array([0.0, 0.0, draw.NOSE_LIFT, 0.0, 0.0]), np.ones(5, bool))
-    return _photometric(img, cond), landmarks
-
-
-def _gradient(size: int, corners: np.ndarray) -> np.ndarray:
-    """[size, size, C] bilinear blend of a [2, 2, C] array of corner values (cheap via cv2.resize)."""
-    return cv2.resize(corners, (size, size), interpolation=cv2.INTER_LINEAR)
-
-
-_CORNER_X = np.array([[-1.0, 1.0], [-1.0, 1.0]])  # x then y of the 4 corners, in [-1, 1]
-_CORNER_Y = np.array([[-1.0, -1.0], [1.0, 1.0]])
-
-
-def _ramp(angle: float) -> np.ndarray:
-    """[2, 2] values at the canvas corners of a linear ramp along ``angle``, in [-sqrt 2, sqrt 2]."""
-    return _CORNER_X * np.cos(angle) + _CORNER_Y * np.sin(angle)
-
-
-def _background(cond: Conditions, size: int) -> np.ndarray:
-    c0, c1, angle = cond.background
-    c0, c1 = np.asarray(c0, np.float32), np.asarray(c1, np.float32)
-    # Linear ramp along ``angle``: t at the four corners, in [0, 1].
-    t = (_ramp(angle) / 2.0 + 0.5).astype(np.float32)[..., None]
-    return _gradient(size, np.clip(c0 + t * (c1 - c0), 0, 255).astype(np.uint8))
-
-
-def _photometric(img: np.ndarray, cond: Conditions) -> np.ndarray:
-    """Blur, light, colour cast, contrast and noise (all uint8 OpenCV ops: this is the hot path)."""
-    size = img.shape[0]
-    if cond.blur > 0.25:
-        # Two box passes of width k have variance (k^2 - 1) / 6: a cheap near-Gaussian blur.
-        k = max(2, round(np.sqrt(6 * cond.blur**2 + 1)))
-        img = cv2.blur(cv2.blur(img, (k, k)), (k, k))
-    # Directional light as a per-pixel gain with the colour cast folded in; gain 1 is stored as 128.
-    gain = cond.brightness * (1 + cond.light * _ramp(cond.light_angle))[..., None] * np.asarray(cond.cast)
-    gain_map = _gradient(size, np.clip(gain * 128, 0, 255).astype(np.uint8))
-    img = cv2.multiply(img, gain_map, scale=1 / 128)
-    # contrast * img + noise around 128, in one saturating pass
-    k = cond.noise / _NOISE_SD
-    span = 320 - size + 1
-    ox, oy = cond.seed % span, (cond.seed // span) % span
-    noise = _noise_tile()[oy:oy + size, ox:ox + size]
-    img = cv2.addWeighted(img, cond.contrast, noise, k, 128 * (1 - cond.contrast) - 128 * k)
-    if cond.gray:
-        img = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
-    if cond.jpeg:
-        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, cond.jpeg])
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    return img
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core: OpenCV's own threads would only compete
-
-
-def render_parallel(fn: Callable[[Any], list], jobs: Sequence, workers: int | None = None, *,
-                    desc: str = "render", total: int | None = None, progress: bool = True) -> Iterator[list]:
-    """Run ``fn`` over ``jobs`` in worker processes and yield the results in job order.
-
-    Each job's result must depend only on the job (seeded streams, no shared state), so the
-    output is the same for any number of workers. ``fn`` must be a module-level function
-    (workers are spawned, not forked: safe beside torch and OpenCV threads).
-
-    Args:
-        fn: job -> list of items (e.g. encoded images); the progress bar counts items.
-        jobs: the jobs, in output order.
-        workers: processes; ``None`` = ``os.cpu_count()``; 1 = in this process.
-        desc, total: progress bar label and total item count (``None``: unknown).
-        progress: show a tqdm bar.
-    """
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
-    with bar:
-        if workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                result = fn(job)
-                bar.update(len(result))
-                yield result
-            return
-        ctx = multiprocessing.get_context("spawn")
-        chunk = max(1, min(16, len(jobs) // (8 * workers)))
-        with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
-            for result in pool.imap(fn, jobs, chunksize=chunk):
-                bar.update(len(result))
-                yield result
