@@ -325,13 +325,13 @@ def new_figure():
     return plt.subplots(figsize=(7, 5), dpi=120)
 
 
-def save_figure(fig, ax, path: str | os.PathLike, title: str) -> Path:
+def save_figure(fig, ax, path: str | os.PathLike, title: str, legend_loc: str = "lower right") -> Path:
     """Title, grid, legend, tight layout; the PNG written atomically (parents created); figure closed."""
     import matplotlib.pyplot as plt
 
 
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc=legend_loc, fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

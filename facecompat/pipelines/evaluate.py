@@ -52,6 +52,8 @@ class Evaluation:
         models: per name its source, network, embedding size and weights, or its feature file.
         skipped: what ``allow_missing`` skipped, counted.
         pairs, impostor_pairs: 1:1 pairs evaluated, impostors among them.
+        meta, pooled: the meta (missing faces dropped) and every model's pooled templates, kept when
+            asked (``keep_pooled``: the certificate reads them).
     """
 
     target: str
@@ -65,6 +67,8 @@ class Evaluation:
     skipped: dict
     pairs: int
     impostor_pairs: int
+    meta: ijb.IJBMeta | None = None
+    pooled: dict[str, ijb.Pooled] | None = None
 
     def to_dict(self) -> dict:
         """The tool's JSON: the first cell at the top, every cell under ``matrix``, the verdicts."""
@@ -169,7 +173,7 @@ def evaluate_ijb(catalog: EvalCatalog, models: Sequence[str] = (), *,
                  network: str | None = None, one_to_one: bool = True, one_to_n: bool = True,
                  use_faiss: bool = True, allow_missing: bool = False, batch_size: int | None = None,
                  workers: int | None = None, device: Any = None, scores_dir: Path | None = None,
-                 log: Log = print) -> Evaluation | None:
+                 keep_pooled: bool = False, log: Log = print) -> Evaluation | None:
     """Evaluate ``models`` (catalog names or paths) or precomputed ``features`` on IJB-C / IJB-B.
 
     Args:
@@ -189,6 +193,7 @@ def evaluate_ijb(catalog: EvalCatalog, models: Sequence[str] = (), *,
         allow_missing: skip and count missing faces, images, pairs and templates.
         batch_size, workers, device: extraction (None: the catalog's / cuda when available).
         scores_dir: write per-pair 1:1 scores there.
+        keep_pooled: keep the meta and the pooled templates in the result (``Evaluation.meta``/``pooled``).
 
     Returns:
         The :class:`Evaluation` on rank 0, None on the other ranks.
@@ -207,13 +212,14 @@ def evaluate_ijb(catalog: EvalCatalog, models: Sequence[str] = (), *,
     if features is not None:
         if dist.get_rank() != 0:  # nothing to extract: rank 0 evaluates alone
             return None
+        roles = ("query", "gallery") if len(features) <= 2 else tuple(features)
         feats = {n: load_features(Path(p), meta.num_faces, what)
-                 for (n, p), what in zip(features.items(), ("query", "gallery"))}
+                 for (n, p), what in zip(features.items(), roles)}
         dims = {n: f.shape[1] for n, f in feats.items()}
-        if len(set(dims.values())) > 1:
-            paths = list(features.values())
-            raise EvalError(f"query features are {dims[names[0]]}-d ({paths[0]}), gallery features "
-                            f"{dims[names[-1]]}-d ({paths[-1]}): they cannot be compared")
+        for q, g in cells:
+            if dims[q] != dims[g]:
+                raise EvalError(f"{features[q]}: {q} features are {dims[q]}-d, {features[g]}: {g} features "
+                                f"{dims[g]}-d: they cannot be compared (cell {matrix.cell_key(q, g)})")
     else:
         specs = _specs(names, catalog, catalog_source, network)
         faces = read_face_list(ijb_dir, target, allow_missing=allow_missing)
@@ -257,7 +263,8 @@ def evaluate_ijb(catalog: EvalCatalog, models: Sequence[str] = (), *,
                       "weights": str(s.weights)} if (s := specs.get(n)) else {"features": str(features[n])})
                  for n in names}
     return Evaluation(target, str(data_root), names, list(cells), results, curves, verdicts, described,
-                      skipped, int(meta.pair_labels.size), impostors)
+                      skipped, int(meta.pair_labels.size), impostors, meta if keep_pooled else None,
+                      pooled if keep_pooled else None)
 
 
 def _drop_missing(meta: ijb.IJBMeta, missing_rows: np.ndarray, log: Log) -> tuple[ijb.IJBMeta, dict]:

@@ -62,3 +62,30 @@ def subject_features(meta, rng: np.random.Generator | int = 0, dim: int = 16,
 def is_channels_last(images: torch.Tensor) -> bool:
     """Dense in channels_last order, and not also NCHW-contiguous (with 3 channels it cannot be both)."""
     return images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+
+
+IJB_CSV_HEADER = "TEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID,FACE_X,FACE_Y,FACE_WIDTH,FACE_HEIGHT"
+
+
+def write_ijb_meta(folder: Path, num_subjects: int) -> Path:
+    """A meta-only IJB-C folder (``folder/meta``, no images: enough for precomputed features): per subject
+    one gallery template (G1 for even subjects, G2 for odd) and two probe templates, one face each;
+    the pairs are every gallery template against every probe (genuine where the subjects match), so
+    there are ``2 n`` genuine and ``2 n (n - 1)`` impostor pairs. Returns ``folder``."""
+    meta = folder / "meta"
+    meta.mkdir(parents=True, exist_ok=True)
+    gallery = [(1000 + s, s) for s in range(num_subjects)]
+    probes = [(5000 + 2 * s + k, s) for s in range(num_subjects) for k in range(2)]
+    faces = gallery + probes
+    lines = {"ijbc_face_tid_mid.txt": [f"{t}.jpg {t} {t}" for t, _ in faces],
+             "ijbc_name_5pts_score.txt": [f"{t}.jpg " + " ".join(["40.0"] * 10) + " 0.9" for t, _ in faces],
+             "ijbc_template_pair_label.txt": [f"{g} {p} {int(gs == ps)}"
+                                              for g, gs in gallery for p, ps in probes]}
+    groups = (("G1", [g for g in gallery if g[1] % 2 == 0]), ("G2", [g for g in gallery if g[1] % 2]),
+              ("probe_mixed", probes))
+    for name, rows in groups:
+        key = f"ijbc_1N_gallery_{name}.csv" if name != "probe_mixed" else "ijbc_1N_probe_mixed.csv"
+        lines[key] = [IJB_CSV_HEADER] + [f"{t},{s},img/{t}.jpg,{t},10,10,50,60" for t, s in rows]
+    for name, rows in lines.items():
+        (meta / name).write_text("\n".join(rows) + "\n")
+    return folder

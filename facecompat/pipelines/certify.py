@@ -1,0 +1,165 @@
+"""The upgrade certificate (``tools/certify.py``): evaluate the old model and the candidates on an IJB-C /
+IJB-B set, then write ``certificate.json``, ``certificate.md`` and one score plot per candidate.
+
+    cert = certify(catalog, old="old", candidates=["bct", "mixbct"], independent="new", out_dir=Path("cert"))
+
+Features come from :func:`facecompat.pipelines.evaluate.evaluate_ijb` (extracted once per model and
+cached, under torchrun split over the ranks), or from precomputed feature files. The figures are
+:func:`facecompat.eval.certificate.certify_cells` (verdicts with subject-bootstrap intervals,
+thresholds, churn); the JSON also holds the plain evaluation matrix and fingerprints of models and
+data. A candidate that is a transformation of the gallery (FCT: ``network == "fct"`` in the catalog)
+is queried by ``independent``: its cross cell is ``<independent>|<candidate>``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from facecompat.eval import ijb, matrix
+from facecompat.eval.catalog import EvalCatalog
+from facecompat.eval.certificate import CERTIFICATE_FARS, CertifyError, _cell_scores, certify_cells
+from facecompat.eval.certificate_report import format_certificate, plot_scores
+from facecompat.fileio import atomic_write, file_sha1
+from facecompat.pipelines.evaluate import Log, evaluate_ijb
+
+FORMAT = "facecompat-certificate"
+VERSION = 1
+JSON_NAME, MD_NAME = "certificate.json", "certificate.md"
+
+
+def _cells(names: Sequence[str], old: str, candidates: Sequence[str], independent: str | None,
+           transforms: Sequence[str]) -> tuple[list[tuple[str, str]], dict[str, str], dict[str, str]]:
+    """(cells to evaluate, candidate -> cross cell, candidate -> cell after a full backfill)."""
+    cross, after = {}, {}
+    for c in candidates:
+        if c in transforms:
+            if independent is None:
+                raise CertifyError(f"--new {c}: a gallery transformation needs --independent, the new model "
+                                   "whose queries search the upgraded gallery")
+            cross[c], after[c] = matrix.cell_key(independent, c), matrix.cell_key(independent, independent)
+        else:
+            cross[c], after[c] = matrix.cell_key(c, old), matrix.cell_key(c, c)
+    keys = [matrix.cell_key(old, old), *cross.values(), *after.values()]
+    if independent is not None:
+        keys.append(matrix.cell_key(independent, independent))
+    return [tuple(k.split("|")) for k in dict.fromkeys(keys)], cross, after
+
+
+def _is_transform(name: str, catalog: EvalCatalog) -> bool:
+    """A gallery transformation: a catalog entry with ``transform``, or a transformation directory."""
+    entry = catalog.models.get(name)
+    if entry is not None:
+        return bool(entry.transform)
+    return (Path(name) / "fct.json").is_file()
+
+
+def _fingerprints(ev: Any, ijb_dir: Path) -> dict[str, str]:
+    """sha1 of each model's weights (or feature file) and of the set's meta files."""
+    out = {}
+    for name, m in ev.models.items():
+        path = Path(m.get("weights") or m.get("features") or "")
+        if path.is_file():
+            out[f"model {name}"] = file_sha1(path)
+        elif (path / "transform.pt").is_file():
+            out[f"model {name}"] = file_sha1(path / "transform.pt")
+    for meta_file in sorted((ijb_dir / "meta").glob("*")):
+        if meta_file.is_file():
+            out[f"data {meta_file.name}"] = file_sha1(meta_file)
+    return out
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: non-finite floats (an operating threshold at +inf) become None."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def certify(catalog: EvalCatalog, *, old: str, candidates: Sequence[str], independent: str | None = None,
+            features: Mapping[str, Path] | None = None, out_dir: Path | None = None,
+            json_path: Path | None = None, md_path: Path | None = None,
+            fars: Sequence[float] = CERTIFICATE_FARS, far: float | None = None, replicates: int = 1000,
+            seed: int = 0, data_root: str | Path | None = None, target: str | None = None,
+            cache_dir: Path | None = None, catalog_source: str = "the catalog", network: str | None = None,
+            allow_missing: bool = False, batch_size: int | None = None, workers: int | None = None,
+            device: Any = None, use_faiss: bool = True, log: Log = print) -> dict | None:
+    """Evaluate and certify; the certificate dict on rank 0 (None on the other ranks).
+
+    Args:
+        catalog: model catalog and defaults. old: the deployed model. candidates: what may replace it.
+        independent: the independently trained new model (update gains; FCT's query model).
+        features: ``{name: .npy}`` precomputed face features instead of models (names as above).
+        out_dir: where certificate.json, certificate.md and the plots go (None: nothing written but
+            ``json_path`` / ``md_path``).
+        fars, far: reported FARs and the operating one (default: the smallest resolved).
+        replicates, seed: the subject bootstrap.
+        The rest: as :func:`~facecompat.pipelines.evaluate.evaluate_ijb`.
+    Raises:
+        UserError (CertifyError, EvalError, ...): one line.
+    """
+    if old in candidates:
+        raise CertifyError(f"--new {old}: the old model is the reference, not a candidate")
+    names = list(dict.fromkeys([old, *candidates, *([independent] if independent else [])]))
+    if features is not None:
+        missing = [n for n in names if n not in features]
+        if missing:
+            raise CertifyError(f"no feature file for {', '.join(missing)}")
+        features = {n: features[n] for n in names}
+    transforms = [n for n in names if _is_transform(n, catalog)]
+    cells, cross, after = _cells(names, old, candidates, independent, transforms)
+    ev = evaluate_ijb(catalog, names, features=features, cells=cells, old=None, one_to_n=True,
+                      data_root=data_root, target=target, cache_dir=cache_dir, catalog_source=catalog_source,
+                      network=network, use_faiss=use_faiss, allow_missing=allow_missing,
+                      batch_size=batch_size, workers=workers, device=device, keep_pooled=True, log=log)
+    if ev is None:
+        return None
+    figures = certify_cells(ev.meta, ev.pooled, old=old, candidates=candidates, independent=independent,
+                            cross_cells=cross, new_cells=after, fars=fars, far=far, replicates=replicates,
+                            seed=seed, use_faiss=use_faiss, progress=log)
+    ijb_dir = ijb.find_target_dir(ev.data_root, ev.target)
+    cert = _clean({"format": FORMAT, "version": VERSION, "target": ev.target, "data_root": ev.data_root,
+                   "models": ev.models, **figures, "matrix": ev.results, "skipped": ev.skipped,
+                   "parity": {"status": "not measured",
+                              "reason": "ONNX parity is not part of this certificate run yet"},
+                   "fingerprints": _fingerprints(ev, ijb_dir)})
+    write_certificate(cert, ev, out_dir=out_dir, json_path=json_path, md_path=md_path)
+    return cert
+
+
+def write_certificate(cert: dict, ev: Any, *, out_dir: Path | None, json_path: Path | None,
+                      md_path: Path | None) -> list[Path]:
+    """certificate.json / .md (atomically) and one score plot per candidate (its cross cell beside
+    old|old, thresholds at the operating FAR) under ``out_dir``; explicit paths win."""
+    written = []
+    json_path = json_path or (out_dir / JSON_NAME if out_dir else None)
+    md_path = md_path or (out_dir / MD_NAME if out_dir else None)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(json_path, "w") as f:
+            json.dump(cert, f, indent=1)
+        written.append(json_path)
+    if md_path is not None:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(md_path, "w") as f:
+            f.write(format_certificate(cert) + "\n")
+        written.append(md_path)
+    if out_dir is not None:
+        far, ref = cert["operating_far"], matrix.cell_key(cert["old"], cert["old"])
+        for c in cert["candidates"]:
+            keys = [ref, cert["cross_cells"][c]]
+            scores = {k: _cell_scores(ev.meta, ev.pooled, *k.split("|")) for k in keys}
+            thresholds = {k: cert["cells"][k]["1:1"][far].get("threshold") for k in keys}
+            title = f"{c} against the {cert['old']} gallery: scores, FAR {far} thresholds"
+            written.append(plot_scores(scores, ev.meta.pair_labels, thresholds, out_dir / f"scores_{c}.png",
+                                       title))
+    return written
+
+
+__all__ = ["FORMAT", "JSON_NAME", "MD_NAME", "VERSION", "certify", "write_certificate"]
