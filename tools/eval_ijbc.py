@@ -47,6 +47,11 @@ gallery templates) and the 1:N galleries, as the public cross-model evaluator do
 it upgrades the enrolled side. --query A --gallery B reports A|B, B|A, A|A and B|B;
 --matrix a,b,c every combination, plus ECC verdicts and update gains against --old (default
 "old") with --independent (default "new") as the reference new model.
+verdicts (the certificate's rules, tools/certify.py): at every FAR the set resolves (at least 20
+impostor pairs above the threshold; the others are listed, never judged), the margin TAR(m|old) -
+TAR(old|old) with a 95% interval from a bootstrap over subjects: ECC holds when the interval is above
+0, fails below, is too close to call when it holds 0; the decision at the operating FAR (--far,
+default the smallest resolved) also needs 1:N rank-1.
 protocol (insightface's eval_ijbc.py): face feature x detector score, media mean, template sum,
 L2, cosine; TAR at the ROC point nearest each FAR (and the strict best TAR with FAR <= target).
 
@@ -79,6 +84,13 @@ def _fars(text: str) -> list[float]:
     return fars
 
 
+def _far(text: str) -> float:
+    fars = _fars(text)
+    if len(fars) != 1:
+        raise argparse.ArgumentTypeError(f"expected one FAR in (0, 1), got {text!r}")
+    return fars[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="eval_ijbc.py", description=__doc__, epilog=EPILOG,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,8 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--old", default="old", help="old model of --matrix verdicts (default: old)")
     p.add_argument("--independent", default="new",
                    help="independently trained new model for update gains (default: new; 'none' to skip)")
-    p.add_argument("--ecc-fars", type=_fars, default=[1e-4], metavar="F,...",
-                   help="ECC must hold at each of these FARs (default 1e-4; the first gives the update gain)")
+    p.add_argument("--ecc-fars", type=_fars, metavar="F,...",
+                   help="FARs of the ECC verdicts (default 1e-6 .. 1e-1); those the set cannot resolve are "
+                        "listed, never judged")
+    p.add_argument("--far", type=_far, metavar="F",
+                   help="operating FAR of the ECC column and the decision (default: the smallest resolved)")
+    p.add_argument("--replicates", type=positive_int, default=1000, metavar="N",
+                   help="bootstrap replicates of the verdicts' intervals (default 1000)")
+    p.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="bootstrap seed (default 0)")
     p.add_argument("--no-1n", dest="one_to_n", action="store_false", help="skip 1:N identification")
     p.add_argument("--no-1to1", dest="one_to_one", action="store_false", help="skip 1:1 verification")
     p.add_argument("--allow-missing", action="store_true",
@@ -153,7 +171,8 @@ def run(args: argparse.Namespace, log):
     catalog = load_catalog(catalog_path)
     models, features, cells, verdicts = _mode(args)
     return evaluate_ijb(
-        catalog, models, features=features, cells=cells, **verdicts, ecc_fars=args.ecc_fars,
+        catalog, models, features=features, cells=cells, **verdicts, ecc_fars=args.ecc_fars, far=args.far,
+        replicates=args.replicates, seed=args.seed,
         data_root=args.data_root, target=args.target, cache_dir=args.cache_dir,
         catalog_source=str(catalog_path) if catalog_path else "the default catalog (no --config)",
         network=args.network, one_to_one=args.one_to_one, one_to_n=args.one_to_n, use_faiss=args.faiss,

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from facecompat.errors import UserError
     from facecompat.eval.report import format_summary
-    from facecompat.pipelines.quickstart import run_quickstart
+    from facecompat.pipelines.quickstart import next_commands, run_quickstart
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(report))
     print(f"\nreport: {work / 'report.md'}  (JSON: {work / 'report.json'}; plots: {work / 'roc.png'}, "
           f"{work / 'backfill.png'})")
+    print("\nnext, on these models (catalog: " + str(work / "eval_catalog.yaml") + "):")
+    for command in next_commands(work):
+        print(f"  {command}")
     return 0
 
 

@@ -146,49 +146,6 @@ def _brief(cell: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------- compatibility
-def compatibility(results: dict, candidates: Sequence[str], old: str, independent: str | None = None,
-                  ecc_fars: Sequence[float] = (1e-4,), cross_cells: Mapping[str, str] | None = None) -> dict:
-    """ECC verdicts and update gains of ``candidates`` against the ``old`` gallery (1:1 TAR).
-
-    ECC holds for m iff TAR(m|old) > TAR(old|old) at every FAR of ``ecc_fars``. The update gain
-    uses the first FAR of ``ecc_fars``; it is None without ``independent`` or when the independent
-    model is no better than the old one (a zero or negative denominator means nothing).
-    ``cross_cells`` names another cross cell for a candidate, e.g. ``{"fct": "new|fct"}``: an FCT
-    transformation is judged by the new model's queries against the gallery it upgraded.
-
-    Returns:
-        ``{"ecc": {m: bool}, "ecc_detail": {m: {far_key: {"cross", "old", "holds"}}},
-        "update_gain": {m: float | None}, "cross_cell": {m: "q|g"}, "old", "independent", "ecc_fars"}``.
-    """
-    def tar(key: str, far: float) -> float:
-        if key not in results or "1:1" not in results[key]:
-            raise KeyError(f"cell {key} was not evaluated")
-        return results[key]["1:1"]["tar_at_far"][metrics.far_key(far)]
-
-    out: dict = {"old": old, "independent": independent, "ecc_fars": [metrics.far_key(f) for f in ecc_fars],
-                 "ecc": {}, "ecc_detail": {}, "update_gain": {}, "cross_cell": {}}
-    headline = ecc_fars[0]
-    base = cell_key(old, old)
-    for m in candidates:
-        if m == old:
-            continue
-        cell = (cross_cells or {}).get(m, cell_key(m, old))
-        detail = {}
-        for far in ecc_fars:
-            cross, own = tar(cell, far), tar(base, far)
-            detail[metrics.far_key(far)] = {"cross": cross, "old": own, "holds": bool(cross > own)}
-        out["cross_cell"][m] = cell
-        out["ecc_detail"][m] = detail
-        out["ecc"][m] = all(d["holds"] for d in detail.values())
-        gain = None
-        if independent is not None:
-            denominator = tar(cell_key(independent, independent), headline) - tar(base, headline)
-            if denominator > 0:
-                gain = (tar(cell, headline) - tar(base, headline)) / denominator
-        out["update_gain"][m] = gain
-    return out
-
-
 def pooled_rank(results: dict, key: str, rank: str = "1") -> float | None:
     """CMC rank-``rank`` of cell ``key`` pooled over its galleries (G1, G2) as the public
     cross-model evaluator does (:func:`metrics.pooled_over_galleries`); None without 1:N."""
@@ -197,28 +154,6 @@ def pooled_rank(results: dict, key: str, rank: str = "1") -> float | None:
         return None
     return metrics.pooled_over_galleries([g["cmc"][rank] for g in galleries.values()],
                                          [g["num_mated"] for g in galleries.values()])
-
-
-def search_compatibility(results: dict, candidates: Sequence[str], old: str,
-                         cross_cells: Mapping[str, str] | None = None, rank: str = "1") -> dict:
-    """ECC in 1:N search (DESIGN §5 with M = CMC rank-``rank``, pooled over the galleries G1, G2):
-    ``{m: {"cell", "cross", "old", "holds"}}``, holds iff M(m|old) > M(old|old). Cells are named
-    as in :func:`compatibility`."""
-    def search(key: str) -> float:
-        value = pooled_rank(results, key, rank)
-        if value is None:
-            raise KeyError(f"cell {key} has no 1:N results")
-        return value
-
-    own = search(cell_key(old, old))
-    out = {}
-    for m in candidates:
-        if m == old:
-            continue
-        cell = (cross_cells or {}).get(m, cell_key(m, old))
-        cross = search(cell)
-        out[m] = {"cell": cell, "cross": cross, "old": own, "holds": bool(cross > own)}
-    return out
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -292,26 +227,39 @@ def format_matrix(results: dict, names: Sequence[str], target: str,
     return title + "\n" + "\n\n".join(blocks)
 
 
+def _verdict(holds: bool | None) -> str:
+    return {True: "holds", False: "FAILS", None: "too close"}[holds]
+
+
+def _margin(entry: Mapping) -> str:
+    lo, hi = entry["margin_ci"]
+    return f"{entry['margin'] * 100:+.2f} [{lo * 100:+.2f}, {hi * 100:+.2f}]"
+
+
 def format_verdicts(verdicts: dict) -> str:
-    """Per candidate: cross TAR against the old gallery, old/old, ECC and update gain."""
-    old, fars = verdicts["old"], verdicts["ecc_fars"]
-    header = ["model"]
-    for far in fars:
-        label = far.replace("e-0", "e-")
-        header += [f"m|{old} @{label}", f"{old}|{old} @{label}"]
-    header += ["ECC", "update gain"]
+    """Per candidate: the margin of its cross test over old|old (points, 95% subject-bootstrap interval)
+    and the verdict at every resolved FAR, the 1:N rank-1 verdict, the update gain and the decision at
+    the operating FAR; unresolved FARs named below the table."""
+    old, fars, op = verdicts["old"], verdicts["fars"], verdicts["ecc_fars"][0]
+    search = verdicts.get("ecc_search") or {}
+    header = ["model", "cross", *[f"@{f.replace('e-0', 'e-')}" for f in fars],
+              *(["1:N rank-1"] if search else []), "update gain", f"decision @{op.replace('e-0', 'e-')}"]
     rows = [header]
     for m, detail in verdicts["ecc_detail"].items():
-        row = [m]
-        for far in fars:
-            row += [_pct(detail[far]["cross"]), _pct(detail[far]["old"])]
-        gain = verdicts["update_gain"][m]
-        row += ["holds" if verdicts["ecc"][m] else "fails", "-" if gain is None else f"{gain:+.3f}"]
-        rows.append(row)
-    note = (f"ECC: TAR(m|{old}) > TAR({old}|{old}) at FAR {', '.join(f.replace('e-0', 'e-') for f in fars)}; "
-            f"update gain relative to {verdicts['independent']}|{verdicts['independent']}"
-            if verdicts["independent"] else "")
-    return "\n".join(_grid(rows) + ([note] if note else []))
+        gain = verdicts["update_gain"].get(m)
+        rows.append([m, verdicts["cross_cell"][m],
+                     *[f"{_verdict(detail[f]['holds'])} {_margin(detail[f])}" for f in fars],
+                     *([f"{_verdict(search[m]['holds'])} {_margin(search[m])}"] if m in search else
+                       (["-"] if search else [])),
+                     "-" if gain is None else f"{gain:+.3f}", verdicts["decision"][m]])
+    notes = [f"margin: TAR(m|{old}) - TAR({old}|{old}) in points with its 95% interval (bootstrap over "
+             f"subjects); ECC holds when the interval is above 0, too close when it holds 0"]
+    if verdicts["independent"]:
+        notes.append(f"update gain relative to {verdicts['independent']}|{verdicts['independent']}")
+    if verdicts.get("unresolved_fars"):
+        notes.append("not resolved by this set (fewer than 20 impostor pairs above the threshold): FAR "
+                     + ", ".join(f.replace("e-0", "e-") for f in verdicts["unresolved_fars"]))
+    return "\n".join(_grid(rows) + notes)
 
 
 # -------------------------------------------------------------------------------------------- plot

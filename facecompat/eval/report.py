@@ -16,6 +16,8 @@ from typing import Any
 from facecompat.eval.matrix import pooled_rank
 
 OLD, INDEPENDENT = "old", "new"
+# the certificate's figures (DESIGN §8) the report carries: it is its upgrade's certificate
+CERTIFICATE_KEYS = ("test_set", "operating_far", "cells", "verdicts", "thresholds", "churn", "decision")
 
 
 def build_report(stages: dict, evaluation: dict, backfill: dict, *, size: Any = None,
@@ -45,8 +47,9 @@ def build_report(stages: dict, evaluation: dict, backfill: dict, *, size: Any = 
         "matrix": evaluation["matrix"],
         "ecc": evaluation["ecc"], "ecc_detail": evaluation["ecc_detail"], "ecc_fars": evaluation["ecc_fars"],
         "fars": evaluation.get("fars", evaluation["ecc_fars"]),
-        "update_gain": evaluation["update_gain"], "cross_cell": evaluation["cross_cell"],
-        "ecc_search": evaluation.get("ecc_search"),
+        "update_gain": evaluation["update_gain"], "update_gain_ci": evaluation.get("update_gain_ci"),
+        "cross_cell": evaluation["cross_cell"], "ecc_search": evaluation.get("ecc_search"),
+        "unresolved_fars": evaluation.get("unresolved_fars", {}),
         "pairs": evaluation.get("pairs"), "impostor_pairs": evaluation.get("impostor_pairs"),
         "backfill": backfill["orderings"], "backfill_stored": backfill["stored"],
         "backfill_query": backfill["query"], "backfill_items": backfill.get("num_items"),
@@ -55,7 +58,8 @@ def build_report(stages: dict, evaluation: dict, backfill: dict, *, size: Any = 
         "size": _size_dict(size),
         "seconds": seconds, "total_seconds": round(sum(s for s in seconds.values() if s), 1),
     }
-    report["ecc_margin"] = {name: ecc_margin(report, name) for name in report["ecc"]}
+    cert = evaluation.get("certificate") or {}
+    report.update({k: cert[k] for k in CERTIFICATE_KEYS if k in cert})
     return report
 
 
@@ -92,45 +96,41 @@ def _far_label(key: str) -> str:
     return key.replace("e-0", "e-")
 
 
-def ecc_margin(report: dict, name: str) -> dict | None:
-    """How far ``name``'s cross TAR is from old|old at the verdict FAR, in genuine pairs, next to one
-    binomial standard error of old|old's TAR (sqrt(G p (1-p)) pairs); None without pair counts."""
-    pairs, impostors = report.get("pairs"), report.get("impostor_pairs")
-    first = report["ecc_fars"][0]
-    cross, old = _tar(report, report["cross_cell"][name], first), _tar(report, "old|old", first)
-    if pairs is None or impostors is None or cross is None or old is None or pairs <= impostors:
-        return None
-    genuine = pairs - impostors
-    se = math.sqrt(genuine * old * (1.0 - old))
-    diff = round((cross - old) * genuine)
-    return {"pairs": diff, "genuine": genuine, "se_pairs": se, "close": abs(diff) < max(se, 1.0)}
+def _verdict(holds: bool | None, fails: str = "fails") -> str:
+    return {True: "holds", False: fails, None: "too close to call"}[holds]
 
 
-def _close_text(margin: dict) -> str:
-    return (f"margin is {abs(margin['pairs'])} of {margin['genuine']} genuine pairs, less than one binomial "
-            f"standard error ({margin['se_pairs']:.1f} pairs): too close to call on this test set")
+def _margin(entry: dict | None) -> str:
+    """``+1.23 [-0.40, +2.90]``: a margin and its 95% interval in points."""
+    if not entry or entry.get("margin_ci") is None:
+        return "–"
+    lo, hi = entry["margin_ci"]
+    return f"{entry['margin'] * 100:+.2f} [{lo * 100:+.2f}, {hi * 100:+.2f}]"
+
+
+def _decision(report: dict, name: str) -> str:
+    d = (report.get("decision") or {}).get(name)
+    return d["decision"] if isinstance(d, dict) else (d or "–")
 
 
 def verdict_lines(report: dict) -> list[str]:
-    """One sentence per candidate: does its cross test beat the old model's own, and by how much."""
+    """One sentence per candidate: the decision, its 1:1 margin over old|old with the interval, 1:N."""
     first = report["ecc_fars"][0]
-    old = _tar(report, "old|old", first)
     lines = []
     for name, holds in report["ecc"].items():
         cell = report["cross_cell"][name]
+        detail = report["ecc_detail"][name][first]
         gain = report["update_gain"].get(name)
         what = "the old gallery upgraded by FCT" if name == "fct" else "the old gallery"
         gain_text = "" if gain is None else f"; update gain {gain:+.2f}"
-        margin = ecc_margin(report, name)
-        close = "" if margin is None or not margin["close"] else f" The {_close_text(margin)}."
         search = (report.get("ecc_search") or {}).get(name)
         search_text = "" if search is None else (
-            f" In 1:N search it {'holds' if search['holds'] else 'fails'}: rank-1 {_pct(search['cross'])}% "
-            f"against old|old's {_pct(search['old'])}%.")
-        lines.append(f"- **{name}**: {'compatible' if holds else 'NOT compatible'} — {cell} (its queries "
-                     f"against {what}) reaches TAR {_pct(_tar(report, cell, first))}% at FAR "
-                     f"{_far_label(first)}, {'above' if holds else 'not above'} old|old "
-                     f"{_pct(old)}%{gain_text}.{close}{search_text}")
+            f" In 1:N search ECC {_verdict(search['holds'])}: rank-1 {_pct(search['cross'])}% against "
+            f"old|old's {_pct(search['old'])}% (margin {_margin(search)} points).")
+        lines.append(f"- **{name}: {_decision(report, name)}** — {cell} (its queries against {what}) reaches "
+                     f"TAR {_pct(detail['cross'])}% at FAR {_far_label(first)} against old|old's "
+                     f"{_pct(detail['old'])}%: margin {_margin(detail)} points, ECC {_verdict(holds)}"
+                     f"{gain_text}.{search_text}")
     return lines
 
 
@@ -138,24 +138,25 @@ def compatibility_table(report: dict) -> list[str]:
     fars = report.get("fars", report["ecc_fars"])
     first = report["ecc_fars"][0]
     head = ["model", "cross test", *[f"TAR@{_far_label(f)}" for f in fars], f"old\\|old@{_far_label(first)}",
-            "ECC", "update gain", "self TAR", "rank-1 cross", "1:N ECC", "what it is"]
+            "margin (points, 95%)", "ECC", "update gain", "self TAR", "rank-1 cross", "1:N ECC", "decision",
+            "what it is"]
     rows = []
     for name in report["ecc"]:
         cell = report["cross_cell"][name]
         self_cell = "new|new" if name == "fct" else f"{name}|{name}"
         gain = report["update_gain"].get(name)
         rows.append([name, cell.replace("|", "\\|"), *[_pct(_tar(report, cell, f)) for f in fars],
-                     _pct(_tar(report, "old|old", report["ecc_fars"][0])),
-                     "holds" if report["ecc"][name] else "**fails**",
-                     "–" if gain is None else f"{gain:+.3f}", _pct(_tar(report, self_cell, first)),
-                     _pct(_rank1(report, cell)), _search_verdict(report, name, "**fails**"),
+                     _pct(_tar(report, "old|old", first)), _margin(report["ecc_detail"][name].get(first)),
+                     _verdict(report["ecc"][name], "**fails**"), "–" if gain is None else f"{gain:+.3f}",
+                     _pct(_tar(report, self_cell, first)), _pct(_rank1(report, cell)),
+                     _search_verdict(report, name, "**fails**"), _decision(report, name),
                      report["models"].get(name, {}).get("description", "")])
-    return _table(head, rows, "ll" + "r" * len(fars) + "rlrrrll")
+    return _table(head, rows, "ll" + "r" * len(fars) + "rrlrrrlll")
 
 
 def _search_verdict(report: dict, name: str, fails: str) -> str:
     search = (report.get("ecc_search") or {}).get(name)
-    return "–" if search is None else "holds" if search["holds"] else fails
+    return "–" if search is None else _verdict(search["holds"], fails)
 
 
 def matrix_table(report: dict, names: Sequence[str], value) -> list[str]:
@@ -192,9 +193,11 @@ def format_report(report: dict) -> str:
                   f"{ijbc.get('probes')} 1:N probes. Total time {report['total_seconds']:.0f} s.", ""]
     lines += ["## Verdicts", "",
               "A new model is compatible (ECC) when its queries against the old gallery verify better than "
-              "the old model against itself: TAR(new|old) > TAR(old|old) at the FAR below. The update gain "
-              "puts the cross test on the scale from old|old (0) to the independent new model's own new|new "
-              "(1). "
+              "the old model against itself: TAR(new|old) > TAR(old|old) at the FAR below, with the whole "
+              "95% interval of the margin above 0 (a bootstrap over subjects: pairs share subjects, so a "
+              "count of pairs overstates certainty); an interval holding 0 is too close to call. The "
+              "decision also needs the same in 1:N search (rank-1). The update gain puts the cross test on "
+              "the scale from old|old (0) to the independent new model's own new|new (1). "
               f"FAR {_far_label(first)} is the smallest with at least 20 impostor pairs above the threshold "
               "on this test set.", "", *verdict_lines(report), "",
               "## Compatibility against the old gallery", "", *compatibility_table(report), "",
@@ -241,23 +244,28 @@ def format_summary(report: dict) -> str:
     fars = report.get("fars", report["ecc_fars"])
     first = report["ecc_fars"][0]
     search = report.get("ecc_search") or {}
-    head = ["model", "cross", *[f"TAR@{_far_label(f)}" for f in fars],
-            f"old|old@{_far_label(first)}", "ECC", "gain", "self", *(["rank-1", "1:N ECC"] if search else [])]
+    head = ["model", "cross", *[f"TAR@{_far_label(f)}" for f in fars], f"old|old@{_far_label(first)}",
+            "margin [95%]", "ECC", "gain", "self", *(["rank-1", "1:N ECC"] if search else []), "decision"]
     rows = [head]
     for name, holds in report["ecc"].items():
         cell = report["cross_cell"][name]
         gain = report["update_gain"].get(name)
         self_cell = "new|new" if name == "fct" else f"{name}|{name}"
         rows.append([name, cell, *[_pct(_tar(report, cell, f)) for f in fars],
-                     _pct(_tar(report, "old|old", first)), "holds" if holds else "FAILS",
+                     _pct(_tar(report, "old|old", first)),
+                     _margin(report["ecc_detail"][name].get(first)), _verdict(holds, "FAILS"),
                      "-" if gain is None else f"{gain:+.3f}", _pct(_tar(report, self_cell, first)),
                      *([_pct(search[name]["cross"]), _search_verdict(report, name, "FAILS")]
-                       if search else [])])
+                       if search else []),
+                     _decision(report, name)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip()
             for r in rows]
-    notes = [f"{name}: {_close_text(m)}" for name in report["ecc"]
-             if (m := ecc_margin(report, name)) is not None and m["close"]]
+    notes = ["margin: TAR(cross) - TAR(old|old) in points, 95% interval from a bootstrap over subjects; "
+             "ECC holds when the interval is above 0, too close to call when it holds 0"]
+    if report.get("unresolved_fars"):
+        notes.append("not resolved by this test set (fewer than 20 impostor pairs above the threshold): FAR "
+                     + ", ".join(_far_label(f) for f in report["unresolved_fars"]))
     notes += variant_notes(report)
     title = (f"compatibility with the old gallery (IJB-C-style 1:1, TAR %; ECC and gain at FAR "
              f"{_far_label(first)}")
@@ -267,4 +275,4 @@ def format_summary(report: dict) -> str:
     return "\n".join([title + "):", *text, *notes])
 
 
-__all__ = ["build_report", "ecc_margin", "format_report", "format_summary", "verdict_lines"]
+__all__ = ["CERTIFICATE_KEYS", "build_report", "format_report", "format_summary", "verdict_lines"]

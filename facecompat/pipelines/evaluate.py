@@ -6,11 +6,11 @@
 One function, :func:`evaluate_ijb`: the meta files (parsed on rank 0 before the long extraction),
 features of every model (cached, split over the torchrun ranks) or precomputed feature files,
 pooling, every query x gallery cell (1:1 and 1:N), then the verdict policy: ECC verdicts and update
-gains of the candidates against the old gallery (DESIGN §5).
-
-Which FAR decides is still the caller's explicit choice: ``tools/eval_ijbc.py`` judges at
-``--ecc-fars`` (default 1e-4), the quickstart at :func:`headline_far` of the set's impostor count
-(``ecc_fars=None``); a later change unifies the two.
+gains of the candidates against the old gallery (DESIGN §5), by the certificate's rules
+(:mod:`facecompat.eval.certificate`): every resolved FAR judged with a subject-bootstrap interval,
+"too close to call" when the margin's interval holds 0, unresolved FARs listed and never judged, the
+decision at the operating FAR (the smallest resolved) needing 1:1 and 1:N alike. ``tools/eval_ijbc.py``,
+the quickstart's report and ``tools/certify.py`` read the same figures.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import numpy as np
 from facecompat import dist
 from facecompat.errors import UserError
 from facecompat.eval import ijb, matrix, metrics
+from facecompat.eval.bootstrap import MIN_FALSE_ACCEPTS
 from facecompat.eval.catalog import EvalCatalog
+from facecompat.eval.certificate import CERTIFICATE_FARS, certify_cells
 from facecompat.eval.extract import read_face_list
 from facecompat.eval.features import model_features, resolve_models
 
@@ -48,7 +50,7 @@ class Evaluation:
         results: ``{"A|B": {"1:1": ..., "1:N": ...}}`` (:func:`facecompat.eval.matrix.evaluate_cells`).
         curves: the 1:1 ROC curves of each cell.
         verdicts: ``ecc``, ``ecc_detail``, ``update_gain``, ... (empty when nothing was judged);
-            ``ecc_search`` with ``search_verdicts``.
+            ``ecc_search`` where the set has 1:N; ``certificate``: the figures behind them.
         models: per name its source, network, embedding size and weights, or its feature file.
         skipped: what ``allow_missing`` skipped, counted.
         pairs, impostor_pairs: 1:1 pairs evaluated, impostors among them.
@@ -85,15 +87,6 @@ class Evaluation:
         if self.verdicts.get("ecc_detail"):
             parts.append(matrix.format_verdicts(self.verdicts))
         return "\n\n".join(parts)
-
-
-def headline_far(num_impostors: int, min_false_accepts: int = 20) -> float:
-    """The smallest FAR of 1e-4 .. 1e-1 at which at least ``min_false_accepts`` impostor pairs pass:
-    below it, a TAR rests on a handful of impostor scores (IJB-C's 15.6M impostor pairs allow 1e-5)."""
-    for far in (1e-4, 1e-3, 1e-2):
-        if num_impostors * far >= min_false_accepts:
-            return far
-    return 1e-1
 
 
 def load_features(path: Path, num_faces: int, what: str) -> np.ndarray:
@@ -138,27 +131,89 @@ def _load_meta(ijb_dir: Path, target: str, allow_missing: bool, cache_dir: Path)
     return meta
 
 
-def judge(results: dict, names: Sequence[str], *, old: str | None, independent: str | None,
-          candidates: Sequence[str] | None, ecc_fars: Sequence[float], transforms: Sequence[str] = (),
-          cross_cells: Mapping[str, str] | None = None, search: bool = False, log: Log = print) -> dict:
-    """The verdict policy: ECC verdicts and update gains of ``candidates`` (default: every model but
-    ``old`` and the transformations, which upgrade a gallery and never embed queries) against the
-    ``old`` gallery at ``ecc_fars``; ``independent`` (when evaluated) is the reference new model of
-    the update gains; ``search`` adds the 1:N verdict (rank-1, G1 and G2 pooled) as ``ecc_search``.
-    No verdicts (``{}``) when ``old`` is None or was not evaluated."""
+def judge(meta: ijb.IJBMeta, pooled: Mapping[str, ijb.Pooled], names: Sequence[str], *, old: str | None,
+          independent: str | None, candidates: Sequence[str] | None, fars: Sequence[float] | None,
+          far: float | None = None, transforms: Sequence[str] = (),
+          cross_cells: Mapping[str, str] | None = None,
+          replicates: int = 1000, seed: int = 0, use_faiss: bool = True, log: Log = print) -> dict:
+    """The verdict policy, the certificate's (:mod:`facecompat.eval.certificate`): ``candidates``
+    (default: every model but ``old``; a gallery transformation only with ``independent``) against the
+    ``old`` gallery,
+    at every FAR of ``fars`` the set resolves, with subject-bootstrap intervals; ``ecc`` is the 1:1
+    verdict at the operating FAR (``far``, default the smallest resolved): True, False, or None when
+    too close to call; ``decision`` also needs 1:N rank-1. A transformation's cross cell is
+    ``<independent>|<transform>``. No verdicts (``{}``) when ``old`` is None or was not evaluated.
+
+    Returns:
+        ``{"old", "independent", "ecc_fars": [operating far key], "fars": [resolved far keys],
+        "unresolved_fars": {key: why}, "ecc": {m: bool | None}, "ecc_detail": {m: {far_key: {"cross",
+        "old", "holds", "margin", "margin_ci"}}}, "update_gain", "update_gain_ci", "cross_cell",
+        "ecc_search": {m: {"cell", "cross", "old", "holds", "margin", "margin_ci"}}, "decision",
+        "certificate"}`` with FAR keys as :func:`metrics.far_key` writes them (``"1e-03"``).
+    """
     if old is None:
         return {}
     if old not in names:
         log(f"no ECC verdicts: --old {old} is not in --matrix")
         return {}
-    if candidates is None:
-        candidates = [n for n in names if n not in transforms]
+    if candidates is None:  # a transformation is judged through the independent new model's queries
+        candidates = [n for n in names if n != old and (n not in transforms or independent in names)]
+        skipped = [n for n in transforms if n not in candidates]
+        if skipped:
+            log(f"not judged: {', '.join(skipped)} (a gallery transformation is judged by the new model's "
+                "queries: give --independent)")
+    impostors = int((~meta.pair_labels.astype(bool)).sum())
+    fars = list(fars or CERTIFICATE_FARS)
+    if far is None and not any(impostors * f >= MIN_FALSE_ACCEPTS for f in fars):
+        log(f"no ECC verdicts: {impostors} impostor pairs resolve none of FAR "
+            f"{', '.join(f'{f:g}' for f in fars)} (at least {MIN_FALSE_ACCEPTS} false accepts are needed)")
+        return {}
     independent = independent if independent in names else None
-    out = matrix.compatibility(results, list(candidates), old, independent, list(ecc_fars),
-                               cross_cells=cross_cells)
+    cross = dict(cross_cells or {})
+    after = {}
+    for c in candidates:
+        if c in transforms and independent is not None:
+            cross.setdefault(c, matrix.cell_key(independent, c))
+            after[c] = matrix.cell_key(independent, independent)
+    cert = certify_cells(meta, pooled, old=old, candidates=list(candidates), independent=independent,
+                         cross_cells=cross, new_cells=after, fars=fars, far=far,
+                         replicates=replicates, seed=seed, use_faiss=use_faiss)
+    return verdicts_from_certificate(cert, independent)
+
+
+def verdicts_from_certificate(cert: Mapping, independent: str | None) -> dict:
+    """The evaluation's verdict keys (see :func:`judge`) read from a certificate's figures."""
+    def key(label: str) -> str:
+        return metrics.far_key(float(label))
+
+    old, op = cert["old"], cert["operating_far"]
+    ref = cert["cells"][matrix.cell_key(old, old)]
+    out: dict = {"old": old, "independent": independent, "ecc_fars": [key(op)],
+                 "fars": [key(f) for f in cert["test_set"]["resolved_fars"]],
+                 "unresolved_fars": {key(f): e["unresolved"] for f, e in ref["1:1"].items()
+                                     if "unresolved" in e},
+                 "ecc": {}, "ecc_detail": {}, "update_gain": {}, "update_gain_ci": {}, "cross_cell": {},
+                 "decision": {}, "certificate": cert}
+    search = {}
+    for c in cert["candidates"]:
+        cell = cert["cross_cells"][c]
+        verdicts = cert["verdicts"][c]
+        out["cross_cell"][c] = cell
+        out["ecc_detail"][c] = {
+            key(f): {"cross": cert["cells"][cell]["1:1"][f]["tar"], "old": ref["1:1"][f]["tar"],
+                     "holds": v["ecc"], "margin": v["margin"], "margin_ci": v["margin_ci"]}
+            for f, v in verdicts.items() if f != "1:N" and "unresolved" not in v}
+        out["ecc"][c] = verdicts[op]["ecc"]
+        out["update_gain"][c] = verdicts[op].get("update_gain")
+        out["update_gain_ci"][c] = verdicts[op].get("update_gain_ci")
+        out["decision"][c] = cert["decision"][c]["decision"]
+        if "1:N" in verdicts:
+            v = verdicts["1:N"]
+            search[c] = {"cell": cell, "cross": cert["cells"][cell]["1:N"]["rank1"],
+                         "old": ref["1:N"]["rank1"], "holds": v["ecc"], "margin": v["margin"],
+                         "margin_ci": v["margin_ci"]}
     if search:
-        out["ecc_search"] = matrix.search_compatibility(results, list(candidates), old,
-                                                        cross_cells=cross_cells)
+        out["ecc_search"] = search
     return out
 
 
@@ -167,7 +222,8 @@ def evaluate_ijb(catalog: EvalCatalog, models: Sequence[str] = (), *,
                  cells: Sequence[tuple[str, str]] | None = None,
                  old: str | None = "old", independent: str | None = "new",
                  candidates: Sequence[str] | None = None, cross_cells: Mapping[str, str] | None = None,
-                 ecc_fars: Sequence[float] | None = (1e-4,), search_verdicts: bool = False,
+                 ecc_fars: Sequence[float] | None = None, far: float | None = None,
+                 replicates: int = 1000, seed: int = 0,
                  data_root: str | Path | None = None, target: str | None = None,
                  cache_dir: Path | None = None, catalog_source: str = "the catalog",
                  network: str | None = None, one_to_one: bool = True, one_to_n: bool = True,
@@ -183,10 +239,10 @@ def evaluate_ijb(catalog: EvalCatalog, models: Sequence[str] = (), *,
             evaluated on rank 0 alone, instead of ``models``.
         cells: (query, gallery) cells, the headline one first (default: every combination).
         old, independent, candidates, cross_cells: the verdicts (:func:`judge`); ``old=None``: none.
-        ecc_fars: the FARs at which ECC must hold (tools/eval_ijbc.py: ``--ecc-fars``, default 1e-4);
-            None: the quickstart's rule, :func:`headline_far` of the impostor count, with the FARs
-            around it listed as ``verdicts["fars"]``.
-        search_verdicts: also judge 1:N search (``ecc_search``; the quickstart does).
+        ecc_fars: the FARs verdicts are reported at (None: 1e-6 .. 1e-1); those the set cannot resolve
+            are listed as unresolved, never judged.
+        far: the operating FAR of ``ecc`` and ``decision`` (None: the smallest resolved).
+        replicates, seed: the subject bootstrap of the verdicts' intervals.
         data_root, target, cache_dir: override the catalog's.
         network: backbone of a weights-file model given by path.
         one_to_one, one_to_n: which protocols (1:N only when the meta files have it).
@@ -251,14 +307,10 @@ def evaluate_ijb(catalog: EvalCatalog, models: Sequence[str] = (), *,
     impostors = int((~meta.pair_labels.astype(bool)).sum())
     verdicts: dict = {}
     if one_to_one:
-        far = headline_far(impostors) if ecc_fars is None else None
         transforms = [n for n in names if getattr(specs.get(n), "network", None) == "fct"]
-        verdicts = judge(results, names, old=old, independent=independent, candidates=candidates,
-                         ecc_fars=[far] if far else ecc_fars, transforms=transforms, cross_cells=cross_cells,
-                         search=search_verdicts, log=log)
-        if far and verdicts:
-            around = (far / 10, far, far * 10)
-            verdicts["fars"] = [metrics.far_key(f) for f in around if 1e-6 <= f <= 0.1 + 1e-12]
+        verdicts = judge(meta, pooled, names, old=old, independent=independent, candidates=candidates,
+                         fars=ecc_fars, far=far, transforms=transforms, cross_cells=cross_cells,
+                         replicates=replicates, seed=seed, use_faiss=use_faiss, log=log)
     described = {n: ({"source": s.source, "network": s.network, "embedding_size": s.embedding_size,
                       "weights": str(s.weights)} if (s := specs.get(n)) else {"features": str(features[n])})
                  for n in names}

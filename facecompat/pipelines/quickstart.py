@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from facecompat.cli import resolve_device
 from facecompat.compat.build import resolve_params
@@ -62,6 +63,7 @@ from facecompat.train.fct import train_transformation
 Stage = Callable[["QuickstartContext"], dict]
 MODELS = ("old", "new", "bct", "l2", "mixbct")  # the models that embed images, in report order
 CANDIDATES = ("new", "bct", "l2", "mixbct", "fct")  # what is judged against the old gallery
+CATALOG_NAME = "eval_catalog.yaml"  # the evaluation catalog of its models, written with the report
 DESCRIPTIONS = {
     "old": "old model (30% of the identities)",
     "new": "independent new model (other 70%)",
@@ -302,16 +304,14 @@ def _cells() -> list[tuple[str, str]]:
 def stage_evaluate(ctx: QuickstartContext) -> dict:
     """Every self and cross cell, 1:1 and 1:N; writes ``eval/results.json`` and ``roc.png``.
 
-    ECC verdicts and update gains (DESIGN §5) of new/bct/l2/mixbct against the old gallery, and of the
-    FCT-upgraded gallery: for ``fct`` the cross test is new|fct, the new model's queries against the
-    old gallery after h, judged by the same rule against old|old; ``ecc`` is the 1:1 verdict at
-    :func:`~facecompat.pipelines.evaluate.headline_far` of the impostor count (``ecc_fars=None``;
-    tools/eval_ijbc.py judges at its ``--ecc-fars``), ``ecc_search`` the 1:N one (rank-1, G1 and G2
-    pooled): the deployment a gallery serves."""
+    Verdicts by the certificate's rules (:func:`facecompat.pipelines.evaluate.judge`): new/bct/l2/mixbct
+    against the old gallery, and the FCT-upgraded gallery (cross test new|fct, the new model's queries
+    against the old gallery after h), at every FAR the set resolves with subject-bootstrap intervals; the
+    decision at the smallest resolved FAR needs 1:1 and 1:N (rank-1, G1 and G2 pooled) alike."""
 
     ev = evaluate_ijb(_catalog(ctx), [*MODELS, "fct"], cells=_cells(), old="old", independent="new",
-                      candidates=list(CANDIDATES), cross_cells={"fct": "new|fct"}, ecc_fars=None,
-                      search_verdicts=True, device=resolve_device(ctx.device), log=ctx.log)
+                      candidates=list(CANDIDATES), cross_cells={"fct": "new|fct"},
+                      device=resolve_device(ctx.device), log=ctx.log)
     shown = ["old|old", "new|new", "new|old", "bct|old", "l2|old", "mixbct|old", "new|fct"]
     roc = matrix.plot_roc({k: ev.curves[k] for k in shown}, ctx.work_dir / "roc.png",
                           f"IJB-C-style 1:1: query|gallery ({ev.impostor_pairs} impostor pairs)")
@@ -360,11 +360,33 @@ def stage_report(ctx: QuickstartContext) -> dict:
     filled = json.loads((ctx.eval_dir / "backfill.json").read_text())
     report = build_report(ctx.results, evaluation, filled, size=ctx.size,
                           descriptions=describe_models(ctx.size), variants=variants(ctx.size))
-    paths = [ctx.work_dir / "report.json", ctx.work_dir / "report.md"]
-    for path, text in zip(paths, (json.dumps(report, indent=1) + "\n", format_report(report))):
+    paths = [ctx.work_dir / "report.json", ctx.work_dir / "report.md", ctx.work_dir / CATALOG_NAME]
+    texts = (json.dumps(report, indent=1) + "\n", format_report(report), catalog_yaml(ctx))
+    for path, text in zip(paths, texts):
         with atomic_write(path, "w") as f:
             f.write(text)
     return {"ecc": report["ecc"], "outputs": [str(p) for p in paths]}
+
+
+def catalog_yaml(ctx: QuickstartContext) -> str:
+    """The evaluation catalog of the quickstart's models (absolute paths), so the mission's own commands
+    run on its outputs: :func:`next_commands`."""
+    catalog = _catalog(ctx)
+    models = {name: ({"transform": str(Path(m.transform).resolve())} if m.transform else
+                     {"path": str(Path(m.path).resolve())}) for name, m in catalog.models.items()}
+    tree = {"data_root": str(Path(catalog.data_root).resolve()), "target": catalog.target,
+            "cache_dir": str(Path(catalog.cache_dir).resolve()), "batch_size": catalog.batch_size,
+            "num_workers": catalog.num_workers, "models": models}
+    return ("# Written by the quickstart: its models by name, for tools/eval_ijbc.py and tools/certify.py\n"
+            + yaml.safe_dump(tree, sort_keys=False))
+
+
+def next_commands(work_dir: str | os.PathLike) -> list[str]:
+    """What to run next on a finished quickstart: the cross test and the certificate of its models."""
+    catalog = Path(work_dir) / CATALOG_NAME
+    return [f"python tools/eval_ijbc.py --config {catalog} --query new --gallery old",
+            f"python tools/certify.py --config {catalog} --old old --new {','.join(CANDIDATES)} "
+            f"--independent new --out {Path(work_dir) / 'certificate'}"]
 
 
 STAGES: dict[str, Stage] = {

@@ -1,31 +1,30 @@
-"""facecompat.eval.matrix: the compatibility verdicts and update gain of a cross-model matrix, faces
-dropped from an IJB-C evaluation."""
+"""facecompat.eval.matrix: the verdict table of a cross-model matrix, faces dropped from an IJB-C
+evaluation."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from facecompat.eval import ijb, matrix
+from tests.helpers.data import subject_features, write_ijb_meta
 
 
-def test_compatibility_verdicts_and_gain():
-    def cell(tar):
-        return {"1:1": {"tar_at_far": {"1e-04": tar, "1e-03": tar + 0.05}}}
+def test_verdict_table_shows_margins_decisions_and_unresolved_fars(tmp_path):
+    from facecompat.pipelines.evaluate import judge
 
-    results = {"old|old": cell(0.50), "new|new": cell(0.90), "bct|old": cell(0.60), "new|old": cell(0.0),
-               "l2|old": cell(0.50)}
-    v = matrix.compatibility(results, ["old", "new", "bct", "l2"], "old", "new", (1e-4, 1e-3))
-    assert v["ecc"] == {"new": False, "bct": True, "l2": False}
-    assert v["update_gain"]["bct"] == pytest.approx(0.25) and v["update_gain"]["new"] == pytest.approx(-1.25)
-    assert v["ecc_detail"]["bct"]["1e-03"] == {"cross": 0.65, "old": 0.55, "holds": True}
-    table = matrix.format_verdicts(v)
-    assert "holds" in table and "fails" in table and "+0.250" in table
-    # an independent model no better than the old one: no gain, not a division by zero
-    results["new|new"] = cell(0.50)
-    assert matrix.compatibility(results, ["bct"], "old", "new")["update_gain"]["bct"] is None
-    with pytest.raises(KeyError, match="mixbct|old"):
-        matrix.compatibility(results, ["mixbct"], "old", "new")
+    meta = ijb.load_ijb_meta(write_ijb_meta(tmp_path / "IJBC", 40), "IJBC")
+    feats = {"old": subject_features(meta, 0, noise=0.9), "bct": subject_features(meta, 0, noise=0.3),
+             "new": subject_features(meta, 4, noise=0.3)}
+    pooled = {n: ijb.pool(meta, f) for n, f in feats.items()}
+    v = judge(meta, pooled, list(feats), old="old", independent="new", candidates=None, fars=None,
+              replicates=50)
+    table = matrix.format_verdicts(v).splitlines()
+    assert table[0].split()[:4] == ["model", "cross", "@1e-2", "@1e-1"] and "decision @1e-2" in table[0]
+    bct = next(line for line in table if line.startswith("bct "))
+    assert "holds +" in bct and bct.rstrip().endswith("compatible")
+    assert next(line for line in table if line.startswith("new ")).rstrip().endswith("incompatible")
+    assert table[-1] == ("not resolved by this set (fewer than 20 impostor pairs above the threshold): "
+                         "FAR 1e-6, 1e-5, 1e-4, 1e-3")
 
 
 def test_drop_faces_counts(synthetic_tiny):

@@ -10,9 +10,16 @@ import os
 import pytest
 
 from facecompat.eval import metrics
-from facecompat.pipelines.evaluate import headline_far
-from facecompat.pipelines.quickstart import CANDIDATES, MODELS, STAGES, run_quickstart
+from facecompat.pipelines.quickstart import (
+    CANDIDATES,
+    CATALOG_NAME,
+    MODELS,
+    STAGES,
+    next_commands,
+    run_quickstart,
+)
 from tests.helpers import REPO
+from tests.helpers.tools import load_tool
 
 pytestmark = pytest.mark.timeout(900)  # the first test also runs the whole tiny quickstart (minutes)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -62,12 +69,16 @@ def test_report_json_has_the_design_schema(tiny):
         for gallery in cell["1:N"].values():
             assert set(gallery["cmc"]) == {"1", "5", "10"} and set(gallery["tpir_at_fpir"]) == {"0.01", "0.1"}
             assert gallery["cmc"]["1"] <= gallery["cmc"]["5"] <= gallery["cmc"]["10"]
-    assert set(report["ecc"]) == set(CANDIDATES) and all(isinstance(v, bool) for v in report["ecc"].values())
+    assert set(report["ecc"]) == set(CANDIDATES)
+    assert all(v in (True, False, None) for v in report["ecc"].values())
     assert set(report["update_gain"]) == set(CANDIDATES)
+    # the certificate's figures (DESIGN §8): the report is its own upgrade's certificate
     genuine = report["pairs"] - report["impostor_pairs"]
-    assert set(report["ecc_margin"]) == set(CANDIDATES)
-    margins = report["ecc_margin"].values()
-    assert all(m["genuine"] == genuine and isinstance(m["close"], bool) for m in margins)
+    assert report["test_set"]["genuine_pairs"] == genuine
+    assert report["test_set"]["impostor_pairs"] == report["impostor_pairs"]
+    assert set(report["verdicts"]) == set(CANDIDATES) and set(report["churn"]) == {*CANDIDATES, "1:N"}
+    far = report["operating_far"]
+    assert set(report["cells"]["old|old"]["1:1"][far]) == {"tar", "tar_ci", "threshold", "threshold_ci"}
     assert set(report["ecc_search"]) == set(CANDIDATES)
     assert report["ecc_search"]["fct"]["cell"] == "new|fct"
     assert set(report["backfill"]) == {"random", "distance", "uncertainty"}
@@ -85,13 +96,22 @@ def _tars(report: dict) -> dict[str, float]:
 def test_verdicts_follow_their_definitions(tiny):
     _, _, report = tiny
     tar = _tars(report)
+    first = report["ecc_fars"][0]
+    genuine = report["pairs"] - report["impostor_pairs"]
+    label = report["operating_far"]
     for name, holds in report["ecc"].items():
         cell = report["cross_cell"][name]
         detail = report["ecc_detail"][name]
-        assert holds == all(d["holds"] for d in detail.values())
-        assert detail[report["ecc_fars"][0]]["cross"] == tar[cell]
-        span = tar["new|new"] - tar["old|old"]
-        assert report["update_gain"][name] == pytest.approx((tar[cell] - tar["old|old"]) / span)
+        for d in detail.values():  # holds when the interval is above 0, fails below, else too close
+            lo, hi = d["margin_ci"]
+            assert d["holds"] == (True if lo > 0 else False if hi < 0 else None)
+            assert d["margin"] == pytest.approx(d["cross"] - d["old"])
+        assert holds == detail[first]["holds"]
+        # the certificate reads float32 scores, the matrix re-scores near each FAR in float64: a pair at most
+        assert abs(detail[first]["cross"] - tar[cell]) <= 1.0 / genuine + 1e-9
+        new_new, old_old = (report["cells"][c]["1:1"][label]["tar"] for c in ("new|new", "old|old"))
+        gain = report["update_gain"][name]
+        assert gain is None or gain == pytest.approx((detail[first]["cross"] - old_old) / (new_new - old_old))
     assert report["cross_cell"]["fct"] == "new|fct" and report["cross_cell"]["mixbct"] == "mixbct|old"
 
 
@@ -108,14 +128,16 @@ def test_the_independent_model_is_incompatible_and_mixbct_moves_into_the_old_spa
     # Both new models are better than the old one on their own (AUC: 3-4 times its wobble) ...
     assert auc["new|new"] > auc["old|old"] and auc["mixbct|mixbct"] > auc["old|old"], auc
     # ... the independent one is at chance against the old gallery (AUC 0.5): ECC fails by far
-    assert not report["ecc"]["new"] and auc["new|old"] < 0.65 < auc["old|old"] - 0.2, auc
+    assert report["ecc"]["new"] is False and auc["new|old"] < 0.65 < auc["old|old"] - 0.2, auc
+    assert report["decision"]["new"]["decision"] == "incompatible"
     # MixBCT's queries find the old gallery's faces many times more often than the independent
     # model's, in 1:1 and in 1:N. (Beating old|old takes more steps than CI has:
     # test_small_quickstart_holds_search_ecc...)
     assert tar["mixbct|old"] > max(3 * tar["new|old"], 0.3 * tar["old|old"])
     search = report["ecc_search"]
-    assert not search["new"]["holds"] and search["mixbct"]["cross"] > 3 * search["new"]["cross"]
-    assert report["update_gain"]["mixbct"] > report["update_gain"]["new"] + 0.3
+    assert search["new"]["holds"] is False and search["mixbct"]["cross"] > 3 * search["new"]["cross"]
+    gain = report["update_gain"]
+    assert gain["mixbct"] is None or gain["new"] is None or gain["mixbct"] > gain["new"] + 0.3
 
 
 @pytest.mark.timeout(3600)  # 11 minutes with two math threads, 16 with one (tools/test.sh's workers)
@@ -127,14 +149,11 @@ def test_small_quickstart_holds_search_ecc_for_mixbct_and_not_for_the_independen
     # 1:N search (rank-1, G1 and G2 pooled): MixBCT's queries find old-gallery identities better than
     # the old model's own (90.1% against 87.6% with two math threads after issue 16's fixes; the run
     # with one math thread passes too); the independent model's do not (4.1%).
-    assert report["ecc_search"]["mixbct"]["holds"] and not report["ecc_search"]["new"]["holds"]
-    # 1:1 at FAR 1e-2 on 121 genuine pairs: MixBCT 80.2 vs old|old 75.2 with two math threads, a
-    # margin of about one standard error, so what is asserted is that it is not below by two, and the
-    # independent model far below.
-    new, margin = report["ecc_margin"]["new"], report["ecc_margin"]["mixbct"]
-    assert not report["ecc"]["new"] and new["pairs"] < -5 * new["se_pairs"]
-    assert margin["pairs"] > -2 * margin["se_pairs"]
-    assert report["update_gain"]["mixbct"] > report["update_gain"]["new"] + 1.0
+    assert report["ecc_search"]["mixbct"]["margin"] > 0 and report["ecc_search"]["new"]["holds"] is False
+    # 1:1 at FAR 1e-2 on 121 genuine pairs: MixBCT 80.2 vs old|old 75.2 with two math threads: the
+    # subject-bootstrap interval of that margin holds 0 (too close to call on this set); the independent
+    # model fails by far.
+    assert report["ecc"]["new"] is False and report["ecc"]["mixbct"] is not False
 
 
 def test_backfill_ends_are_the_stored_and_the_new_gallery(tiny):
@@ -150,14 +169,31 @@ def test_backfill_ends_are_the_stored_and_the_new_gallery(tiny):
 def test_report_md_states_the_verdicts(tiny):
     work, _, report = tiny
     text = (work / "report.md").read_text()
-    for name, holds in report["ecc"].items():
-        assert f"**{name}**: {'compatible' if holds else 'NOT compatible'}" in text
+    for name in report["ecc"]:
+        assert f"**{name}: {report['decision'][name]['decision']}**" in text
     assert "![ROC" in text and "(roc.png)" in text and "(backfill.png)" in text
     for name in (*MODELS, "fct"):
         assert f"| {name} |" in text
     # the MixBCT that ran is named as the variant it is, beside its numbers
     assert sorted(report["models"]["mixbct"]["variant"]) == ["alpha=0.5", "head_init=old_means"]
     assert "- mixbct: variant " in text and report["models"]["bct"]["variant"] is None
+
+
+def test_the_next_commands_run_on_its_outputs(tiny, capsys):
+    """The quickstart writes an evaluation catalog of its models and prints the next commands; they run
+    on its outputs (features cached: no extraction)."""
+    work, _, report = tiny
+    catalog = work / CATALOG_NAME
+    commands = next_commands(work)
+    assert commands[0] == f"python tools/eval_ijbc.py --config {catalog} --query new --gallery old"
+    assert load_tool("eval_ijbc").main(commands[0].split()[2:] + ["--json", str(work / "next.json")]) == 0
+    cross = json.loads((work / "next.json").read_text())
+    assert cross["matrix"]["new|old"]["1:1"] == report["matrix"]["new|old"]["1:1"]
+    argv = commands[1].split()[2:] + ["--replicates", "50"]
+    assert load_tool("certify").main(argv) == 0, capsys.readouterr().err
+    cert = json.loads((work / "certificate" / "certificate.json").read_text())
+    assert cert["cross_cells"]["fct"] == "new|fct" and set(cert["decision"]) == set(CANDIDATES)
+    assert cert["decision"]["new"]["decision"] == report["decision"]["new"]["decision"]
 
 
 def test_rerun_skips_finished_stages_and_redoes_what_is_gone(tiny):
@@ -175,12 +211,6 @@ def test_rerun_skips_finished_stages_and_redoes_what_is_gone(tiny):
     assert ran == ["backfill", "report"] and (work / "backfill.png").is_file()
     assert json.loads((work / "report.json").read_text())["backfill"] == report["backfill"]
     assert redone["stages"]["evaluate"] == state["stages"]["evaluate"]
-
-
-def test_headline_far_needs_twenty_false_accepts():
-    assert headline_far(15_600_000) == 1e-4
-    assert headline_far(20_000) == 1e-3 and headline_far(19_999) == 1e-2
-    assert headline_far(2_000) == 1e-2 and headline_far(100) == 1e-1
 
 
 def test_on_a_gpu_the_recipes_use_dali_and_bf16_and_the_sizes_grow(tmp_path):

@@ -1,91 +1,106 @@
-"""facecompat.eval.report: how close a verdict is, in genuine pairs, and where the report says so."""
+"""The verdict policy (facecompat.pipelines.evaluate.judge: the certificate's rules) and how the report
+says it: decisions, margins with intervals, unresolved FARs, 1:N, variants."""
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pytest
 
-from facecompat.eval.matrix import search_compatibility
-from facecompat.eval.report import ecc_margin, format_summary, verdict_lines
+from facecompat.eval import ijb, matrix
+from facecompat.eval.report import format_summary, verdict_lines
+from facecompat.pipelines.evaluate import judge
 from facecompat.pipelines.quickstart import SIZES, describe_models, variants
+from tests.helpers.data import subject_features, write_ijb_meta
 
-FAR = "1e-02"
-
-
-def _report(tars: dict[str, float], pairs: int | None = 1200, impostors: int | None = 1000) -> dict:
-    old = tars["old|old"]
-    ecc = {"new": tars["new|old"] > old, "mixbct": tars["mixbct|old"] > old}
-    return {"ecc_fars": [FAR], "fars": [FAR], "ecc": ecc,
-            "cross_cell": {"new": "new|old", "mixbct": "mixbct|old"},
-            "update_gain": {name: 0.0 for name in ecc},
-            "matrix": {cell: {"1:1": {"tar_at_far": {FAR: tar}}} for cell, tar in tars.items()},
-            "pairs": pairs, "impostor_pairs": impostors}
+NAMES = ("old", "good", "bad", "same", "new", "fct")
 
 
-def test_margin_counts_genuine_pairs_against_one_binomial_standard_error():
-    # 200 genuine pairs, old|old accepts 100 (se = sqrt(200 * 0.5 * 0.5) = 7.07 pairs)
-    report = _report({"old|old": 0.5, "new|old": 0.1, "mixbct|old": 0.515})
-    close = ecc_margin(report, "mixbct")
-    assert close["pairs"] == 3 and close["genuine"] == 200 and close["close"]
-    assert math.isclose(close["se_pairs"], math.sqrt(50))
-    far = ecc_margin(report, "new")
-    assert far["pairs"] == -80 and not far["close"]
-    report["matrix"]["mixbct|old"]["1:1"]["tar_at_far"][FAR] = 0.54  # 8 pairs: beyond one se
-    assert not ecc_margin(report, "mixbct")["close"]
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+    """40 subjects (80 genuine, 3,120 impostor pairs: FAR 1e-2 and 1e-1 resolved). old: noisy; good: its
+    space, less noise; bad: another space; same: old itself; fct: a gallery transformation (the good
+    space) queried by new (= good)."""
+    meta = ijb.load_ijb_meta(write_ijb_meta(tmp_path_factory.mktemp("report") / "IJBC", 40), "IJBC")
+    feats = {"old": subject_features(meta, 0, noise=0.9), "good": subject_features(meta, 0, noise=0.3),
+             "bad": subject_features(meta, 9, noise=0.3)}
+    feats.update(same=feats["old"].copy(), new=feats["good"], fct=subject_features(meta, 0, noise=0.4))
+    pooled = {n: ijb.pool(meta, f) for n, f in feats.items()}
+    logged: list[str] = []
+    verdicts = judge(meta, pooled, list(NAMES), old="old", independent="new", candidates=None, fars=None,
+                     transforms=["fct"], replicates=200, log=logged.append)
+    cells = [("old", "old"), *[(c, "old") for c in NAMES[1:5]], *[(c, c) for c in NAMES[1:5]], ("new", "fct")]
+    results, _ = matrix.evaluate_cells(meta, pooled, cells, use_faiss=False)
+    report = {"matrix": results, **verdicts, "models": {}}
+    return meta, pooled, report, logged
 
 
-def test_close_verdicts_are_flagged_in_the_sentences_and_the_summary():
-    report = _report({"old|old": 0.5, "new|old": 0.1, "mixbct|old": 0.505})
-    lines = verdict_lines(report)
-    mix = next(line for line in lines if line.startswith("- **mixbct**"))
-    assert "compatible" in mix and "margin is 1 of 200 genuine pairs" in mix and "too close to call" in mix
-    assert "too close" not in next(line for line in lines if line.startswith("- **new**"))
-    summary = format_summary(report).splitlines()
-    assert summary[-1].startswith("mixbct: margin is 1 of 200 genuine pairs")
-    assert sum("too close" in line for line in summary) == 1
+def test_verdicts_by_interval_at_every_resolved_far(judged):
+    _, _, report, logged = judged
+    assert report["fars"] == ["1e-02", "1e-01"] and report["ecc_fars"] == ["1e-02"]
+    assert list(report["unresolved_fars"]) == ["1e-06", "1e-05", "1e-04", "1e-03"]
+    assert report["ecc"]["good"] is True and report["ecc"]["bad"] is False and report["ecc"]["same"] is None
+    assert report["ecc_detail"]["same"]["1e-02"]["margin_ci"] == [0.0, 0.0]
+    assert report["decision"] == {"good": "compatible", "bad": "incompatible", "same": "too close to call",
+                                  "new": "compatible", "fct": report["decision"]["fct"]}
+    # the gallery transformation is judged through the new model's queries, never silently dropped
+    assert report["cross_cell"]["fct"] == "new|fct" and "fct" in report["ecc"] and not logged
+    detail = report["ecc_detail"]["good"]["1e-02"]
+    assert detail["margin"] == pytest.approx(detail["cross"] - detail["old"])
+    lo, hi = detail["margin_ci"]
+    assert 0 < lo <= hi
 
 
-def test_no_pair_counts_no_margin():
-    report = _report({"old|old": 0.5, "new|old": 0.1, "mixbct|old": 0.505}, pairs=None, impostors=None)
-    assert ecc_margin(report, "mixbct") is None
-    assert not any("too close" in line for line in [*verdict_lines(report), format_summary(report)])
-
-
-def _with_search(report: dict, rank1: dict[str, float]) -> dict:
-    for cell, r in rank1.items():  # G1 (30 mated probes) and G2 (10): pooled = r, the plain mean r + 0.01
-        report["matrix"].setdefault(cell, {})["1:N"] = {"G1": {"cmc": {"1": r - 0.01}, "num_mated": 30},
-                                                        "G2": {"cmc": {"1": r + 0.03}, "num_mated": 10}}
-    report["ecc_search"] = search_compatibility(report["matrix"], ["new", "mixbct"], "old")
-    return report
-
-
-def test_search_ecc_compares_pooled_rank1_with_old_old():
-    report = _with_search(_report({"old|old": 0.5, "new|old": 0.1, "mixbct|old": 0.49}),
-                          {"old|old": 0.80, "new|old": 0.05, "mixbct|old": 0.90})
+def test_search_verdicts_read_pooled_rank1(judged):
+    _, _, report, _ = judged
     search = report["ecc_search"]
-    assert search["mixbct"] == {"cell": "mixbct|old", "cross": pytest.approx(0.90),
-                                "old": pytest.approx(0.80), "holds": True}
-    assert not search["new"]["holds"]
-    # 1:1 fails, 1:N holds: both are said
-    mix = next(line for line in verdict_lines(report) if line.startswith("- **mixbct**"))
-    assert mix.startswith("- **mixbct**: NOT compatible") and "In 1:N search it holds: rank-1 90.00%" in mix
-    row = next(line for line in format_summary(report).splitlines() if line.startswith("mixbct"))
-    assert row.split()[-2:] == ["90.00", "holds"] and "FAILS" in row.split()
-    assert "ECC against old|old's 80.00" in format_summary(report).splitlines()[0]
-    with pytest.raises(KeyError, match="cell l2\\|old has no 1:N results"):
-        search_compatibility(report["matrix"], ["l2"], "old")
+    assert search["bad"]["holds"] is False and search["good"]["holds"] is not False
+    assert search["good"]["old"] == pytest.approx(matrix.pooled_rank(report["matrix"], "old|old"))
+    assert search["bad"]["cross"] == pytest.approx(matrix.pooled_rank(report["matrix"], "bad|old"))
 
 
-def test_a_variant_is_named_wherever_its_numbers_appear():
+def test_a_transformation_without_the_new_model_is_named_not_judged(judged):
+    meta, pooled, _, _ = judged
+    logged: list[str] = []
+    verdicts = judge(meta, pooled, ["old", "good", "fct"], old="old", independent=None, candidates=None,
+                     fars=None, transforms=["fct"], replicates=20, log=logged.append)
+    assert "fct" not in verdicts["ecc"] and logged == [
+        "not judged: fct (a gallery transformation is judged by the new model's queries: give --independent)"]
+
+
+def test_no_resolved_far_no_verdicts(judged):
+    meta, pooled, _, _ = judged
+    logged: list[str] = []
+    assert judge(meta, pooled, ["old", "good"], old="old", independent=None, candidates=None, fars=[1e-4],
+                 log=logged.append) == {}
+    assert logged == ["no ECC verdicts: 3120 impostor pairs resolve none of FAR 0.0001 (at least 20 false "
+                      "accepts are needed)"]
+
+
+def test_sentences_and_summary_say_the_decision_and_the_interval(judged):
+    _, _, report, _ = judged
+    lines = verdict_lines(report)
+    same = next(line for line in lines if line.startswith("- **same"))
+    assert same.startswith("- **same: too close to call**") and "margin +0.00 [+0.00, +0.00] points" in same
+    assert next(line for line in lines if line.startswith("- **bad")).startswith("- **bad: incompatible**")
+    assert "In 1:N search ECC fails" in next(line for line in lines if line.startswith("- **bad"))
+    summary = format_summary(report).splitlines()
+    row = next(line for line in summary if line.startswith("good "))
+    assert row.rstrip().endswith("compatible") and "holds" in row
+    assert any(line.startswith("not resolved by this test set") and "FAR 1e-6, 1e-5, 1e-4, 1e-3" in line
+               for line in summary)
+    assert "too close" in next(line for line in summary if line.startswith("same "))
+
+
+def test_a_variant_is_named_wherever_its_numbers_appear(judged):
     """The quickstart's MixBCT runs other settings than the paper's recipe: the summary, report.md's
     compatibility table and the model description say which."""
     ran = variants(SIZES["small"])
     assert sorted(ran["mixbct"]) == ["alpha=0.5", "head_init=old_means"] and "bct" not in ran
     assert "variant: " in describe_models(SIZES["small"])["mixbct"]
-    report = _report({"old|old": 0.5, "new|old": 0.1, "mixbct|old": 0.6})
-    report["models"] = {"new": {"variant": None}, "mixbct": {"variant": ran["mixbct"]}}
+    report = dict(judged[2])
+    report["models"] = {"good": {"variant": None}, "bad": {"variant": ran["mixbct"]}}
     note = format_summary(report).splitlines()[-1]
-    assert note.startswith("mixbct: variant ") and "alpha=0.5" in note and "head_init=old_means" in note
-    del report["models"]["mixbct"]["variant"]
+    assert note.startswith("bad: variant ") and "alpha=0.5" in note and "head_init=old_means" in note
+    del report["models"]["bad"]["variant"]
     assert "variant" not in format_summary(report)
+    assert np.isfinite(report["update_gain"]["good"])
