@@ -273,13 +273,19 @@ def new_figure():
     return plt.subplots(figsize=(7, 5), dpi=120)
 
 
-def save_figure(fig, ax, path: str | os.PathLike, title: str, legend_loc: str = "lower right") -> Path:
-    """Title, grid, legend, tight layout; the PNG written atomically (parents created); figure closed."""
+def save_figure(fig, ax, path: str | os.PathLike, title: str, legend_loc: str = "lower right",
+                legend_columns: int = 1) -> Path:
+    """Title, grid, legend, tight layout; the PNG written atomically (parents created); figure closed.
+    ``legend_loc="outside"`` puts the legend right of the axes (the figure widens to keep it)."""
     import matplotlib.pyplot as plt
 
 
     ax.set_title(title)
-    ax.legend(loc=legend_loc, fontsize=8)
+    if legend_loc == "outside":
+        fig.set_size_inches(fig.get_size_inches()[0] + 2.2 * legend_columns, fig.get_size_inches()[1])
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, ncol=legend_columns)
+    else:
+        ax.legend(loc=legend_loc, fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,23 +295,45 @@ def save_figure(fig, ax, path: str | os.PathLike, title: str, legend_loc: str = 
     return path
 
 
+def roc_styles(keys: Sequence[str]) -> dict[str, dict]:
+    """Per cell ``q|g`` its line: colour by query model (tab10, tab20 past ten), line style by gallery
+    model, and a marker once the galleries outnumber the four line styles."""
+    import matplotlib.pyplot as plt
+
+    queries = list(dict.fromkeys(k.split("|")[0] for k in keys))
+    galleries = list(dict.fromkeys(k.split("|")[1] for k in keys))
+    colours = plt.get_cmap("tab10" if len(queries) <= 10 else "tab20")
+    styles, markers = ("-", "--", ":", "-."), (None, "o", "s", "^", "v", "D")
+    out = {}
+    for key in keys:
+        query, gallery = key.split("|")
+        g = galleries.index(gallery)
+        out[key] = {"color": colours(queries.index(query) % colours.N), "linestyle": styles[g % 4],
+                    "marker": markers[(g // 4) % len(markers)]}
+    return out
+
+
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str) -> Path:
     """ROC curves (TAR vs FAR) of the cells, written atomically as PNG. The log FAR axis starts at
     1e-6 (IJB-C's 15.6M impostor pairs resolve it), or at the decade of the smallest FAR the
-    curves resolve when they have fewer impostors."""
+    curves resolve when they have fewer impostors. Colour = the query model, line style (and, past
+    four galleries, a marker) = the gallery model, so a 6 x 6 matrix has no two curves alike; more
+    than eight curves put the legend beside the axes."""
     fig, ax = new_figure()
     smallest = 1.0
-    for key, (fpr, tpr) in curves.items():
+    for (key, (fpr, tpr)), style in zip(curves.items(), roc_styles(list(curves)).values()):
         query, gallery = key.split("|")
-        style = "-" if query == gallery else "--"
         ok = fpr > 0
         if ok.any():
             smallest = min(smallest, float(fpr[ok].min()))
-        ax.plot(fpr[ok], tpr[ok], style, lw=1.5, label=f"{query} vs {gallery} gallery")
+        ax.plot(fpr[ok], tpr[ok], markevery=0.1, markersize=4, lw=1.5, label=f"{query} vs {gallery} gallery",
+                **style)
     ax.set_xscale("log")
     ax.set_xlim(max(1e-6, 10.0 ** math.floor(math.log10(smallest))) if smallest < 1.0 else 1e-6, 1.0)
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("FAR (false accept rate)")
     ax.set_ylabel("TAR (true accept rate)")
     ax.grid(True, which="both", alpha=0.3)
+    if len(curves) > 8:
+        return save_figure(fig, ax, path, title, legend_loc="outside", legend_columns=1 + len(curves) // 20)
     return save_figure(fig, ax, path, title)

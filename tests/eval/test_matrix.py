@@ -40,3 +40,17 @@ def test_drop_faces_counts(synthetic_tiny):
                       "gallery_templates": 1}
     assert t not in reduced.galleries["G1"].template_ids and t in meta.galleries["G1"].template_ids
     assert matrix.scores_file_name("a/b", "c d") == "a_b__c_d.npy"
+
+
+def test_a_six_by_six_roc_has_no_two_curves_alike_and_keeps_its_legend(tmp_path):
+    names = ["old", "new", "bct", "l2", "mixbct", "fct"]
+    keys = [f"{q}|{g}" for q in names for g in names]
+    styles = matrix.roc_styles(keys)
+    assert len({(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}) == 36
+    fpr = np.logspace(-6, 0, 20)
+    curves = {k: (fpr, np.linspace(0.1, 1.0, 20)) for k in keys}
+    path = matrix.plot_roc(curves, tmp_path / "roc.png", "36 curves")
+    import cv2
+
+    height, width = cv2.imread(str(path)).shape[:2]
+    assert width > 1.5 * height  # widened for the legend beside the axes
