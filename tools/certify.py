@@ -43,6 +43,10 @@ A FAR the set cannot resolve (fewer than 20 impostor pairs above the threshold) 
 never judged. The decision at the operating FAR (--far, default the smallest resolved FAR):
 compatible when 1:1 and 1:N ECC hold, incompatible when either fails, else too close to call.
 
+deployment parity (--parity, models only): each candidate exported to ONNX (tools/export_onnx.py's
+export; FCT's h as its own graph) and run by onnxruntime on the evaluation faces: the largest cosine
+deviation from the PyTorch features and the TAR change at each FAR (a CPU provider takes ~0.1 s per
+face for an r18 on 2 cores: use --providers CUDAExecutionProvider for IJB-C).
 outputs: the decision table on stdout; --out DIR: certificate.json (DESIGN §8), certificate.md,
 scores_<candidate>.png; --json [OUT], --md OUT to put them elsewhere (--json alone: JSON on stdout).
 models: catalog names (--config, default configs/eval_ijbc.yaml) or run directories / weights files
@@ -89,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=output_dir, metavar="DIR", help="certificate.json, certificate.md, plots")
     add_json_arg(p, "the certificate")
     p.add_argument("--md", type=output_file, metavar="OUT", help="write certificate.md here")
+    p.add_argument("--parity", action="store_true",
+                   help="export each candidate to ONNX and compare onnxruntime with PyTorch on the faces")
+    p.add_argument("--providers", type=lambda t: comma_names(t, "onnxruntime providers"), metavar="P,...",
+                   help="onnxruntime providers for --parity (default CPUExecutionProvider)")
     p.add_argument("--allow-missing", action="store_true",
                    help="skip (and count) faces, images, pairs and templates that are missing")
     add_device_arg(p)
@@ -142,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                        data_root=args.data_root, target=args.target, cache_dir=args.cache_dir,
                        catalog_source=source,
                        network=args.network, allow_missing=args.allow_missing, batch_size=args.batch_size,
-                       workers=args.workers, device=device, use_faiss=args.faiss, log=log)
+                       workers=args.workers, device=device, use_faiss=args.faiss, parity=args.parity,
+                       providers=args.providers, log=log)
 
     status, rank, cert = run_collective(work, (UserError,))
     if status or cert is None:

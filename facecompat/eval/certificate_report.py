@@ -132,19 +132,30 @@ def format_certificate(cert: Mapping) -> str:
         lines += ["", *_table(["candidate", "1:N rank-1 negative flips"],
                               [[c, f"{_pct(e['negative_flip_rate'])}{_ci(e['negative_flip_rate_ci'])}"]
                                for c, e in search.items()])]
-    lines += ["", "## Deployment parity", "", _parity_text(cert.get("parity") or {}), ""]
+    parity = _parity_text(cert.get("parity") or {}, cert["operating_far"])
+    lines += ["", "## Deployment parity", "", parity, ""]
     if cert.get("fingerprints"):
         lines += ["## Fingerprints", "", *[f"- {k}: `{v}`" for k, v in cert["fingerprints"].items()], ""]
     return "\n".join(lines)
 
 
-def _parity_text(parity: Mapping) -> str:
+def _parity_text(parity: Mapping, far: str | None = None) -> str:
     if not parity or parity.get("status") == "not measured":
         return ("Not measured in this certificate: the ONNX export of each candidate has not been run "
                 "against PyTorch on these faces" + (f" ({parity['reason']})" if parity.get("reason") else "")
                 + ".")
-    rows = [[c, f"{p['max_cosine_deviation']:.2e}"] for c, p in parity.items() if isinstance(p, Mapping)]
-    return "\n".join(_table(["candidate", "largest cosine deviation, ONNX vs PyTorch"], rows))
+    rows = []
+    for c, p in parity.items():
+        change = p.get("tar_change", {}).get(far) if far else None
+        cross = p.get("cross_tar_change", {}).get(far) if far else None
+        rows.append([c, f"{p['max_cosine_deviation']:.2e}",
+                     "-" if change is None else f"{100 * change:+.2f}",
+                     "-" if cross is None else f"{100 * cross:+.2f}",
+                     str(p.get("provider", "")), Path(p["onnx"]).name])
+    return "\n".join([f"Each candidate exported to ONNX and run with onnxruntime on the evaluation faces "
+                      f"(flip fused by the caller: docs/SERVING.md); TAR change in points at FAR {far}.", "",
+                      *_table(["candidate", "largest 1 - cos vs PyTorch", "TAR change", "TAR change, ONNX "
+                               "queries vs PyTorch gallery", "provider", "file"], rows)])
 
 
 def summary_table(cert: Mapping) -> str:

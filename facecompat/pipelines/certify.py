@@ -18,11 +18,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from facecompat.compat.fct import FCTransform
 from facecompat.eval import ijb, matrix
-from facecompat.eval.catalog import EvalCatalog
+from facecompat.eval.catalog import EvalCatalog, TransformSpec
 from facecompat.eval.certificate import CERTIFICATE_FARS, CertifyError, _cell_scores, certify_cells
 from facecompat.eval.certificate_report import format_certificate, plot_scores
+from facecompat.eval.extract import read_face_list
+from facecompat.eval.features import model_features, resolve_models
+from facecompat.eval.parity import model_parity, transform_parity
 from facecompat.fileio import atomic_write, file_sha1
+from facecompat.models.spec import load_model
 from facecompat.pipelines.evaluate import Log, evaluate_ijb
 
 FORMAT = "facecompat-certificate"
@@ -71,6 +78,39 @@ def _fingerprints(ev: Any, ijb_dir: Path) -> dict[str, str]:
     return out
 
 
+def deployment_parity(catalog: EvalCatalog, ev: Any, candidates: Sequence[str], *, workdir: Path,
+                      catalog_source: str, network: str | None, cache_dir: Path | None, device: Any,
+                      providers: Sequence[str] | None, log: Log) -> dict:
+    """Each candidate as it will be served: a backbone exported to ONNX and run by onnxruntime on the
+    evaluation faces (:func:`facecompat.eval.parity.model_parity`: largest cosine deviation from the
+    PyTorch features, TAR change per FAR); a gallery transformation (FCT's h) exported and compared
+    with :meth:`FCTransform.apply` on the old model's features of those faces. The PyTorch features
+    are the evaluation's (cached: nothing is extracted again)."""
+    ijb_dir = ijb.find_target_dir(ev.data_root, ev.target)
+    faces = read_face_list(ijb_dir, ev.target)
+    if len(faces) != ev.meta.num_faces:
+        raise CertifyError("--parity: every face of the set must be present (it ran with --allow-missing "
+                           "and skipped some)")
+    specs = resolve_models(list(candidates), catalog, catalog_source, network)
+    out: dict = {}
+    for name, spec in specs.items():
+        log(f"parity of {name}: ONNX export and onnxruntime on {len(faces)} faces")
+        if isinstance(spec, TransformSpec):
+            inputs = [spec.old] + ([spec.side] if spec.side is not None else [])
+            feats = model_features({s.name: s for s in inputs}, catalog, ijb_dir, ev.target, faces,
+                                   cache_dir=cache_dir, device=device, log=log)
+            out[name] = transform_parity(FCTransform.load(spec.directory), feats[spec.old.name],
+                                         feats[spec.side.name] if spec.side is not None else None, workdir,
+                                         name=name, providers=providers)
+            continue
+        feats = model_features({name: spec}, catalog, ijb_dir, ev.target, faces, cache_dir=cache_dir,
+                               device=device, log=log)[name]
+        out[name] = model_parity(load_model(spec), name, ijb_dir, faces, ev.meta, np.asarray(feats),
+                                 workdir=workdir, providers=providers, torch_pooled=ev.pooled.get(name),
+                                 progress=False)
+    return out
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe: non-finite floats (an operating threshold at +inf) become None."""
     if isinstance(value, float):
@@ -89,7 +129,8 @@ def certify(catalog: EvalCatalog, *, old: str, candidates: Sequence[str], indepe
             seed: int = 0, data_root: str | Path | None = None, target: str | None = None,
             cache_dir: Path | None = None, catalog_source: str = "the catalog", network: str | None = None,
             allow_missing: bool = False, batch_size: int | None = None, workers: int | None = None,
-            device: Any = None, use_faiss: bool = True, log: Log = print) -> dict | None:
+            device: Any = None, use_faiss: bool = True, parity: bool = False,
+            providers: Sequence[str] | None = None, log: Log = print) -> dict | None:
     """Evaluate and certify; the certificate dict on rank 0 (None on the other ranks).
 
     Args:
@@ -100,12 +141,19 @@ def certify(catalog: EvalCatalog, *, old: str, candidates: Sequence[str], indepe
             ``json_path`` / ``md_path``).
         fars, far: reported FARs and the operating one (default: the smallest resolved).
         replicates, seed: the subject bootstrap.
+        parity: export each candidate to ONNX and compare onnxruntime with PyTorch on the evaluation
+            faces (:func:`deployment_parity`; models only, not precomputed features); ``providers``:
+            onnxruntime's (default its CPU provider; a GPU one for a set of IJB-C's size).
         The rest: as :func:`~facecompat.pipelines.evaluate.evaluate_ijb`.
     Raises:
         UserError (CertifyError, EvalError, ...): one line.
     """
     if old in candidates:
         raise CertifyError(f"--new {old}: the old model is the reference, not a candidate")
+    if parity and features is not None:
+        raise CertifyError("--parity needs models (it exports them to ONNX), not precomputed features")
+    if parity and out_dir is None:
+        raise CertifyError("--parity needs --out DIR (the ONNX files are written under DIR/onnx)")
     names = list(dict.fromkeys([old, *candidates, *([independent] if independent else [])]))
     if features is not None:
         missing = [n for n in names if n not in features]
@@ -124,10 +172,15 @@ def certify(catalog: EvalCatalog, *, old: str, candidates: Sequence[str], indepe
                             cross_cells=cross, new_cells=after, fars=fars, far=far, replicates=replicates,
                             seed=seed, use_faiss=use_faiss, progress=log)
     ijb_dir = ijb.find_target_dir(ev.data_root, ev.target)
+    parity_entry: dict = {"status": "not measured",
+                          "reason": "precomputed features" if features is not None else "run with --parity"}
+    if parity:
+        parity_entry = deployment_parity(catalog, ev, candidates, workdir=out_dir / "onnx",
+                                         catalog_source=catalog_source, network=network, cache_dir=cache_dir,
+                                         device=device, providers=providers, log=log)
     cert = _clean({"format": FORMAT, "version": VERSION, "target": ev.target, "data_root": ev.data_root,
                    "models": ev.models, **figures, "matrix": ev.results, "skipped": ev.skipped,
-                   "parity": {"status": "not measured",
-                              "reason": "ONNX parity is not part of this certificate run yet"},
+                   "parity": parity_entry,
                    "fingerprints": _fingerprints(ev, ijb_dir)})
     write_certificate(cert, ev, out_dir=out_dir, json_path=json_path, md_path=md_path)
     return cert

@@ -189,11 +189,21 @@ def test_the_next_commands_run_on_its_outputs(tiny, capsys):
     assert load_tool("eval_ijbc").main(commands[0].split()[2:] + ["--json", str(work / "next.json")]) == 0
     cross = json.loads((work / "next.json").read_text())
     assert cross["matrix"]["new|old"]["1:1"] == report["matrix"]["new|old"]["1:1"]
-    argv = commands[1].split()[2:] + ["--replicates", "50"]
+    argv = commands[1].split()[2:] + ["--replicates", "50", "--parity"]
     assert load_tool("certify").main(argv) == 0, capsys.readouterr().err
     cert = json.loads((work / "certificate" / "certificate.json").read_text())
     assert cert["cross_cells"]["fct"] == "new|fct" and set(cert["decision"]) == set(CANDIDATES)
     assert cert["decision"]["new"]["decision"] == report["decision"]["new"]["decision"]
+    # deployment parity: every backbone as an ONNX graph in onnxruntime, FCT's h as its own graph
+    parity = cert["parity"]
+    assert set(parity) == set(CANDIDATES)
+    one_pair = 1.0 / report["test_set"]["genuine_pairs"] + 1e-9
+    for name in ("new", "bct", "l2", "mixbct"):
+        assert parity[name]["max_cosine_deviation"] < 1e-4
+        assert (work / "certificate" / "onnx" / f"{name}.onnx").is_file()
+        assert all(abs(v) <= one_pair for v in parity[name]["tar_change"].values())
+    assert parity["fct"]["max_cosine_deviation"] < 1e-4 and parity["fct"]["side_information"]
+    assert "## Deployment parity" in (work / "certificate" / "certificate.md").read_text()
 
 
 def test_rerun_skips_finished_stages_and_redoes_what_is_gone(tiny):

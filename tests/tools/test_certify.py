@@ -91,6 +91,11 @@ def test_refusals(tool, data_root, feats, capsys, extra, names):
     error_line(capsys.readouterr().err, *names)
 
 
+def test_parity_needs_models(tool, data_root, feats, capsys):
+    assert exit_status(tool.main, _argv(data_root, feats, "--parity")) == 2
+    error_line(capsys.readouterr().err, "--parity needs models")
+
+
 def test_old_as_candidate_and_bad_outputs(tool, data_root, feats, capsys, tmp_path):
     argv = ["--old", "old", "--new", "old", "--old-features", feats["old"], "--new-features", feats["old"],
             "--data-root", data_root]
