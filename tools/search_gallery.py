@@ -26,6 +26,11 @@ versions (facecompat/index/store.py): the query model (--query-model: a catalog 
   a model path), e.g. a new model trained with BCT declared compatible with the old model's
   gallery. Anything else stops with one line naming the rows and versions (exit status 2):
   vectors of different versions are never compared silently.
+certificates (tools/certify.py): --certificate CERT.json (repeatable) declares every pair its
+  decision calls compatible, matched by the version ids it records; a pair it judged incompatible
+  or too close to call is refused, naming the decision. --far F (with a certificate) applies that
+  pair's score threshold at F (the cross cell's, or the self cell's for a gallery in the query's own
+  space): each hit is accepted or rejected (open set: a face whose best hit is rejected is unknown).
 
 index (facecompat/index/gallery.py): cosine = inner product of L2-normalised vectors; --kind flat is
   exact, --kind ivf an IVF index trained on the gallery (--nlist lists, --nprobe searched per
@@ -34,6 +39,7 @@ index (facecompat/index/gallery.py): cosine = inner product of L2-normalised vec
 
 queries: --queries Q.npy [q, D] float features of the query model (any scale), D = the gallery's.
 output: --out JSON {"gallery", "query_model", "query_version", "declared", "index", "k",
+  "threshold": {"far", "value", "cell", "certificate"} and "accepted": [[bool ...]] with --far,
   "num_queries", "seconds", "ids": [[...k item ids...] per query], "scores": [[...k cosines...]]};
   the first queries' best matches on stdout. An IVF search reaching fewer than k items pads with
   id -1 and score null.
@@ -57,6 +63,40 @@ def _declaration(text: str) -> tuple[str, str]:
     return query.strip(), gallery.strip()
 
 
+def _far(text: str) -> str:
+    try:
+        far = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a FAR in (0, 1), got {text!r}") from None
+    if not 0.0 < far < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a FAR in (0, 1), got {text!r}")
+    return format(far, "g")  # the certificate's FAR keys
+
+
+def _certified(args: argparse.Namespace, query_version: str, spaces: list[str]) -> tuple[set, dict | None]:
+    """(pairs the certificates declare compatible, the threshold entry for --far) for this query and the
+    gallery's spaces; GalleryToolError for a pair a certificate judged not compatible."""
+    from facecompat.index.certified import pair_for, read_certified_pairs
+
+    pairs = [p for path in args.certificate for p in read_certified_pairs(path)]
+    declared = {(p.query, p.gallery) for p in pairs if p.compatible and p.query != p.gallery}
+    for space in spaces:
+        pair = pair_for(pairs, query_version, space)
+        if pair is not None and not pair.compatible:
+            raise GalleryToolError(f"--certificate {pair.source}: {pair.candidate} against the {space} "
+                                   f"gallery is {pair.decision} at FAR {pair.far} (cell {pair.cell}); "
+                                   "not searched")
+    if args.far is None:
+        return declared, None
+    certified = [pair_for(pairs, query_version, space) for space in spaces]
+    if len(spaces) != 1 or certified[0] is None:
+        raise GalleryToolError(f"--far {args.far}: needs one certified pair for the query {query_version} "
+                               f"and the gallery's spaces {', '.join(spaces)} (mixed galleries: not yet)")
+    pair = certified[0]
+    return declared, {"far": args.far, "value": pair.threshold(args.far), "cell": pair.cell,
+                      "certificate": pair.source}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="search_gallery.py", description=__doc__, epilog=EPILOG,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model that embedded the queries (catalog name or path): gives their version")
     p.add_argument("--declare", type=_declaration, action="append", default=[], metavar="QUERY=GALLERY",
                    help="declare a gallery space comparable with a query space (repeatable)")
+    p.add_argument("--certificate", type=Path, action="append", default=[], metavar="JSON",
+                   help="a certificate.json: its compatible pairs are declared, its thresholds known "
+                        "(repeatable)")
+    p.add_argument("--far", type=_far, metavar="F",
+                   help="accept hits at the certified pair's threshold for this FAR (needs --certificate)")
     p.add_argument("--config", type=Path, metavar="YAML",
                    help=f"model catalog (default {DEFAULT_CATALOG} when it exists)")
     p.add_argument("--network", help="backbone of a weights-file query model (e.g. r50)")
@@ -141,8 +186,10 @@ def search(args: argparse.Namespace) -> dict:
                                "embedded by a model (the new one)")
     query_version = model_version_id(spec.fingerprint())
     known = set(store.spaces()) | {v["id"] for v in store.versions} | {query_version}
-    declared = sorted({(_resolve_version(q, known, catalog, source, args.network),
-                        _resolve_version(g, known, catalog, source, args.network)) for q, g in args.declare})
+    by_certificate, threshold = _certified(args, query_version, sorted(store.spaces()))
+    declared = sorted(by_certificate | {(_resolve_version(q, known, catalog, source, args.network),
+                                         _resolve_version(g, known, catalog, source, args.network))
+                                        for q, g in args.declare})
     start = time.perf_counter()
     try:
         index = GalleryIndex.from_store(store, query_version, declared, kind=args.kind, nlist=args.nlist,
@@ -159,7 +206,9 @@ def search(args: argparse.Namespace) -> dict:
     except ValueError as exc:  # a NaN or zero query row
         raise GalleryToolError(f"--queries {args.queries}: {exc}") from None
     seconds = time.perf_counter() - start
-    return {"gallery": str(store.path), "gallery_versions": store.version_counts(),
+    extra = {} if threshold is None else {"threshold": threshold,
+                                          "accepted": (scores >= threshold["value"]).tolist()}
+    return {**extra, "gallery": str(store.path), "gallery_versions": store.version_counts(),
             "query_model": spec.source, "query_version": query_version,
             "declared": [list(p) for p in declared],
             "index": {"kind": index.kind, "nlist": index.nlist, "nprobe": index.nprobe, "gpu": index.use_gpu},
@@ -182,12 +231,21 @@ def report(out: dict, rows: int = 5) -> str:
         lines.append(f"  {q:5d}  {hits}")
     if out["num_queries"] > rows:
         lines.append(f"  ... {out['num_queries'] - rows} more")
+    if "threshold" in out:
+        t = out["threshold"]
+        known = sum(row[0] for row in out["accepted"])
+        lines.append(f"  threshold {t['value']:.4f} (cell {t['cell']} at FAR {t['far']}, "
+                     f"{t['certificate']}): {known} of {out['num_queries']} queries matched, "
+                     f"{out['num_queries'] - known} unknown")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     from facecompat.cli import write_json
 
+    if args.far is not None and not args.certificate:
+        raise GalleryToolError(f"--far {args.far}: needs --certificate (the threshold is the certified "
+                               "pair's)")
     out = search(args)
     write_json(out, args.out)
     if str(args.out) != "-":

@@ -29,6 +29,7 @@ from facecompat.eval.extract import read_face_list
 from facecompat.eval.features import model_features, resolve_models
 from facecompat.eval.parity import model_parity, transform_parity
 from facecompat.fileio import atomic_write, file_sha1
+from facecompat.index.store import model_version_id, transform_version_id
 from facecompat.models.spec import load_model
 from facecompat.pipelines.evaluate import Log, evaluate_ijb
 
@@ -111,6 +112,19 @@ def deployment_parity(catalog: EvalCatalog, ev: Any, candidates: Sequence[str], 
     return out
 
 
+def store_versions(ev: Any) -> dict[str, str]:
+    """Each evaluated model's store version id (:mod:`facecompat.index.store`), so a store can match the
+    certificate's pairs by the ids its rows carry; empty for precomputed features (no identity)."""
+    out = {}
+    for name, m in ev.models.items():
+        weights = Path(m.get("weights") or "")
+        if m.get("network") == "fct" and weights.is_file():
+            out[name] = transform_version_id({"sha1": file_sha1(weights)})
+        elif m.get("network") and weights.is_file():
+            out[name] = model_version_id({"network": m["network"], "checkpoint_sha1": file_sha1(weights)})
+    return out
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe: non-finite floats (an operating threshold at +inf) become None."""
     if isinstance(value, float):
@@ -179,8 +193,8 @@ def certify(catalog: EvalCatalog, *, old: str, candidates: Sequence[str], indepe
                                          catalog_source=catalog_source, network=network, cache_dir=cache_dir,
                                          device=device, providers=providers, log=log)
     cert = _clean({"format": FORMAT, "version": VERSION, "target": ev.target, "data_root": ev.data_root,
-                   "models": ev.models, **figures, "matrix": ev.results, "skipped": ev.skipped,
-                   "parity": parity_entry,
+                   "models": ev.models, "versions": store_versions(ev), **figures, "matrix": ev.results,
+                   "skipped": ev.skipped, "parity": parity_entry,
                    "fingerprints": _fingerprints(ev, ijb_dir)})
     write_certificate(cert, ev, out_dir=out_dir, json_path=json_path, md_path=md_path)
     return cert

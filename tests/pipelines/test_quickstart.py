@@ -194,6 +194,12 @@ def test_the_next_commands_run_on_its_outputs(tiny, capsys):
     cert = json.loads((work / "certificate" / "certificate.json").read_text())
     assert cert["cross_cells"]["fct"] == "new|fct" and set(cert["decision"]) == set(CANDIDATES)
     assert cert["decision"]["new"]["decision"] == report["decision"]["new"]["decision"]
+    # store version ids, so a gallery matches the certificate's pairs by the ids its rows carry
+    from facecompat.index.store import model_version_id
+    from tests.helpers.models import model_spec
+
+    assert cert["versions"]["bct"] == model_version_id(model_spec(work / "runs" / "bct").fingerprint())
+    assert cert["versions"]["fct"].startswith("fct-") and set(cert["versions"]) == {"old", *CANDIDATES}
     # deployment parity: every backbone as an ONNX graph in onnxruntime, FCT's h as its own graph
     parity = cert["parity"]
     assert set(parity) == set(CANDIDATES)

@@ -118,3 +118,61 @@ def test_gallery_tools_refuse_bad_flags_and_outputs_before_the_work(tools, tmp_p
     lines = captured.err.strip().splitlines()
     assert captured.out == "" and len(lines) == 1 and "error: " in lines[0], captured.err
     assert culprit in lines[0]
+
+
+def _certificate(path, tmp, query_version: str, gallery_version: str, compatible: bool) -> None:
+    """A certificate of a candidate (queries of ``query_version``) against a deployed gallery
+    (``gallery_version``): the figures are certify_cells' on a 40-subject set, the candidate in the
+    deployed space (compatible) or in another (incompatible); versions as certify records them."""
+    from facecompat.eval import ijb
+    from facecompat.eval.certificate import certify_cells
+    from tests.helpers.data import subject_features, write_ijb_meta
+
+    meta = ijb.load_ijb_meta(write_ijb_meta(tmp / "IJBC", 40), "IJBC")
+    feats = {"deployed": subject_features(meta, 0, noise=0.9),
+             "candidate": subject_features(meta, 0 if compatible else 5, noise=0.3)}
+    figures = certify_cells(meta, {n: ijb.pool(meta, f) for n, f in feats.items()}, old="deployed",
+                            candidates=["candidate"], replicates=50)
+    versions = {"deployed": gallery_version, "candidate": query_version}
+    cert = {"format": "facecompat-certificate", "version": 1, "versions": versions, **figures}
+    path.write_text(json.dumps(cert))
+    return cert
+
+
+def test_a_certificate_declares_compatible_pairs_and_gives_the_threshold(tools, tmp_path, models, capsys):
+    rng = np.random.default_rng(6)
+    feats = rng.standard_normal((60, NEW_DIM)).astype(np.float32)
+    feats[:, NEW_DIM // 2:] = 0.0  # the gallery spans half the dimensions ...
+    gallery = store_model_features(tmp_path / "g", feats, np.arange(60) + 1, models["fp"]["new"])
+    queries = tmp_path / "q.npy"
+    unknown = np.eye(NEW_DIM, dtype=np.float32)[[-1]]  # ... so this face scores 0 against all of it
+    np.save(queries, np.concatenate([feats[[3, 41]] + 0.01 * rng.standard_normal((2, NEW_DIM)),
+                                     unknown]).astype(np.float32))
+    old_id, new_id = model_version(models["fp"]["old"])["id"], gallery.versions[0]["id"]
+    base = ["--gallery", str(gallery.path), "--queries", str(queries), "-k", "2", "--cpu",
+            "--query-model", str(models["runs"]["old"])]
+    good = tmp_path / "good.json"
+    cert = _certificate(good, tmp_path / "a", old_id, new_id, compatible=True)
+    assert cert["decision"]["candidate"]["decision"] == "compatible"
+    out = tmp_path / "r.json"
+    assert tools["search_gallery"].main([*base, "--certificate", str(good), "--far", "0.01",
+                                         "--out", str(out)]) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    threshold = cert["cells"]["candidate|deployed"]["1:1"]["0.01"]["threshold"]
+    assert result["declared"] == [[old_id, new_id]]  # by the certificate, no --declare
+    assert result["threshold"] == {"far": "0.01", "value": threshold, "cell": "candidate|deployed",
+                                   "certificate": str(good)}
+    assert result["accepted"] == [[s >= threshold for s in row] for row in result["scores"]]
+    assert result["accepted"][0][0] and not result["accepted"][2][0]  # the third query: an unknown face
+    assert "2 of 3 queries matched, 1 unknown" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.json"
+    cert = _certificate(bad, tmp_path / "b", old_id, new_id, compatible=False)
+    assert tools["search_gallery"].main([*base, "--certificate", str(bad), "--out", str(out)]) == 2
+    error_line(capsys.readouterr().err, f"--certificate {bad}: candidate against the {new_id} gallery is "
+                                        f"{cert['decision']['candidate']['decision']}", "not searched")
+    assert tools["search_gallery"].main([*base, "--certificate", str(good), "--far", "1e-5",
+                                         "--out", str(out)]) == 2
+    error_line(capsys.readouterr().err, "has no threshold at FAR 1e-05")
+    assert tools["search_gallery"].main([*base, "--far", "0.01", "--out", str(out)]) == 2
+    error_line(capsys.readouterr().err, "--far 0.01: needs --certificate")
