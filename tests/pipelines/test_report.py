@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from facecompat.eval import ijb, matrix
-from facecompat.eval.report import format_summary, verdict_lines
+from facecompat.eval.report import backfill_findings, format_summary, next_steps, verdict_lines
 from facecompat.pipelines.evaluate import judge
 from facecompat.pipelines.quickstart import SIZES, describe_models, variants
 from tests.helpers.data import subject_features, write_ijb_meta
@@ -104,3 +104,30 @@ def test_a_variant_is_named_wherever_its_numbers_appear(judged):
     del report["models"]["bad"]["variant"]
     assert "variant" not in format_summary(report)
     assert np.isfinite(report["update_gain"]["good"])
+
+
+def test_backfill_findings_call_out_a_result_against_the_literature():
+    def report(unc: float, rnd: float) -> dict:
+        area = {"uncertainty": {"area": {"rank1": unc}},
+                "random": {"area": {"rank1": rnd}, "area_sd": {"rank1": 0.001}}}
+        return {"backfill": area, "models": {"fct": {"held_out_cos_h_new": 0.81}}}
+
+    below = "\n".join(backfill_findings(report(0.60, 0.62)))
+    assert "**Against the literature:**" in below and "*below* a random order" in below
+    assert "60.00% against 62.00%; random orders vary by ±0.10" in below and "0.810" in below
+    above = "\n".join(backfill_findings(report(0.63, 0.62)))
+    assert "beats a random order" in above and "Against" not in above
+    assert backfill_findings({"backfill": {}}) == []
+
+
+def test_the_report_ends_with_next_steps_and_names_no_file_outside_the_repository(judged):
+    steps = next_steps({**judged[2], "ecc": {"same": None, "good": True}})
+    assert steps[0] == "## Next steps" and any("Too close to call: same." in s for s in steps)
+    assert any("FAR 1e-6, 1e-5, 1e-4, 1e-3" in s for s in steps)
+    assert any("tools/certify.py" in s for s in steps) and any("docs/SERVING.md" in s for s in steps)
+    import inspect
+
+    from facecompat.eval import report as module
+
+    assert "DESIGN §" not in inspect.getsource(module.format_report)
+    assert "../shared" not in inspect.getsource(module)
