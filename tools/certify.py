@@ -3,6 +3,7 @@
 how sure, and what changes for users?
 
 Models:    python tools/certify.py --old old --new bct,mixbct --independent new --out work_dirs/cert
+Own faces: python tools/certify.py --old old --new bct --faces faces/ --out work_dirs/cert_faces
 Features:  python tools/certify.py --old old --new bct --old-features OLD.npy --new-features BCT.npy
 Distributed extraction:  torchrun --nproc_per_node=8 tools/certify.py --old old --new bct --out DIR
 """
@@ -83,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, metavar="YAML",
                    help=f"model catalog and defaults (default {DEFAULT_CATALOG} when it exists)")
     p.add_argument("--data-root", type=Path, metavar="DIR", help="holds <target>/meta and loose_crop")
+    p.add_argument("--faces", type=Path, metavar="DIR",
+                   help="your own labelled faces, DIR/<identity>/<image>: made into a test set under --out")
+    p.add_argument("--landmarks", type=Path, metavar="FILE",
+                   help="5-point landmarks of --faces that are not aligned (as tools/im2rec.py takes them)")
+    p.add_argument("--bin", type=Path, metavar="FILE",
+                   help="a verification .bin (LFW, CFP, AgeDB) as the test set")
+    p.add_argument("--protocol-seed", type=non_negative_int, default=0, metavar="N",
+                   help="seed of the --faces split into templates, galleries and pairs (default 0)")
     p.add_argument("--target", choices=("IJBC", "IJBB"), help="benchmark (default from the catalog: IJBC)")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="feature cache root (catalog's cache_dir)")
     p.add_argument("--network", help="backbone of a weights-file model given by path (e.g. r50)")
@@ -126,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     features = _features(args, parser)
+    sets = [args.data_root is not None, args.faces is not None, args.bin is not None]
+    if sum(sets) > 1:
+        parser.error("give one test set: --data-root, --faces or --bin")
+    if (args.faces is not None or args.bin is not None) and args.out is None:
+        parser.error("--faces / --bin need --out DIR (the test set is written under DIR/protocol)")
+    if args.landmarks is not None and args.faces is None:
+        parser.error("--landmarks goes with --faces")
+    if (args.faces is not None or args.bin is not None) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("--faces / --bin under torchrun: write the test set first (tools/make_protocol.py), "
+                     "then give it as --data-root")
 
     from facecompat.cli import resolve_device, run_collective, write_json
     from facecompat.errors import UserError
@@ -138,16 +157,22 @@ def main(argv: list[str] | None = None) -> int:
 
     def work():
         from facecompat.eval.catalog import load_catalog
-        from facecompat.pipelines.certify import certify
+        from facecompat.pipelines.certify import certify, protocol_set
 
         device = resolve_device(args.device)
+        data_root, cache_dir, target = args.data_root, args.cache_dir, args.target
+        if args.faces is not None or args.bin is not None:
+            target = "IJBC"  # the layout protocol_set writes
+            data_root = protocol_set(args.out, faces=args.faces, landmarks=args.landmarks, bin_path=args.bin,
+                                     seed=args.protocol_seed, log=log)
+            cache_dir = cache_dir or args.out / "cache"  # its own feature cache: no other set's features
         catalog_path = args.config or (DEFAULT_CATALOG if DEFAULT_CATALOG.is_file() else None)
         source = str(catalog_path) if catalog_path else "the default catalog (no --config)"
         return certify(load_catalog(catalog_path), old=args.old, candidates=args.new,
                        independent=args.independent, features=features, out_dir=args.out,
                        json_path=None if args.json is None or str(args.json) == "-" else args.json,
                        md_path=args.md, far=args.far, replicates=args.replicates, seed=args.seed,
-                       data_root=args.data_root, target=args.target, cache_dir=args.cache_dir,
+                       data_root=data_root, target=target, cache_dir=cache_dir,
                        catalog_source=source,
                        network=args.network, allow_missing=args.allow_missing, batch_size=args.batch_size,
                        workers=args.workers, device=device, use_faiss=args.faiss, parity=args.parity,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from facecompat.compat.fct import FCTransform
+from facecompat.data.protocol_sets import make_bin_protocol, make_face_folder_protocol
 from facecompat.eval import ijb, matrix
 from facecompat.eval.catalog import EvalCatalog, TransformSpec
 from facecompat.eval.certificate import CERTIFICATE_FARS, CertifyError, _cell_scores, certify_cells
@@ -54,6 +55,20 @@ def _cells(names: Sequence[str], old: str, candidates: Sequence[str], independen
     if independent is not None:
         keys.append(matrix.cell_key(independent, independent))
     return [tuple(k.split("|")) for k in dict.fromkeys(keys)], cross, after
+
+
+def protocol_set(out_dir: Path, *, faces: Path | None = None, landmarks: Path | None = None,
+                 bin_path: Path | None = None, seed: int = 0, log: Log = print) -> Path:
+    """The team's own labelled faces (``faces/<identity>/<image>``) or a verification ``.bin`` written as
+    an IJB-C-style folder under ``out_dir/protocol`` (:mod:`facecompat.data.protocol_sets`: seeded,
+    reused on a rerun with the same inputs), the data root the certificate then evaluates."""
+    target = out_dir / "protocol"
+    if faces is not None:
+        made = make_face_folder_protocol(faces, target, landmarks=landmarks, seed=seed)
+    else:
+        made = make_bin_protocol(bin_path, target)
+    log(f"test set: {target} ({'reused' if made.get('reused') else 'written'}; protocol.json records how)")
+    return target
 
 
 def _is_transform(name: str, catalog: EvalCatalog) -> bool:

@@ -21,22 +21,11 @@ from facecompat.data.protocol_sets import (
 )
 from facecompat.eval.extract import read_face_list
 from facecompat.eval.ijb import load_ijb_meta
+from tests.helpers.data import FACE_FOLDER_SIZES as SIZES
+from tests.helpers.data import write_faces
 from tests.helpers.errors import raises_one_line
 
-SIZES = (1, 2, 3, 4, 6, 9, 14)  # images per identity, cycled: one-image identities and capped ones
 SMALL = SplitParams(impostors_per_genuine=3, min_impostors=40, probe_templates=4)  # impostors sampled
-
-
-def write_faces(root: Path, num_ids: int = 21, shape: tuple[int, int] = (112, 112), seed: int = 0) -> Path:
-    """``root/id<k>/<j>.jpg``: random images, SIZES[k % 7] per identity, an empty folder and a stray file."""
-    rng = np.random.default_rng(seed)
-    for k in range(num_ids):
-        (root / f"id{k:02d}").mkdir(parents=True)
-        for j in range(SIZES[k % len(SIZES)]):
-            cv2.imwrite(str(root / f"id{k:02d}" / f"{j}.jpg"), rng.integers(0, 255, (*shape, 3), np.uint8))
-    (root / "nobody").mkdir()
-    (root / "README.txt").write_text("not an identity")
-    return root
 
 
 @pytest.fixture(scope="module")

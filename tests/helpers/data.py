@@ -89,3 +89,20 @@ def write_ijb_meta(folder: Path, num_subjects: int) -> Path:
     for name, rows in lines.items():
         (meta / name).write_text("\n".join(rows) + "\n")
     return folder
+
+
+# images per identity in write_faces, cycled: one-image identities and capped ones
+FACE_FOLDER_SIZES = (1, 2, 3, 4, 6, 9, 14)
+
+
+def write_faces(root: Path, num_ids: int = 21, shape: tuple[int, int] = (112, 112), seed: int = 0) -> Path:
+    """``root/id<k>/<j>.jpg``: random images, FACE_FOLDER_SIZES[k % 7] per identity, an empty folder and a
+    stray file (a face folder as tools/make_protocol.py takes it)."""
+    rng = np.random.default_rng(seed)
+    for k in range(num_ids):
+        (root / f"id{k:02d}").mkdir(parents=True)
+        for j in range(FACE_FOLDER_SIZES[k % len(FACE_FOLDER_SIZES)]):
+            cv2.imwrite(str(root / f"id{k:02d}" / f"{j}.jpg"), rng.integers(0, 255, (*shape, 3), np.uint8))
+    (root / "nobody").mkdir()
+    (root / "README.txt").write_text("not an identity")
+    return root

@@ -104,3 +104,31 @@ def test_old_as_candidate_and_bad_outputs(tool, data_root, feats, capsys, tmp_pa
     (tmp_path / "md").mkdir()
     assert exit_status(tool.main, _argv(data_root, feats, "--md", tmp_path / "md")) == 2
     error_line(capsys.readouterr().err, "--md")
+
+
+def test_own_faces_become_the_test_set(tool, tmp_path, capsys, synthetic_tiny):
+    """--faces DIR: the folder is written as an IJB-C-style set under --out/protocol (seeded, recorded in
+    protocol.json) and certified with the models, features cached under --out/cache."""
+    from tests.helpers.data import write_faces
+    from tests.helpers.models import make_run_dir
+
+    faces = write_faces(tmp_path / "faces", num_ids=42)
+    old = make_run_dir(tmp_path / "old", seed=0, network="r18-w0.0625", embedding_size=16)
+    new = make_run_dir(tmp_path / "new", seed=1, network="r18-w0.0625", embedding_size=16)
+    out = tmp_path / "cert"
+    argv = ["--old", old, "--new", new, "--faces", faces, "--out", out, "--replicates", "20",
+            "--workers", "0"]
+    assert exit_status(tool.main, argv) == 0, capsys.readouterr().err
+    cert = json.loads((out / "certificate.json").read_text())
+    protocol = json.loads((out / "protocol" / "protocol.json").read_text())
+    assert cert["test_set"]["genuine_pairs"] == protocol["counts"]["genuine_pairs"]
+    assert cert["test_set"]["subjects_from"] == "1:N subject ids" and (out / "cache").is_dir()
+    assert cert["versions"][str(new)].startswith("r18-w0.0625-")
+    capsys.readouterr()
+    # a .bin too small to resolve any FAR is refused with the reason; one test set at a time
+    code = exit_status(tool.main, ["--old", old, "--new", new, "--bin", synthetic_tiny / "lfw.bin",
+                                   "--out", tmp_path / "bin", "--workers", "0"])
+    assert code == 2
+    error_line(capsys.readouterr().err, "is resolved by", "impostor pairs")
+    assert exit_status(tool.main, [*argv, "--data-root", tmp_path]) == 2
+    error_line(capsys.readouterr().err, "give one test set")

@@ -13,8 +13,7 @@ import pytest
 
 from facecompat.data.pairs_bin import write_pairs_bin
 from facecompat.eval import ijb
-from tests.data.test_protocol_sets import write_faces
-from tests.helpers.data import subject_features
+from tests.helpers.data import subject_features, write_faces
 from tests.helpers.errors import error_line
 from tests.helpers.tools import exit_status, load_tool, tool_help
 
