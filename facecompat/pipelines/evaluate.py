@@ -81,7 +81,13 @@ class Evaluation:
 
     def tables(self, matrix_names: Sequence[str] | None = None) -> str:
         """Every cell's row, the query x gallery table of ``matrix_names``, the verdicts."""
-        parts = [matrix.format_cells(self.results, self.target)]
+        resolved = [f for f in metrics.DEFAULT_FARS if self.impostor_pairs * f >= MIN_FALSE_ACCEPTS]
+        parts = [matrix.format_cells(self.results, self.target, resolved)]
+        hidden = [f for f in metrics.DEFAULT_FARS if f not in resolved]
+        if hidden and any("1:1" in c for c in self.results.values()):
+            fars = ", ".join(f"{f:g}" for f in hidden)
+            parts[0] += (f"\nnot shown: FAR {fars} ({self.impostor_pairs} impostor pairs give fewer than "
+                         f"{MIN_FALSE_ACCEPTS} false accepts there; the JSON has every FAR)")
         if matrix_names:
             parts.append(matrix.format_matrix(self.results, list(matrix_names), self.target))
         if self.verdicts.get("ecc_detail"):

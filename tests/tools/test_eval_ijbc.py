@@ -191,6 +191,10 @@ def test_cross_verdict_by_the_certificate_rules(tool, capsys, tmp_path):
     assert 0 < lo <= hi
     verdict = next(line for line in stdout.splitlines() if line.startswith("bct ") and "bct|old" in line)
     assert verdict.rstrip().endswith("compatible")
+    # the cell table shows no column at a FAR the set cannot resolve, and says so
+    header = next(line for line in stdout.splitlines() if line.startswith("query") and "AUC" in line)
+    assert header.split()[2:] == ["1e-2", "1e-1", "AUC"]
+    assert "not shown: FAR 1e-06, 1e-05, 0.0001, 0.001 (3120 impostor pairs" in stdout
     code, _, err = _run(tool, [*argv, "--far", "1e-6"], capsys)
     assert code == 2
     error_line(err, "--far 1e-06: this set cannot resolve it (3120 impostor pairs")
