@@ -93,8 +93,9 @@ def bench_head_memory(num_classes: int, world_size: int = 8, sample_rate: float 
 
     One process holds a rank's exact shapes (``ceil(C / W)`` local classes, the all-gathered global
     batch) on the CPU and trains ``steps`` SGD-with-momentum steps after one warm-up step. The
-    measured peak is the process's peak resident memory (``ru_maxrss``) minus the resident memory
-    without the head (after the warm-up, less its weights and momentum). ``ru_maxrss`` is the
+    measured peak is the process's peak resident memory (``ru_maxrss``, less its file-backed pages)
+    minus the anonymous resident memory without the head (after the warm-up, less its weights and
+    momentum). ``ru_maxrss`` is the
     process's lifetime peak: run one configuration per process.
 
     Returns:
@@ -119,13 +120,24 @@ def bench_head_memory(num_classes: int, world_size: int = 8, sample_rate: float 
         optim.zero_grad()
 
     step()  # the momentum buffer and the allocator's pools exist from here on
-    with open("/proc/self/statm") as f:
-        resident = int(f.read().split()[1]) * resource.getpagesize()
-    without_head = resident - 2 * num_local * embedding_size * 4  # less the weights and momentum
+    # Anonymous memory only: file-backed pages (the libraries' code) may be dropped and faulted back by
+    # the OS while other processes need memory, which would move a total-RSS baseline by hundreds of MB.
+    without_head = _rss_kib("RssAnon") * 1024 - 2 * num_local * embedding_size * 4  # less weights, momentum
     for _ in range(steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # The peak RSS includes the file-backed pages resident then: take those as resident now.
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - _rss_kib("RssFile") - _rss_kib("RssShmem")
+    peak = peak_kib * 1024
     formula = head_memory_bytes(num_local * world_size, embedding_size, world_size, sample_rate, global_batch)
     return {"num_local": num_local, "sample_rate": sample_rate, "global_batch": global_batch,
             "embedding_size": embedding_size, "measured_gib": (peak - without_head) / 2**30,
             "formula_gib": formula["peak"] / 2**30}
+
+
+def _rss_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``RssAnon``, ``RssFile``, ``RssShmem``) in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
