@@ -4,6 +4,7 @@ optimiser cost per step for a given network, batch, sample rate, precision and w
 from __future__ import annotations
 
 import resource
+import threading
 import time
 from dataclasses import dataclass
 
@@ -93,10 +94,9 @@ def bench_head_memory(num_classes: int, world_size: int = 8, sample_rate: float 
 
     One process holds a rank's exact shapes (``ceil(C / W)`` local classes, the all-gathered global
     batch) on the CPU and trains ``steps`` SGD-with-momentum steps after one warm-up step. The
-    measured peak is the process's peak resident memory (``ru_maxrss``, less its file-backed pages)
-    minus the anonymous resident memory without the head (after the warm-up, less its weights and
-    momentum). ``ru_maxrss`` is the
-    process's lifetime peak: run one configuration per process.
+    measured peak is the process's peak anonymous resident memory (``RssAnon``, sampled every 0.5 ms
+    during the steps) minus the anonymous resident memory without the head (after the warm-up, less its
+    weights and momentum).
 
     Returns:
         ``{"num_local", "sample_rate", "global_batch", "embedding_size", "measured_gib",
@@ -120,17 +120,30 @@ def bench_head_memory(num_classes: int, world_size: int = 8, sample_rate: float 
         optim.zero_grad()
 
     step()  # the momentum buffer and the allocator's pools exist from here on
-    # Anonymous memory only: file-backed pages (the libraries' code) may be dropped and faulted back by
-    # the OS while other processes need memory, which would move a total-RSS baseline by hundreds of MB.
+    # Anonymous memory only, sampled: file-backed pages (the libraries' code) may be dropped and faulted
+    # back by the OS while another process needs memory, which moves any total-RSS reading (ru_maxrss
+    # included) by hundreds of MB. The steps' large tensors live for milliseconds at the least, and
+    # torch releases the GIL while it computes, so a 0.5 ms sampler sees their peak.
     without_head = _rss_kib("RssAnon") * 1024 - 2 * num_local * embedding_size * 4  # less weights, momentum
-    for _ in range(steps):
-        step()
-    # The peak RSS includes the file-backed pages resident then: take those as resident now.
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - _rss_kib("RssFile") - _rss_kib("RssShmem")
-    peak = peak_kib * 1024
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_kib("RssAnon"))
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        done.set()
+        sampler.join()
     formula = head_memory_bytes(num_local * world_size, embedding_size, world_size, sample_rate, global_batch)
     return {"num_local": num_local, "sample_rate": sample_rate, "global_batch": global_batch,
-            "embedding_size": embedding_size, "measured_gib": (peak - without_head) / 2**30,
+            "embedding_size": embedding_size, "measured_gib": (peak[0] * 1024 - without_head) / 2**30,
             "formula_gib": formula["peak"] / 2**30}
 
 
