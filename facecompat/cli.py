@@ -96,6 +96,17 @@ def unit_fraction(text: str) -> float:
     return value
 
 
+def far_value(text: str) -> float:
+    """argparse type: one false accept rate in (0, 1) (an operating FAR)."""
+    try:
+        far = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a FAR in (0, 1), got {text!r}") from None
+    if not 0.0 < far < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a FAR in (0, 1), got {text!r}")
+    return far
+
+
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     """``--device``: cpu, cuda (this process's GPU) or cuda:N; default cuda when available."""
     parser.add_argument("--device", help="cpu, cuda (this process's GPU: LOCAL_RANK modulo the visible "

@@ -20,6 +20,7 @@ from facecompat.cli import (
     add_device_arg,
     add_json_arg,
     comma_names,
+    far_value,
     non_negative_int,
     output_dir,
     output_file,
@@ -58,16 +59,6 @@ bad input stops with one line and exit status 2; outputs are checked before the 
 """
 
 
-def _fars(text: str) -> float:
-    try:
-        far = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a FAR in (0, 1), got {text!r}") from None
-    if not 0.0 < far < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a FAR in (0, 1), got {text!r}")
-    return far
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="certify.py", description=__doc__, epilog=EPILOG,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("IJBC", "IJBB"), help="benchmark (default from the catalog: IJBC)")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="feature cache root (catalog's cache_dir)")
     p.add_argument("--network", help="backbone of a weights-file model given by path (e.g. r50)")
-    p.add_argument("--far", type=_fars, metavar="F", help="operating FAR (default: the smallest resolved)")
+    p.add_argument("--far", type=far_value, metavar="F",
+                   help="operating FAR (default: the smallest resolved)")
     p.add_argument("--replicates", type=positive_int, default=1000, metavar="N",
                    help="bootstrap replicates (default 1000)")
     p.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="bootstrap seed (default 0)")

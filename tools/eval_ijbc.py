@@ -20,6 +20,7 @@ from facecompat.cli import (
     add_json_arg,
     comma_floats,
     comma_names,
+    far_value,
     non_negative_int,
     output_dir,
     output_file,
@@ -84,13 +85,6 @@ def _fars(text: str) -> list[float]:
     return fars
 
 
-def _far(text: str) -> float:
-    fars = _fars(text)
-    if len(fars) != 1:
-        raise argparse.ArgumentTypeError(f"expected one FAR in (0, 1), got {text!r}")
-    return fars[0]
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="eval_ijbc.py", description=__doc__, epilog=EPILOG,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ecc-fars", type=_fars, metavar="F,...",
                    help="FARs of the ECC verdicts (default 1e-6 .. 1e-1); those the set cannot resolve are "
                         "listed, never judged")
-    p.add_argument("--far", type=_far, metavar="F",
+    p.add_argument("--far", type=far_value, metavar="F",
                    help="operating FAR of the ECC column and the decision (default: the smallest resolved)")
     p.add_argument("--replicates", type=positive_int, default=1000, metavar="N",
                    help="bootstrap replicates of the verdicts' intervals (default 1000)")

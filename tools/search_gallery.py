@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from facecompat.cli import OneLineParser, output_file, positive_int, run_main
+from facecompat.cli import OneLineParser, far_value, output_file, positive_int, run_main
 from facecompat.errors import UserError
 
 DEFAULT_CATALOG = Path("configs/eval_ijbc.yaml")
@@ -63,16 +63,6 @@ def _declaration(text: str) -> tuple[str, str]:
     return query.strip(), gallery.strip()
 
 
-def _far(text: str) -> str:
-    try:
-        far = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a FAR in (0, 1), got {text!r}") from None
-    if not 0.0 < far < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a FAR in (0, 1), got {text!r}")
-    return format(far, "g")  # the certificate's FAR keys
-
-
 def _certified(args: argparse.Namespace, query_version: str, spaces: list[str]) -> tuple[set, dict | None]:
     """(pairs the certificates declare compatible, the threshold entry for --far) for this query and the
     gallery's spaces; GalleryToolError for a pair a certificate judged not compatible."""
@@ -88,12 +78,13 @@ def _certified(args: argparse.Namespace, query_version: str, spaces: list[str]) 
                                    "not searched")
     if args.far is None:
         return declared, None
+    far = format(args.far, "g")  # the certificate's FAR keys
     certified = [pair_for(pairs, query_version, space) for space in spaces]
     if len(spaces) != 1 or certified[0] is None:
-        raise GalleryToolError(f"--far {args.far}: needs one certified pair for the query {query_version} "
+        raise GalleryToolError(f"--far {far}: needs one certified pair for the query {query_version} "
                                f"and the gallery's spaces {', '.join(spaces)} (mixed galleries: not yet)")
     pair = certified[0]
-    return declared, {"far": args.far, "value": pair.threshold(args.far), "cell": pair.cell,
+    return declared, {"far": far, "value": pair.threshold(far), "cell": pair.cell,
                       "certificate": pair.source}
 
 
@@ -109,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--certificate", type=Path, action="append", default=[], metavar="JSON",
                    help="a certificate.json: its compatible pairs are declared, its thresholds known "
                         "(repeatable)")
-    p.add_argument("--far", type=_far, metavar="F",
+    p.add_argument("--far", type=far_value, metavar="F",
                    help="accept hits at the certified pair's threshold for this FAR (needs --certificate)")
     p.add_argument("--config", type=Path, metavar="YAML",
                    help=f"model catalog (default {DEFAULT_CATALOG} when it exists)")
@@ -244,8 +235,8 @@ def run(args: argparse.Namespace) -> int:
     from facecompat.cli import write_json
 
     if args.far is not None and not args.certificate:
-        raise GalleryToolError(f"--far {args.far}: needs --certificate (the threshold is the certified "
-                               "pair's)")
+        raise GalleryToolError(f"--far {args.far:g}: needs --certificate (the threshold is the "
+                               "certified pair's)")
     out = search(args)
     write_json(out, args.out)
     if str(args.out) != "-":

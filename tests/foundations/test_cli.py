@@ -62,3 +62,14 @@ def test_run_main_turns_user_errors_into_one_line_and_keeps_bugs(capsys):
 
     with pytest.raises(ValueError, match="a bug"):
         cli.run_main("tool.py", bug)
+
+
+def test_far_value_takes_one_rate_in_the_open_unit_interval():
+    import argparse
+
+    from facecompat.cli import far_value
+
+    assert far_value("1e-3") == 0.001
+    for bad in ("0", "1", "-0.1", "x", "0.1,0.2"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"expected a FAR in \\(0, 1\\), got {bad!r}"):
+            far_value(bad)
